@@ -1,0 +1,172 @@
+"""
+The attention blocks of DANIE (Li et al., "Dual Attention Encoder with Joint Preservation for Medical
+Image Segmentation"), Sec. 3.3 and 3.4:
+
+- SAP, self-attentional perception (Sec. 3.3, Eq. 1): the multi-head self-attention of MaxViT. It is not
+  re-implemented here: DANIE uses timm's MaxViT stages as they are (block and grid attention, each
+  softmax(QK^T / sqrt(d) + B) V, Eq. 1 plus MaxViT's scale and relative position bias), so the ImageNet
+  weights load unchanged. See `timm.models.maxxvit.AttentionCl` / `PartitionAttentionCl`; model.py
+  builds the stream with `timm.create_model(..., features_only=True)`.
+- HAP, hierarchical-attentional perception (Sec. 3.3, Eq. 2-5): channel attention, spatial attention and
+  dynamic calibration on the convolutional stream.
+- ES, enhancing self-attentional perceptron (Sec. 3.4, Eq. 6-7): channel self-attention on SAP features.
+- EH, enhancing hierarchical-attentional perceptron (Sec. 3.4, Eq. 8-9): global context on HAP features.
+- ConvBlock: two 3x3 conv + BN + GELU (the definition under Eq. 11).
+
+Depends on torch only.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def conv_bn_gelu(c_in, c_out, stride=1):
+    """3x3 conv -> BN -> GELU, the unit that ConvBlock stacks twice."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),  # bias is redundant before BN
+        nn.BatchNorm2d(c_out),
+        nn.GELU(),
+    )
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3 conv layers, each followed by BN and GELU (Sec. 3.4, below Eq. 11)."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__(conv_bn_gelu(c_in, c_out), conv_bn_gelu(c_out, c_out))
+
+
+# -----------------------------------------------------------------------------
+# HAP: hierarchical-attentional perception (Sec. 3.3)
+
+
+class ChannelAttention(nn.Module):
+    """A^c = sigma(MLP(P^s(h))): spatial pooling, then an MLP shared by the max and avg branches (Eq. 2)."""
+
+    def __init__(self, C, reduction=16):
+        super().__init__()
+        # NOTE(impl): MLP = C->C/16, ReLU, C/16->C, shared by both branches (CBAM's), as the paper gives no width.
+        hidden = max(C // reduction, 1)
+        self.mlp = nn.Sequential(nn.Linear(C, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, C))
+
+    def forward(self, x, pool):
+        p = x.amax(dim=(2, 3)) if pool == "max" else x.mean(dim=(2, 3))  # P^s: (B,C)
+        return torch.sigmoid(self.mlp(p))[:, :, None, None]  # A^c: (B,C) -> (B,C,1,1)
+
+
+class SpatialAttention(nn.Module):
+    """A^s = sigma(Conv(P^c(m))): channel pooling, then a 1x1 convolution (Eq. 3)."""
+
+    def __init__(self):
+        super().__init__()
+        # NOTE(impl): one 1x1 conv (1->1 channel) shared by the max and avg branches, as the channel MLP is shared.
+        self.conv = nn.Conv2d(1, 1, 1)
+
+    def forward(self, x, pool):
+        p = x.amax(dim=1, keepdim=True) if pool == "max" else x.mean(dim=1, keepdim=True)  # P^c: (B,1,H,W)
+        return torch.sigmoid(self.conv(p))  # A^s: (B,1,H,W)
+
+
+class DynamicCalibration(nn.Module):
+    """O_d = w_max O_max + w_avg O_avg with learnable scalars (Eq. 4); a fixed average when switched off."""
+
+    def __init__(self, learnable=True):
+        super().__init__()
+        # NOTE(impl): w_max and w_avg start at 0.5, so the calibrated block begins as the plain average (Table 6 'Dcal off').
+        w = torch.full((2,), 0.5)
+        if learnable:
+            self.w = nn.Parameter(w)
+        else:
+            self.register_buffer("w", w)
+
+    def forward(self, O_max, O_avg):
+        return self.w[0] * O_max + self.w[1] * O_avg  # Eq. (4)
+
+
+class HAP(nn.Module):
+    """One hierarchical-attentional perception block, Eq. 2-5: O_hap = ConvBlock(A_d * h).
+
+    order='channel_first' is Eq. 2 then Eq. 3 (Table 6, B.3/B.4); 'spatial_first' swaps them (B.1/B.2).
+    """
+
+    def __init__(self, C, order="channel_first", calibration=True, spatial_att=True, channel_att=True):
+        super().__init__()
+        if order not in ("channel_first", "spatial_first"):
+            raise ValueError(f"HAP order must be 'channel_first' or 'spatial_first', got {order!r}")
+        if not (spatial_att or channel_att):
+            raise ValueError("HAP needs channel or spatial attention (or both); to drop the stream use hap=False")
+        self.order = order
+        self.channel = ChannelAttention(C) if channel_att else None
+        self.spatial = SpatialAttention() if spatial_att else None
+        self.calibration = DynamicCalibration(learnable=calibration)
+        # NOTE(impl): 1x1 convs that act on pooled C x 1 x 1 maps (here, the MLPs, EH's c1_int/c2) are nn.Linear: the same map, without the slow conv path.
+        self.c = nn.Linear(C, C)  # c* of Eq. 5
+        self.block = ConvBlock(C, C)
+
+    def branch(self, h, pool):
+        """One pooling branch: m = A^c * h (Eq. 2), O = A^s * m (Eq. 3), in the configured order."""
+        stages = [self.channel, self.spatial] if self.order == "channel_first" else [self.spatial, self.channel]
+        x = h
+        for att in stages:
+            if att is not None:
+                x = att(x, pool) * x  # Eq. (2) for A^c (B,C,1,1), Eq. (3) for A^s (B,1,H,W)
+        return x
+
+    def forward(self, h):
+        O_max = self.branch(h, "max")
+        O_avg = self.branch(h, "avg")
+        O_d = self.calibration(O_max, O_avg)  # Eq. (4)
+        # NOTE(impl): A_d is C x 1 x 1 as the text says, so O_d is globally average-pooled before the 1x1 conv c*.
+        A_d = torch.sigmoid(self.c(O_d.mean(dim=(2, 3))))[:, :, None, None]  # (B,C) -> (B,C,1,1)
+        return self.block(A_d * h)  # Eq. (5)
+
+
+# -----------------------------------------------------------------------------
+# Joint Preservation components (Sec. 3.4)
+
+
+class ES(nn.Module):
+    """Enhancing self-attentional perceptron: channel self-attention on SAP features (Eq. 6-7, DANet's CAM)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lam = nn.Parameter(torch.zeros(1))  # lambda of Eq. 7, learnt from 0 so ES starts as the identity
+
+    def forward(self, S_in):
+        B, C, H, W = S_in.shape
+        # NOTE(impl): the C x C energies of large maps overflow fp16, so ES runs in fp32 under autocast.
+        with torch.autocast(device_type="cuda" if S_in.is_cuda else "cpu", enabled=False):
+            S = S_in.float()
+            S1 = S.reshape(B, C, H * W)  # (B,C,N)
+            S2 = S1.transpose(1, 2)  # (B,N,C)
+            energy = S1 @ S2  # (B,C,N) @ (B,N,C) -> (B,C,C), symmetric
+            # NOTE(impl): Eq. 6 as written, softmax over i of S1_i . S2_j (DANet's code instead uses max(energy) - energy).
+            W_c = torch.softmax(energy, dim=1)  # Eq. (6): w[i,j], each column j sums to 1 over i
+            S3 = S1  # S3 is S_in reshaped to (B,C,N) again
+            out = W_c.transpose(1, 2) @ S3  # (B,C,C) @ (B,C,N) -> (B,C,N): out_j = sum_i w[i,j] S3_i
+            es = self.lam * out.reshape(B, C, H, W) + S  # Eq. (7)
+        return es.to(S_in.dtype)
+
+
+class EH(nn.Module):
+    """Enhancing hierarchical-attentional perceptron: context modelling (Eq. 8) and integration (Eq. 9)."""
+
+    def __init__(self, C, reduction=4):
+        super().__init__()
+        hidden = max(C // reduction, 1)
+        self.c1 = nn.Conv2d(C, 1, 1)  # c1 of Eq. 8: one attention logit per position
+        # NOTE(impl): Eq. 9 reuses the name c1 for a second conv; here c1_int (C->C/4, GCNet's ratio) and c2 (C/4->C).
+        self.c1_int = nn.Linear(C, hidden)
+        self.ln = nn.LayerNorm(hidden)  # GCNet's LayerNorm over the C/4 x 1 x 1 bottleneck
+        self.c2 = nn.Linear(hidden, C)
+
+    def forward(self, H_in):
+        B, C, H, W = H_in.shape
+        k = torch.softmax(self.c1(H_in).reshape(B, 1, H * W), dim=-1)  # F_r1, psi: (B,1,N)
+        A_g = H_in.reshape(B, C, H * W) @ k.transpose(1, 2)  # Eq. (8): (B,C,N) @ (B,N,1) -> (B,C,1)
+        W_g = torch.sigmoid(self.c2(F.gelu(self.ln(self.c1_int(A_g.squeeze(-1))))))  # (B,C)
+        return W_g[:, :, None, None] * H_in  # Eq. (9): (B,C) -> (B,C,1,1), broadcast over H x W

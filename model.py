@@ -16,6 +16,7 @@ import os
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 
 import timm
@@ -237,12 +238,38 @@ class DANIE(nn.Module):
                                  for i in range(4)])
         self.heads = nn.ModuleList([nn.Conv2d(c, cfg.num_classes, 1) for c in C])
         self.register_buffer("alphas", torch.tensor(cfg.alphas), persistent=False)
+        self.parallel_streams = True  # see forward_encoder
+        self._executor = None
+
+    def _pool(self):
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="danie-hap")
+        return self._executor
+
+    def __getstate__(self):  # the thread pool cannot be pickled or deep-copied; it is rebuilt on use
+        return {**self.__dict__, "_executor": None}
 
     def forward_encoder(self, x):
         """Embeddings and the Dual Attention Encoder: SAP || HAP, four stages each."""
-        s = self.sap(x) if self.sap is not None else [None] * 4  # s_1..s_4
-        h = self.hap(x) if self.hap is not None else [None] * 4  # h_1..h_4
-        return s, h
+        if self.sap is None or self.hap is None:  # Table 5 A.1 / A.2
+            s = self.sap(x) if self.sap is not None else [None] * 4
+            h = self.hap(x) if self.hap is not None else [None] * 4
+            return s, h
+        if (self.parallel_streams and not self.training and x.device.type == "cpu"
+                and not torch.is_autocast_enabled("cpu")):
+            # The streams share nothing until Joint Preservation, so CPU inference runs HAP in a second thread
+            # while SAP runs here (torch ops release the GIL). Grad mode is thread-local: carry it over;
+            # autocast is thread-local too, hence sequential under CPU autocast.
+            grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+            def hap_stream():
+                with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                    return self.hap(x)
+
+            future = self._pool().submit(hap_stream)
+            s = self.sap(x)  # s_1..s_4
+            return s, future.result()  # h_1..h_4
+        return self.sap(x), self.hap(x)
 
     def forward_decoder(self, s, h):
         """Joint Preservation from the deepest stage up: j_4, j_3, j_2, j_1."""
@@ -283,12 +310,16 @@ def danie(size="S", num_classes=9, img_size=224, pretrained=False, pretrained_fi
 
 def gmac(model, img_size, batch=1):
     """Multiply-accumulates of one forward pass in G (FlopCounterMode counts 2 FLOPs per MAC)."""
-    x = torch.randn(batch, 3, img_size, img_size)
-    was_training = model.training
+    x = torch.randn(batch, 3, img_size, img_size, device=next(model.parameters()).device)
+    was_training, parallel = model.training, getattr(model, "parallel_streams", None)
     model.eval()
+    if parallel is not None:
+        model.parallel_streams = False  # the counter only sees the ops of this thread
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     model.train(was_training)
+    if parallel is not None:
+        model.parallel_streams = parallel
     return counter.get_total_flops() / 2 / 1e9
 
 

@@ -10,6 +10,13 @@ from attention import EH, ES, HAP, ChannelAttention, ConvBlock, SpatialAttention
 from model import FUSIONS, PAPER_GMAC, DANIE, PretrainedError, danie, gmac, make_config
 
 torch.manual_seed(0)
+# A narrower MaxViT (same stage layout, 4x cheaper) for the tests of wiring and switches; S and L themselves are
+# built at full width for shapes, gradients, GMAC and weight loading.
+TINY = dict(backbone="maxvit_rmlp_pico_rw_256", dims=(32, 64, 128, 256))
+
+
+def tiny(num_classes=3, img_size=32, **switches):
+    return danie("S", num_classes=num_classes, img_size=img_size, **TINY, **switches)
 
 
 def meta_danie(size="S", **kw):
@@ -26,7 +33,7 @@ def meta_gmac(model, img_size=224):
 # whole model
 
 
-@pytest.mark.parametrize("size,img_size,num_classes", [("S", 64, 9), ("S", 32, 2), ("L", 64, 4)])
+@pytest.mark.parametrize("size,img_size,num_classes", [("S", 64, 9), ("L", 64, 4)])
 def test_forward_shapes_and_eq12(size, img_size, num_classes):
     model = danie(size, num_classes=num_classes, img_size=img_size).eval()
     x = torch.randn(2, 3, img_size, img_size)
@@ -45,21 +52,21 @@ def test_shapes_at_full_sizes(size, img_size):
 
 
 def test_grayscale_input_is_repeated():
-    model = danie("S", num_classes=3, img_size=32).eval()
+    model = tiny().eval()
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x)[0], model(x.repeat(1, 3, 1, 1))[0])
 
 
 def test_wrong_input_size_is_a_clear_error():
-    model = danie("S", num_classes=3, img_size=32)
+    model = tiny()
     with pytest.raises(ValueError, match="built for 32x32"):
         model(torch.randn(1, 3, 64, 64))
 
 
 def test_every_parameter_gets_a_gradient():
-    model = danie("S", num_classes=3, img_size=64).train()
-    y, heads = model(torch.randn(2, 3, 64, 64))
+    model = danie("S", num_classes=3, img_size=32).train()
+    y, heads = model(torch.randn(2, 3, 32, 32))
     (y.square().mean() + sum(p.mean() for p in heads)).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, missing
@@ -68,12 +75,12 @@ def test_every_parameter_gets_a_gradient():
 
 
 def test_stream_and_stage_shapes_follow_the_paper():
-    cfg = make_config("S", num_classes=2, img_size=64)
+    cfg = make_config("S", num_classes=2, img_size=64, **TINY)
     model = DANIE(cfg).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         s, h = model.forward_encoder(x)
-        assert model.hap.embed(x).shape == (1, 64, 16, 16)  # Sec. 3.2: H/4 x W/4 x C
+        assert model.hap.embed(x).shape == (1, 32, 16, 16)  # Sec. 3.2: H/4 x W/4 x C_1
         js = model.forward_decoder(s, h)
     for i, (c, r) in enumerate(zip(cfg.dims, (4, 8, 16, 32))):
         assert s[i].shape == h[i].shape == js[i].shape == (1, c, 64 // r, 64 // r)
@@ -136,14 +143,14 @@ def test_attention_maps_have_the_papers_shapes():
 
 
 def test_eq4_weights_are_trainable_parameters():
-    model = danie("S", num_classes=2, img_size=32)
+    model = tiny()
     haps = [m for m in model.modules() if isinstance(m, HAP)]
     assert len(haps) == sum(model.config.depths)
     names = {id(p) for p in model.parameters()}
     for hap in haps:
         assert isinstance(hap.calibration.w, nn.Parameter) and hap.calibration.w.requires_grad
         assert id(hap.calibration.w) in names and hap.calibration.w.tolist() == [0.5, 0.5]
-    fixed = danie("S", num_classes=2, img_size=32, calibration=False)
+    fixed = tiny(calibration=False)
     assert not any(isinstance(m.calibration.w, nn.Parameter) for m in fixed.modules() if isinstance(m, HAP))
 
 
@@ -174,7 +181,7 @@ ABLATIONS = {
 
 @pytest.mark.parametrize("name", list(ABLATIONS))
 def test_every_ablation_builds_and_runs(name):
-    model = danie("S", num_classes=3, img_size=32, **ABLATIONS[name]).train()
+    model = tiny(**ABLATIONS[name]).train()
     y, heads = model(torch.randn(2, 3, 32, 32))
     y.mean().backward()
     assert y.shape == (2, 3, 32, 32) and torch.isfinite(y).all()
@@ -232,3 +239,18 @@ def test_maxvit_of_the_other_size_is_refused(tmp_path):
     torch.save(small, path)
     with pytest.raises(PretrainedError, match="DANIE-S needs maxvit_tiny_tf_224"):
         danie("S", num_classes=2, img_size=32, pretrained_file=str(path))
+
+
+def test_parallel_streams_give_the_same_output():
+    model = tiny().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.parallel_streams = False
+        sequential = model(x)[0]
+        model.parallel_streams = True
+        parallel = model(x)[0]
+    torch.testing.assert_close(parallel, sequential, rtol=0, atol=0)
+    with torch.enable_grad():  # grad mode reaches the HAP thread: the output is differentiable through HAP
+        y = model(x)[0]
+    y.mean().backward()
+    assert model.hap.embed[0][0][0].weight.grad is not None

@@ -254,3 +254,10 @@ def test_parallel_streams_give_the_same_output():
         y = model(x)[0]
     y.mean().backward()
     assert model.hap.embed[0][0][0].weight.grad is not None
+
+
+def test_data_normalisation_matches_the_backbones_pretrained_config():
+    import data  # data.py repeats the constants because it does not import model.py
+    for size in ("S", "L"):
+        cfg = timm.get_pretrained_cfg(make_config(size).backbone).to_dict()
+        assert tuple(cfg["mean"]) == data.MEAN and tuple(cfg["std"]) == data.STD

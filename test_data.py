@@ -1,0 +1,510 @@
+"""Tests of data.py: every public layout read from tiny fixtures written here, splits, augmentation, errors,
+the demo set. CPU only, offline; `python -m pytest -q test_data.py`."""
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from data import DataError
+
+REAL_ISIC2017 = Path(os.environ.get('ISIC2017_ROOT', Path(__file__).resolve().parent.parent / 'shared' / 'data' /
+                                    'isic2017_train'))
+
+
+# -----------------------------------------------------------------------------
+# fixtures: tiny datasets in the public layouts
+
+def slice_image(label):
+    """An image whose pixel values encode the label (0.1 per class id), so alignment can be checked."""
+    return (0.1 * label).astype(np.float32)
+
+
+def organ_labels(rng, shape, ids):
+    lab = np.zeros(shape, np.float32)
+    h, w = shape
+    for k, c in enumerate(ids):
+        y, x = rng.integers(0, h - 4), rng.integers(0, w - 4)
+        lab[y:y + 4, x:x + 4] = c
+    return lab
+
+
+def write_synapse(root, n_cases=4, n_slices=3, size=16, test_cases=2, ids=range(1, 9), lists=True, seed=0):
+    """TransUNet's layout: float labels in npz slices and h5 volumes; returns {case: (image, label) volumes}."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    (root / 'train_npz').mkdir(parents=True)
+    (root / 'test_vol_h5').mkdir()
+    vols, train, test = {}, [], []
+    for c in range(n_cases + test_cases):
+        name = f'case{c + 1:04d}'
+        lab = np.stack([organ_labels(rng, (size, size), ids) for _ in range(n_slices)])
+        img = slice_image(lab) + rng.normal(0, 0.01, lab.shape).astype(np.float32)
+        vols[name] = (img, lab)
+        if c < n_cases:
+            for k in range(n_slices):
+                np.savez(root / 'train_npz' / f'{name}_slice{k:03d}.npz', image=img[k], label=lab[k])
+                train.append(f'{name}_slice{k:03d}')
+        else:
+            with h5py.File(root / 'test_vol_h5' / f'{name}.npy.h5', 'w') as f:
+                f['image'], f['label'] = img, lab
+            test.append(name)
+    if lists:
+        (root / 'lists_Synapse').mkdir()
+        # slices listed in reverse order: volumes must still be stacked by slice number
+        (root / 'lists_Synapse' / 'train.txt').write_text('\n'.join(train[::-1]) + '\n')
+        (root / 'lists_Synapse' / 'test_vol.txt').write_text('\n'.join(test) + '\n')
+    return vols
+
+
+def save_rgb(path, arr):
+    Image.fromarray(arr.astype(np.uint8)).save(path)
+
+
+def lesion(h, w, y0, x0, y1, x1):
+    m = np.zeros((h, w), np.uint8)
+    m[y0:y1, x0:x1] = 255
+    return m
+
+
+def write_isic2017(root, splits=('Training', 'Validation', 'Test_v2'), n=3, img_hw=(20, 24), mask_hw=(40, 48)):
+    """Official ISIC 2017 folders; images smaller than their masks (as in the real copies); superpixel files."""
+    root = Path(root)
+    for s, part in enumerate(splits):
+        di, dm = root / f'ISIC-2017_{part}_Data', root / f'ISIC-2017_{part}_Part1_GroundTruth'
+        di.mkdir(parents=True)
+        dm.mkdir()
+        for i in range(n):
+            cid = f'ISIC_{s:02d}{i:05d}'
+            save_rgb(di / f'{cid}.jpg', np.full(img_hw + (3,), 100 + 20 * i))
+            save_rgb(di / f'{cid}_superpixels.png', np.zeros(img_hw + (3,)))
+            Image.fromarray(lesion(*mask_hw, 10, 12, 30, 36)).save(dm / f'{cid}_segmentation.png')
+        (di / f'ISIC-2017_{part}_Data_metadata.csv').write_text('image_id,age\n')
+    return root
+
+
+# -----------------------------------------------------------------------------
+# specs
+
+def test_specs_are_consistent_and_synapse_reports_in_table1_order():
+    for name, spec in data.SPECS.items():
+        assert spec.name == name and spec.class_names[0] == 'background'
+        assert spec.num_classes == len(spec.class_names)
+        assert all(0 < c < spec.num_classes for c in spec.report_order)
+    syn = data.SPECS['synapse']
+    assert [syn.class_names[c] for c in syn.report_order] == [
+        'aorta', 'gallbladder', 'kidney_l', 'kidney_r', 'liver', 'pancreas', 'spleen', 'stomach']
+    assert (syn.epochs, syn.batch_size) == (300, 24)
+    assert (data.SPECS['acdc'].epochs, data.SPECS['acdc'].batch_size) == (400, 12)
+    assert data.SPECS['demo'].class_names == syn.class_names
+    assert data.default_root('synapse') == os.path.join('data', 'synapse')
+
+
+# -----------------------------------------------------------------------------
+# Synapse
+
+def test_synapse_train_items_val_volumes_and_float_labels_in_h5(tmp_path):
+    vols = write_synapse(tmp_path)
+    ds = data.train_set('synapse', tmp_path, 32, val_cases=1, augment=False)
+    assert len(ds) == 3 * 3 and len(ds.cases) == 3
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y.shape == (32, 32) and y.dtype == torch.int64
+    val = data.eval_cases('synapse', tmp_path, 'val', val_cases=1)
+    assert len(val) == 1 and val[0].id not in ds.cases
+    img, lab = vols[val[0].id]
+    case = val[0]
+    assert case.image.dtype == np.float32 and case.label.dtype == np.int64
+    np.testing.assert_array_equal(case.image, img)  # stacked by slice number, whatever the list order
+    np.testing.assert_array_equal(case.label, lab.astype(np.int64))
+    test = data.eval_cases('synapse', tmp_path, 'test')
+    assert test.ids == ['case0005', 'case0006']
+    np.testing.assert_array_equal(test[1].label, vols['case0006'][1].astype(np.int64))  # h5 float labels cast
+    assert test[1].image.shape == (3, 16, 16) and len(test[:1]) == 1
+
+
+def test_synapse_without_lists_uses_all_files(tmp_path):
+    write_synapse(tmp_path, lists=False)
+    assert len(data.train_set('synapse', tmp_path, 16, val_cases=0)) == 12
+    assert data.eval_cases('synapse', tmp_path, 'test').ids == ['case0005', 'case0006']
+
+
+def test_cascade_13_label_files_are_remapped_to_transunet_ids(tmp_path):
+    raw = np.arange(14, dtype=np.float32).repeat(2).reshape(4, 7)  # every BTCV label 0..13
+    (tmp_path / 'train_npz').mkdir()
+    np.savez(tmp_path / 'train_npz' / 'case0001_slice000.npz', image=np.zeros((4, 7), np.float32), label=raw)
+    np.savez(tmp_path / 'train_npz' / 'case0002_slice000.npz', image=np.zeros((4, 7), np.float32), label=raw)
+    case = data.eval_cases('synapse', tmp_path, 'val', val_cases=1, label_map='cascade')[0]
+    got = dict(zip(raw.ravel().astype(int), case.label.ravel()))
+    # spleen, kidneys, gallbladder keep 1-4; liver 6->5, stomach 7->6, aorta 8->7, pancreas 11->8; the rest 0
+    assert got == {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 0, 6: 5, 7: 6, 8: 7, 9: 0, 10: 0, 11: 8, 12: 0, 13: 0}
+    with pytest.raises(DataError, match="label 13 outside the 9 classes.*label_map='cascade'"):
+        data.train_set('synapse', tmp_path, 16, val_cases=0)
+
+
+# -----------------------------------------------------------------------------
+# ACDC, both public formats
+
+def test_acdc_mtunet_npz_format(tmp_path):
+    rng = np.random.default_rng(1)
+    for d in ('train', 'valid', 'test', 'lists_ACDC'):
+        (tmp_path / d).mkdir()
+    lists = {'train': [], 'valid': [], 'test': []}
+    for split, cases in (('train', (1, 2, 3)), ('valid', (19,))):
+        for c in cases:
+            for ph in ('ED', 'ES'):
+                for k in range(2):
+                    name = f'case_{c:03d}_slice{ph}_{k}.npz'
+                    lab = rng.integers(0, 4, (20, 14)).astype(np.float32)  # native, non-square size
+                    np.savez(tmp_path / split / name, img=slice_image(lab), label=lab)
+                    lists[split].append(name)
+    lab = rng.integers(0, 4, (5, 20, 14)).astype(np.float32)
+    np.savez(tmp_path / 'test' / 'case_002_volume_ED.npz', img=slice_image(lab), label=lab)
+    lists['test'].append('case_002_volume_ED.npz')
+    for split, names in lists.items():
+        (tmp_path / 'lists_ACDC' / f'{split}.txt').write_text('\n'.join(names))
+    ds = data.train_set('acdc', tmp_path, 24)
+    assert len(ds) == 12 and ds.cases == ['case_001', 'case_002', 'case_003']  # official valid is not trained on
+    assert ds[0][0].shape == (3, 24, 24) and ds[0][1].max() <= 3
+    val = data.eval_cases('acdc', tmp_path, 'val')
+    assert val.ids == ['case_019_volume_ED', 'case_019_volume_ES'] and val[0].image.shape == (2, 20, 14)
+    test = data.eval_cases('acdc', tmp_path, 'test')[0]
+    assert test.id == 'case_002_volume_ED' and test.image.shape == (5, 20, 14)
+    np.testing.assert_array_equal(test.label, lab.astype(np.int64))
+    # held out by patient: ED and ES of a patient stay on one side
+    held = data.eval_cases('acdc', tmp_path, 'val', val_cases=1)
+    kept = data.train_set('acdc', tmp_path, 24, val_cases=1)
+    patient = held.ids[0][:8]
+    assert len(held) == 2 and {i[:8] for i in held.ids} == {patient} and patient not in kept.cases
+
+
+def test_acdc_ssl4mis_h5_format(tmp_path):
+    rng = np.random.default_rng(2)
+    (tmp_path / 'data' / 'slices').mkdir(parents=True)
+    train = []
+    for p in (1, 2):
+        for k in range(3):
+            name = f'patient{p:03d}_frame01_slice_{k}'
+            lab = rng.integers(0, 4, (18, 22)).astype(np.uint8)
+            with h5py.File(tmp_path / 'data' / 'slices' / f'{name}.h5', 'w') as f:
+                f['image'], f['label'] = slice_image(lab).astype(np.float64), lab
+            train.append(name)
+    vol = rng.integers(0, 4, (3, 18, 22)).astype(np.uint8)
+    for name in ('patient090_frame01', 'patient100_frame12'):
+        with h5py.File(tmp_path / 'data' / f'{name}.h5', 'w') as f:
+            f['image'], f['label'], f['scribble'] = slice_image(vol), vol, vol
+    (tmp_path / 'train_slices.list').write_text('\n'.join(train) + '\n')
+    (tmp_path / 'val.list').write_text('patient090_frame01\n')
+    (tmp_path / 'test.list').write_text('patient100_frame12\n')
+    ds = data.train_set('acdc', tmp_path, 32, augment=False)
+    assert len(ds) == 6 and ds.cases == ['patient001', 'patient002']
+    assert data.eval_cases('acdc', tmp_path, 'val').ids == ['patient090_frame01']
+    case = data.eval_cases('acdc', tmp_path, 'test')[0]
+    assert case.image.dtype == np.float32 and case.image.shape == (3, 18, 22)
+    np.testing.assert_array_equal(case.label, vol)
+    held = data.eval_cases('acdc', tmp_path, 'val', val_cases=1)
+    assert held.ids in (['patient001_frame01'], ['patient002_frame01']) and held[0].image.shape == (3, 18, 22)
+
+
+# -----------------------------------------------------------------------------
+# ISIC 2017, ISIC 2018, GlaS
+
+def test_isic2017_pairs_by_id_skips_superpixels_and_resizes_image_to_mask(tmp_path):
+    write_isic2017(tmp_path)
+    ds = data.train_set('isic2017', tmp_path, 32)
+    assert len(ds) == 3 and not any('superpixels' in c for c in ds.cases)
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and set(y.unique().tolist()) == {0, 1}
+    val = data.eval_cases('isic2017', tmp_path, 'val')
+    test = data.eval_cases('isic2017', tmp_path, 'test')
+    assert len(val) == 3 and len(test) == 3 and val.ids[0] == 'ISIC_0100000'
+    case = test[2]
+    assert case.image.shape == (40, 48, 3) and case.image.dtype == np.uint8  # at the mask's size
+    assert case.label.shape == (40, 48) and case.label.dtype == np.int64 and case.label.sum() == 20 * 24
+    assert abs(int(case.image[20, 20, 0]) - 140) <= 2
+
+
+def test_isic2017_without_validation_folder_trains_and_needs_val_cases(tmp_path):
+    write_isic2017(tmp_path, splits=('Training',), n=5)
+    assert len(data.train_set('isic2017', tmp_path, 16)) == 5
+    with pytest.raises(DataError, match='ISIC-2017_Validation_Data.*val_cases'):
+        data.eval_cases('isic2017', tmp_path, 'val')
+    with pytest.raises(DataError, match='Test_v2'):
+        data.eval_cases('isic2017', tmp_path, 'test')
+    held = data.eval_cases('isic2017', tmp_path, 'val', val_cases=2)
+    kept = data.train_set('isic2017', tmp_path, 16, val_cases=2)
+    assert len(held) == 2 and len(kept) == 3 and not set(held.ids) & set(kept.cases)
+
+
+def test_isic2018_paper_split_over_sorted_names(tmp_path):
+    names = [f'ISIC_{i:07d}' for i in np.random.default_rng(0).permutation(2594)]
+    tr, va, te = data.isic2018_split(names)
+    assert (len(tr), len(va), len(te)) == (1815, 259, 520)
+    assert tr + va + te == sorted(names)
+    # the folder: empty files suffice, nothing is read while listing
+    di, dm = tmp_path / 'ISIC2018_Task1-2_Training_Input', tmp_path / 'ISIC2018_Task1_Training_GroundTruth'
+    di.mkdir()
+    dm.mkdir()
+    for n in names:
+        (di / f'{n}.jpg').touch()
+        (dm / f'{n}_segmentation.png').touch()
+    (di / 'ATTRIBUTION.txt').touch()
+    assert data.eval_cases('isic2018', tmp_path, 'val').ids == va
+    assert data.eval_cases('isic2018', tmp_path, 'test').ids == te
+    with pytest.raises(DataError, match='ISIC_0000000.jpg: unreadable or corrupt image'):
+        data.train_set('isic2018', tmp_path, 16)  # listing works; the first image is then read and is empty
+
+
+def test_glas_bmp_instances_and_test_is_testA_plus_testB(tmp_path):
+    d = tmp_path / 'Warwick QU Dataset (Released 2016_07_08)'
+    d.mkdir()
+    inst = np.zeros((12, 16), np.uint8)
+    inst[2:5, 2:6], inst[7:10, 8:14] = 1, 3  # instance ids, not 0/255
+    for prefix, n in (('train', 3), ('testA', 2), ('testB', 1)):
+        for i in range(1, n + 1):
+            save_rgb(d / f'{prefix}_{i}.bmp', np.full((12, 16, 3), 200))
+            Image.fromarray(inst).save(d / f'{prefix}_{i}_anno.bmp')
+    (d / 'Grade.csv').write_text('name,grade\n')
+    ds = data.train_set('glas', tmp_path, 16, val_cases=1)  # root may be the folder's parent
+    assert len(ds) == 2
+    test = data.eval_cases('glas', tmp_path, 'test')
+    assert test.ids == ['testA_1', 'testA_2', 'testB_1']
+    assert test[0].label.sum() == 12 + 18 and test[0].label.max() == 1 and test[0].image.shape == (12, 16, 3)
+
+
+# -----------------------------------------------------------------------------
+# the validation split
+
+def test_casewise_validation_split_is_deterministic_and_never_leaks(tmp_path):
+    write_synapse(tmp_path, n_cases=10, n_slices=2, size=8)
+    splits = {}
+    for seed in (0, 1, 2):
+        ds = data.train_set('synapse', tmp_path, 8, seed=seed)
+        val = data.eval_cases('synapse', tmp_path, 'val', seed=seed)
+        train_cases = {s.case for s in ds.samples}
+        assert len(val) == 1 and not set(val.ids) & train_cases  # default 10% of 10 cases
+        assert set(val.ids) | train_cases == {f'case{c:04d}' for c in range(1, 11)}
+        splits[seed] = val.ids
+    assert data.eval_cases('synapse', tmp_path, 'val', seed=0).ids == splits[0]
+    assert len(set(map(tuple, splits.values()))) > 1  # the seed matters
+    assert len(data.eval_cases('synapse', tmp_path, 'val', val_cases=3)) == 3
+    assert len(data.eval_cases('synapse', tmp_path, 'val', val_cases=0.25)) == 3  # fraction, rounded
+    assert len(data.train_set('synapse', tmp_path, 8, val_cases=0)) == 20
+    with pytest.raises(DataError, match='val_cases=10 holds out 10 of the 10'):
+        data.train_set('synapse', tmp_path, 8, val_cases=10)
+    with pytest.raises(DataError, match='val_cases=0 holds no training case out'):
+        data.eval_cases('synapse', tmp_path, 'val', val_cases=0)
+
+
+# -----------------------------------------------------------------------------
+# augmentation and the shared input path
+
+def test_augmentation_keeps_labels_integer_and_aligned_grayscale(tmp_path):
+    (tmp_path / 'train_npz').mkdir()
+    lab = np.zeros((40, 40), np.float32)
+    lab[4:20, 6:30], lab[24:36, 10:22], lab[22:38, 26:36] = 3, 5, 8  # asymmetric: every rot/flip differs
+    np.savez(tmp_path / 'train_npz' / 'case0001_slice000.npz', image=slice_image(lab), label=lab)
+    ds = data.train_set('synapse', tmp_path, 40, val_cases=0)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        x, y = ds[0]
+        assert y.dtype == torch.int64 and set(y.unique().tolist()) <= {0, 3, 5, 8}
+        img = x[0].numpy() * data.STD[0] + data.MEAN[0]  # un-normalise: the image still encodes the label (0.1 per id)
+        yy = y.numpy()
+        assert (np.abs(img - 0.1 * yy) < 0.05).mean() > 0.9  # only edges blur (bilinear rotation)
+        inner = np.ones_like(yy, bool)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                inner &= np.roll(yy, (dy, dx), (0, 1)) == yy
+        np.testing.assert_allclose(img[inner], 0.1 * yy[inner], atol=1e-4)
+        seen.add(yy.tobytes())
+    assert len(seen) > 5  # augmentation did happen, in several different ways
+
+
+def test_augmentation_keeps_rgb_masks_aligned(tmp_path):
+    root = write_isic2017(tmp_path, splits=('Training',), n=1, img_hw=(32, 32), mask_hw=(32, 32))
+    img_path = root / 'ISIC-2017_Training_Data' / 'ISIC_0000000.png'  # lossless image that encodes the mask
+    mask = np.array(Image.open(root / 'ISIC-2017_Training_Part1_GroundTruth' / 'ISIC_0000000_segmentation.png'))
+    (root / 'ISIC-2017_Training_Data' / 'ISIC_0000000.jpg').unlink()
+    save_rgb(img_path, np.repeat(mask[..., None], 3, 2))
+    ds = data.train_set('isic2017', root, 32)
+    torch.manual_seed(0)
+    for _ in range(30):
+        x, y = ds[0]
+        assert y.dtype == torch.int64 and set(y.unique().tolist()) <= {0, 1}
+        white = (x[0] * data.STD[0] + data.MEAN[0]).numpy()
+        agree = ((white > 0.5) == (y.numpy() == 1)).mean()
+        assert agree > 0.97  # only interpolated edge pixels may differ
+
+
+def test_prepare_input_equals_the_unaugmented_training_input(tmp_path):
+    write_synapse(tmp_path, size=20)
+    ds = data.train_set('synapse', tmp_path, 32, val_cases=0, augment=False)
+    case = data.eval_cases('synapse', tmp_path, 'val', val_cases=1)[0]
+    idx = [i for i, s in enumerate(ds.samples) if s.case == case.id]
+    idx.sort(key=lambda i: ds.samples[i].index)
+    x = data.prepare_input(case.image, 32)
+    assert x.shape == (3, 3, 32, 32)
+    for k, i in enumerate(idx):
+        assert torch.equal(x[k], ds[i][0])
+    isic = write_isic2017(tmp_path / 'isic', splits=('Training',), n=2)
+    ds = data.train_set('isic2017', isic, 24, augment=False)
+    for _ in range(2):  # the second time from the cache
+        case = data.eval_cases('isic2017', isic, 'val', val_cases=1)[0]
+        i = ds.cases.index(case.id)
+        assert torch.equal(data.prepare_input(case.image[None], 24)[0], ds[i][0])
+    with pytest.raises(ValueError, match='expected float slices'):
+        data.prepare_input(np.zeros((4, 4, 3), np.uint8), 8)
+
+
+def test_loader_workers_draw_different_augmentations(tmp_path):
+    (tmp_path / 'train_npz').mkdir()
+    lab = np.zeros((16, 16), np.float32)
+    lab[2:9, 3:14] = 1
+    for k in range(16):  # identical slices: any difference between items comes from the augmentation
+        np.savez(tmp_path / 'train_npz' / f'case0001_slice{k:03d}.npz', image=slice_image(lab), label=lab)
+    ds = data.train_set('synapse', tmp_path, 16, val_cases=0)
+    loader = data.make_loader(ds, 1, shuffle=False, workers=2, drop_last=False)
+    assert loader.persistent_workers and loader.pin_memory == torch.cuda.is_available()
+    torch.manual_seed(0)
+    ys = [y[0].numpy().tobytes() for _, y in loader]
+    # items 2j and 2j+1 come from worker 0 and worker 1: with a shared seed they would all be equal
+    assert sum(ys[2 * j] != ys[2 * j + 1] for j in range(8)) >= 3
+    assert len(set(ys)) >= 4
+
+
+def test_make_loader_refuses_a_batch_larger_than_the_data(tmp_path):
+    write_synapse(tmp_path, n_cases=2, n_slices=2, size=8)
+    ds = data.train_set('synapse', tmp_path, 8, val_cases=0)
+    with pytest.raises(DataError, match='batch size 5 .*larger than the 4 training samples'):
+        data.make_loader(ds, 5, shuffle=True, workers=0, drop_last=True)
+    x, y = next(iter(data.make_loader(ds, 2, shuffle=True, workers=0, drop_last=True)))
+    assert x.shape == (2, 3, 8, 8) and y.shape == (2, 8, 8)
+
+
+# -----------------------------------------------------------------------------
+# bad input: each gives a DataError that names the file or flag and what was expected
+
+def test_missing_root_says_what_layout_and_where_published(tmp_path):
+    with pytest.raises(DataError, match=r"root '.*nowhere' \(--root\) not found.*train_npz.*github.com/Beckschen"):
+        data.train_set('synapse', tmp_path / 'nowhere', 16)
+    with pytest.raises(DataError, match='make-demo'):
+        data.eval_cases('demo', tmp_path / 'nowhere', 'test')
+    with pytest.raises(DataError, match='neither ACDC layout.*lists_ACDC.*train_slices'):
+        data.train_set('acdc', tmp_path, 16)
+    with pytest.raises(DataError, match="unknown dataset 'brats'"):
+        data.train_set('brats', tmp_path, 16)
+
+
+def test_list_naming_a_missing_file(tmp_path):
+    write_synapse(tmp_path)
+    with open(tmp_path / 'lists_Synapse' / 'train.txt', 'a') as f:
+        f.write('case0099_slice000\n')
+    with pytest.raises(DataError, match=r'train.txt names case0099_slice000, but .*case0099_slice000.npz does not'):
+        data.train_set('synapse', tmp_path, 16)
+
+
+@pytest.mark.parametrize('kind', ['npz', 'h5', 'jpg'])
+def test_corrupt_file_is_named(tmp_path, kind):
+    if kind == 'jpg':
+        write_isic2017(tmp_path, splits=('Training',), n=1)
+        bad = tmp_path / 'ISIC-2017_Training_Data' / 'ISIC_0000000.jpg'
+        bad.write_bytes(b'\xff\xd8not a jpeg')
+        call = lambda: data.train_set('isic2017', tmp_path, 16)  # noqa: E731
+    else:
+        write_synapse(tmp_path, lists=False)
+        bad = tmp_path / ('train_npz/case0001_slice000.npz' if kind == 'npz' else 'test_vol_h5/case0005.npy.h5')
+        bad.write_bytes(b'garbage')
+        call = (lambda: data.train_set('synapse', tmp_path, 16, val_cases=0)) if kind == 'npz' else \
+            (lambda: data.eval_cases('synapse', tmp_path, 'test')[0])
+    with pytest.raises(DataError, match=f'{bad.name}: unreadable or corrupt'):
+        call()
+
+
+def test_bad_labels_are_refused(tmp_path):
+    (tmp_path / 'train_npz').mkdir()
+    lab = np.zeros((8, 8), np.float32)
+    lab[0, 0] = 2.5
+    np.savez(tmp_path / 'train_npz' / 'case0001_slice000.npz', image=lab, label=lab)
+    with pytest.raises(DataError, match='case0001_slice000.npz: labels must be integers, found 2.5'):
+        data.train_set('synapse', tmp_path, 8, val_cases=0)
+    lab[0, 0] = 9  # one past the 9 classes of TransUNet's ids
+    np.savez(tmp_path / 'train_npz' / 'case0001_slice000.npz', image=lab, label=lab)
+    with pytest.raises(DataError, match='label 9 outside the 9 classes 0..8'):
+        data.train_set('synapse', tmp_path, 8, val_cases=0)
+    lab[0, 0] = 14
+    np.savez(tmp_path / 'train_npz' / 'case0001_slice000.npz', image=lab, label=lab)
+    with pytest.raises(DataError, match='raw label 14 outside the 13 BTCV labels'):
+        data.train_set('synapse', tmp_path, 8, val_cases=0, label_map='cascade')
+    with pytest.raises(DataError, match="label_map='cascade' is for Synapse"):
+        data.train_set('demo', tmp_path, 8, label_map='cascade')
+
+
+def test_no_samples_found_and_missing_mask(tmp_path):
+    (tmp_path / 'train_npz').mkdir()
+    with pytest.raises(DataError, match='no samples found: .*train_npz has no \\*.npz files'):
+        data.train_set('synapse', tmp_path, 8)
+    write_isic2017(tmp_path / 'isic', splits=('Training',), n=2)
+    (tmp_path / 'isic' / 'ISIC-2017_Training_Part1_GroundTruth' / 'ISIC_0000001_segmentation.png').unlink()
+    with pytest.raises(DataError, match='ISIC_0000001.jpg: no mask .*ISIC_0000001_segmentation.png'):
+        data.train_set('isic2017', tmp_path / 'isic', 8)
+
+
+def test_cli_prints_error_and_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        data.main(['--data', 'synapse', '--root', str(tmp_path / 'missing')])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith('error: dataset root')
+
+
+# -----------------------------------------------------------------------------
+# the synthetic demo set
+
+def test_demo_set_is_deterministic_in_synapse_layout_and_loads(tmp_path):
+    a, b = data.make_demo(tmp_path / 'a'), data.make_demo(tmp_path / 'b')
+    train = (a / 'lists_Synapse' / 'train.txt').read_text().split()
+    test = (a / 'lists_Synapse' / 'test_vol.txt').read_text().split()
+    assert len(train) == data.DEMO_TRAIN_CASES * data.DEMO_SLICES and len(test) == data.DEMO_TEST_CASES
+    assert train[0] == 'case0001_slice000' and (a / 'train_npz' / f'{train[-1]}.npz').is_file()
+    name = 'train_npz/case0003_slice006.npz'
+    with np.load(a / name) as f, np.load(b / name) as g:
+        assert f['label'].dtype == np.float32 and f['image'].shape == (data.DEMO_SIZE, data.DEMO_SIZE)
+        np.testing.assert_array_equal(f['image'], g['image'])
+        np.testing.assert_array_equal(f['label'], g['label'])
+    other = data._demo_volume(np.random.default_rng([1, 2]))[0]  # another seed, another set
+    assert other.shape == (data.DEMO_SLICES, data.DEMO_SIZE, data.DEMO_SIZE)
+    with h5py.File(a / 'test_vol_h5' / f'{test[0]}.npy.h5') as f:
+        img, lab = f['image'][()], f['label'][()]
+    assert img.shape == lab.shape == other.shape and lab.dtype == np.float32
+    assert not np.array_equal(img, other)
+    assert set(np.unique(lab)) == set(range(9))  # all 8 organs of Synapse
+    for k in range(1, 9):
+        assert (lab == k).sum() > 100  # not too tiny to learn
+    means = sorted(img[lab == k].mean() for k in range(1, 9))
+    assert min(np.diff(means)) > 0.04  # each organ has its own intensity
+    ds = data.train_set('demo', a, 32)
+    assert len(ds) == (data.DEMO_TRAIN_CASES - 2) * data.DEMO_SLICES and ds[0][0].shape == (3, 32, 32)
+    assert len(data.eval_cases('demo', a, 'val')) == 2 and len(data.eval_cases('demo', a, 'test')) == 3
+
+
+# -----------------------------------------------------------------------------
+# the real ISIC 2017 training folder (when present): 256-px images, full-resolution masks
+
+@pytest.mark.skipif(not REAL_ISIC2017.is_dir(), reason='real ISIC 2017 folder absent (set ISIC2017_ROOT)')
+def test_real_isic2017_training_folder_loads():
+    ds = data.train_set('isic2017', REAL_ISIC2017, 64, augment=False, cache=False)
+    assert len(ds) == 2000 and ds.cases[0] == 'ISIC_0000000'
+    held = data.eval_cases('isic2017', REAL_ISIC2017, 'val', val_cases=2)
+    case = held[0]
+    i = ds.cases.index(case.id)
+    assert case.image.shape[:2] == case.label.shape and case.image.shape[:2] != (256, 256)  # mask's full size
+    assert set(np.unique(case.label)) == {0, 1} and 0.01 < case.label.mean() < 0.99
+    x, y = ds[i]
+    assert torch.equal(data.prepare_input(case.image[None], 64)[0], x)
+    assert 0.01 < y.float().mean() < 0.99
+    with pytest.raises(DataError, match='Validation'):
+        data.eval_cases('isic2017', REAL_ISIC2017, 'val')

@@ -1,0 +1,356 @@
+"""Tests for evaluate.py (paper Sec. 4.3): metrics with hand-derived answers, agreement with medpy, the
+empty-mask rules, ISIC pooled vs per-image figures, checkpoint errors, and an end-to-end CLI run on the demo set.
+CPU, offline, fast."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import evaluate as E
+import model as M
+
+SQ2, SQ3 = math.sqrt(2.0), math.sqrt(3.0)
+
+
+def cube(shape, lo, size):
+    """Boolean array with an axis-aligned box of `size` voxels per axis starting at `lo`."""
+    m = np.zeros(shape, dtype=bool)
+    m[tuple(slice(a, a + s) for a, s in zip(lo, size))] = True
+    return m
+
+
+def check(m, **expected):
+    for k, v in expected.items():
+        assert m[k] == pytest.approx(v, abs=1e-12), (k, m[k], v)
+
+
+# -----------------------------------------------------------------------------
+# metrics: hand-made masks with known answers
+
+def test_cubes_offset_by_k_voxels_3d():
+    # cubes of side 8 shifted by k along axis 0. Each surface's distances to the other (worked out by hand,
+    # the same multiset in both directions): k=2 -> 168 zeros, 48 ones, 80 twos (296 surface voxels);
+    # k=1 -> 196 zeros, 100 ones. Dice = (n-k)/n, IoU = (n-k)/(n+k).
+    for k, hd95, asd in ((2, 2.0, (48 + 2 * 80) / 296), (1, 1.0, 100 / 296)):
+        a = cube((14, 12, 12), (2, 2, 2), (8, 8, 8))
+        b = cube((14, 12, 12), (2 + k, 2, 2), (8, 8, 8))
+        for legacy in (False, True):  # symmetric case: both ASD definitions agree
+            check(E.binary_metrics(a, b, legacy=legacy), dice=(8 - k) / 8, iou=(8 - k) / (8 + k), hd95=hd95, asd=asd)
+
+
+def test_squares_offset_2d_and_segments_1d():
+    # squares of side 8 shifted by 2: each direction 12 zeros, 4 ones, 12 twos -> ASD 1, HD95 2
+    a, b = cube((12, 12), (1, 2), (8, 8)), cube((12, 12), (3, 2), (8, 8))
+    check(E.binary_metrics(a, b), dice=0.75, iou=0.6, hd95=2.0, asd=1.0)
+    # 1-D segments [0,10) and [3,13): the end points are 3 apart in both directions
+    a, b = cube((16,), (0,), (10,)), cube((16,), (3,), (10,))
+    check(E.binary_metrics(a, b), dice=0.7, iou=7 / 13, hd95=3.0, asd=3.0)
+
+
+def test_concentric_cubes_asymmetric_asd():
+    # inner cube side 4 inside a cube of side 6 (every face 1 voxel out). inner -> outer: 56 ones; outer ->
+    # inner: 96 faces at 1, 48 edges at sqrt 2, 8 corners at sqrt 3. HD95 of the 208 values is sqrt 2.
+    inner = cube((10, 10, 10), (3, 3, 3), (4, 4, 4))
+    outer = cube((10, 10, 10), (2, 2, 2), (6, 6, 6))
+    far = 96 + 48 * SQ2 + 8 * SQ3
+    check(E.binary_metrics(inner, outer), dice=128 / 280, iou=64 / 216, hd95=SQ2, asd=(56 + far) / 208)
+    check(E.binary_metrics(inner, outer, legacy=True), asd=(1 + far / 152) / 2)
+    check(E.binary_metrics(outer, inner), asd=(56 + far) / 208)  # a real metric: order does not matter
+
+
+def test_perfect_and_disjoint():
+    a = cube((9, 9, 9), (1, 1, 1), (4, 5, 3))
+    check(E.binary_metrics(a, a), dice=1.0, iou=1.0, hd95=0.0, asd=0.0)
+    # side-4 squares 6 columns apart: distances from column x to the other's near edge are 6 - x (x = 0..3)
+    a, b = cube((6, 14), (1, 0), (4, 4)), cube((6, 14), (1, 6), (4, 4))
+    d = [6] * 4 + [5] * 2 + [4] * 2 + [3] * 4  # the 12 surface pixels of one square, by column
+    check(E.binary_metrics(a, b), dice=0.0, iou=0.0, asd=float(np.mean(d)), hd95=float(np.percentile(d + d, 95)))
+
+
+def test_bounding_box_crop_is_exact():
+    # masks that touch the array's edges against the same masks inside a large zero frame
+    rng = np.random.default_rng(0)
+    a, b = rng.random((20, 24, 18)) < 0.3, rng.random((20, 24, 18)) < 0.2
+    a[0], b[:, -1] = True, True
+    big_a, big_b = np.zeros((40, 44, 38), bool), np.zeros((40, 44, 38), bool)
+    big_a[10:30, 10:34, 10:28], big_b[10:30, 10:34, 10:28] = a, b
+    small, big = E.binary_metrics(a, b), E.binary_metrics(big_a, big_b)
+    for k in E.METRICS:
+        assert small[k] == big[k]
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(ValueError, match='differ in shape'):
+        E.binary_metrics(np.ones((3, 3), bool), np.ones((3, 4), bool))
+
+
+# -----------------------------------------------------------------------------
+# agreement with medpy (dc, jc, hd95, assd) to 1e-6
+
+def _random_masks(rng, ndim):
+    from scipy import ndimage
+    shape = tuple(int(s) for s in rng.integers(4, 24 if ndim == 3 else 48, size=ndim))
+    a = ndimage.binary_opening(rng.random(shape) < rng.uniform(0.2, 0.7)) | (rng.random(shape) < 0.01)
+    b = rng.random(shape) < rng.uniform(0.02, 0.5)
+    return a, b
+
+
+@pytest.mark.parametrize('ndim', [2, 3])
+def test_agrees_with_medpy(ndim):
+    mb = pytest.importorskip('medpy.metric.binary')
+    rng = np.random.default_rng(ndim)
+    n = 0
+    for _ in range(40):
+        a, b = _random_masks(rng, ndim)
+        if not (a.any() and b.any()):
+            continue
+        n += 1
+        ours, legacy = E.binary_metrics(a, b), E.binary_metrics(a, b, legacy=True)
+        assert ours['dice'] == pytest.approx(mb.dc(a, b), abs=1e-6)
+        assert ours['iou'] == pytest.approx(mb.jc(a, b), abs=1e-6)
+        assert ours['hd95'] == pytest.approx(mb.hd95(a, b), abs=1e-6)
+        assert legacy['hd95'] == pytest.approx(mb.hd95(a, b), abs=1e-6)
+        # default ASD = the installed medpy's assd (>= 0.5: one mean over both surfaces); legacy = medpy < 0.5's
+        # mean of the two directed means, which is what the published tables ran
+        assert ours['asd'] == pytest.approx(mb.assd(a, b), abs=1e-6)
+        assert legacy['asd'] == pytest.approx((mb.asd(a, b) + mb.asd(b, a)) / 2, abs=1e-6)
+    assert n >= 30
+
+
+# -----------------------------------------------------------------------------
+# empty masks: the default rule and TransUNet's (--legacy)
+
+def test_empty_mask_default_rule():
+    full, empty = cube((6, 8, 10), (1, 1, 1), (2, 3, 4)), np.zeros((6, 8, 10), bool)
+    assert all(math.isnan(v) for v in E.binary_metrics(empty, empty).values())
+    diag = math.sqrt(6 ** 2 + 8 ** 2 + 10 ** 2)
+    for pred, gt in ((full, empty), (empty, full)):  # hallucinated or missed: worst distance, Dice 0
+        check(E.binary_metrics(pred, gt), dice=0.0, iou=0.0, hd95=diag, asd=diag)
+
+
+def test_empty_mask_legacy_rule():
+    full, empty = cube((5, 5), (1, 1), (2, 2)), np.zeros((5, 5), bool)
+    check(E.binary_metrics(full, empty, legacy=True), dice=1.0, iou=1.0, hd95=0.0, asd=0.0)
+    check(E.binary_metrics(empty, full, legacy=True), dice=0.0, iou=0.0, hd95=0.0, asd=0.0)
+    check(E.binary_metrics(empty, empty, legacy=True), dice=0.0, iou=0.0, hd95=0.0, asd=0.0)
+
+
+def _spec(kind='volume', name='toy', classes=('background', 'a', 'b')):
+    return SimpleNamespace(name=name, kind=kind, num_classes=len(classes), class_names=classes,
+                           report_order=tuple(range(1, len(classes))))
+
+
+def test_summary_means_under_both_rules():
+    # class 'b' is absent from case 2's ground truth: the model predicts a stray blob there (case 2) or
+    # nothing (case 3). Default: case 2 counts as Dice 0, case 3 is skipped. Legacy: 1 and 0.
+    spec = _spec()
+    gt1 = np.zeros((4, 10, 10), np.int64)
+    gt1[1:3, 2:6, 2:6], gt1[1:3, 6:9, 6:9] = 1, 2
+    gt23 = gt1.copy()
+    gt23[gt23 == 2] = 0
+    pred2 = gt23.copy()
+    pred2[0, 0, 0] = 2
+    rows = (E.case_rows('c1', gt1, gt1, spec) + E.case_rows('c2', pred2, gt23, spec)
+            + E.case_rows('c3', gt23, gt23, spec))
+    s = E.summarize(rows, spec)
+    assert s['per_class']['a']['dice'] == 1.0 and s['per_class']['a']['n'] == 3
+    assert s['per_class']['b']['dice'] == 0.5 and s['per_class']['b']['n'] == 2
+    assert s['mean_dice'] == 0.75 and s['rule'] == 'default'
+    legacy = [E.case_rows(c, p, g, spec, legacy=True) for c, p, g in
+              (('c1', gt1, gt1), ('c2', pred2, gt23), ('c3', gt23, gt23))]
+    s = E.summarize(sum(legacy, []), spec, legacy=True)
+    assert s['per_class']['b']['dice'] == pytest.approx(2 / 3) and s['per_class']['b']['hd95'] == 0.0
+    assert s['rule'] == 'legacy'
+
+
+# -----------------------------------------------------------------------------
+# ISIC: pooled confusion matrix vs per-image means
+
+def test_isic_pooled_vs_per_image():
+    # image 1: 8-pixel lesion found exactly; image 2: 1-pixel lesion missed, 1 false positive pixel.
+    # pooled: TP 8, FP 1, FN 1, TN 22 -> Dice 16/18, SE 8/9, SP 22/23; per image: Dice (1 + 0)/2, SE 1/2
+    spec = _spec(kind='image', name='isic2017', classes=('background', 'lesion'))
+    g1 = np.zeros((4, 4), np.int64)
+    g1[:2] = 1
+    g2 = np.zeros((4, 4), np.int64)
+    g2[3, 3] = 1
+    p2 = np.zeros((4, 4), np.int64)
+    p2[0, 0] = 1
+    rows = E.case_rows('i1', g1, g1, spec, distances=False) + E.case_rows('i2', p2, g2, spec, distances=False)
+    s = E.summarize(rows, spec)
+    assert s['pooled']['dice'] == pytest.approx(16 / 18) and s['mean_dice'] == pytest.approx(16 / 18)
+    assert s['pooled']['se'] == pytest.approx(8 / 9)
+    assert s['pooled']['sp'] == pytest.approx(22 / 23)
+    assert s['pooled']['acc'] == pytest.approx(30 / 32)
+    assert s['per_image']['dice'] == pytest.approx(0.5) and s['mean_dice_per_image'] == pytest.approx(0.5)
+    assert s['per_image']['se'] == pytest.approx(0.5)
+    assert s['per_image']['sp'] == pytest.approx((1 + 14 / 15) / 2)
+    assert math.isnan(rows[0]['hd95'])  # distances skipped on request
+    # GlaS (no 'isic' in the name): the headline is the per-image mean
+    glas = E.summarize(rows, _spec(kind='image', name='glas', classes=('background', 'lesion')))
+    assert glas['mean_dice'] == pytest.approx(0.5)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def tiny_model(num_classes=2, img_size=32):
+    # HAP stream only (Table 5's A.2 switch) with narrow widths: a checkpoint of a few hundred kB
+    return M.danie('S', num_classes=num_classes, img_size=img_size, sap=False, fusion='add',
+                   dims=(8, 16, 32, 64), depths=(1, 1, 1, 1))
+
+
+def ckpt_dict(net, data_info=None):
+    import dataclasses
+    return {'format': E.FORMAT, 'config': dataclasses.asdict(net.config), 'model': net.state_dict(),
+            'data': data_info or {'name': 'demo', 'root': 'nowhere'}, 'args': {}, 'epoch': 1, 'step': 2}
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(E.CheckpointError, match='no such checkpoint'):
+        E.load_checkpoint(tmp_path / 'missing.pth')
+    garbage = tmp_path / 'garbage.pth'
+    garbage.write_bytes(b'\x00not a torch file' * 50)
+    with pytest.raises(E.CheckpointError, match='not a readable PyTorch checkpoint'):
+        E.load_checkpoint(garbage)
+    other = tmp_path / 'other.pth'
+    torch.save({'state_dict': {'w': torch.zeros(2)}}, other)
+    with pytest.raises(E.CheckpointError, match="no 'format' key"):
+        E.load_checkpoint(other)
+    torch.save([1, 2, 3], other)
+    with pytest.raises(E.CheckpointError, match='not a DANIE checkpoint'):
+        E.load_checkpoint(other)
+    torch.save({'format': 'danie-ckpt-v0', 'config': {}, 'model': {}, 'data': {'name': 'demo'}}, other)
+    with pytest.raises(E.CheckpointError, match="'danie-ckpt-v0'"):
+        E.load_checkpoint(other)
+
+
+def test_checkpoint_roundtrip_and_state_dict_mismatch(tmp_path):
+    torch.manual_seed(0)
+    net = tiny_model()
+    path = tmp_path / 'ok.pth'
+    torch.save(ckpt_dict(net), path)
+    back = E.model_from_checkpoint(E.load_checkpoint(path))
+    x = torch.randn(1, 3, 32, 32)
+    net.eval(), back.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x)[0], back(x)[0])
+
+    ck = ckpt_dict(net)
+    first = next(iter(ck['model']))
+    del ck['model'][first]
+    ck['model']['extra.weight'] = torch.zeros(1)
+    with pytest.raises(E.CheckpointError, match=f'missing: {first}.*unexpected: extra.weight'):
+        E.model_from_checkpoint(ck)
+    ck = ckpt_dict(net)
+    key = next(k for k, v in ck['model'].items() if v.ndim == 4)
+    ck['model'][key] = torch.zeros(1, 1, 1, 1)
+    with pytest.raises(E.CheckpointError, match=f'shape mismatch: {key}'):
+        E.model_from_checkpoint(ck)
+    ck = ckpt_dict(net)
+    ck['config']['window'] = 7
+    with pytest.raises(E.CheckpointError, match="fields \\['window'\\]"):
+        E.model_from_checkpoint(ck)
+
+
+def test_cli_reports_checkpoint_errors(tmp_path, capsys):
+    assert E.main(['--ckpt', str(tmp_path / 'none.pth')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and 'none.pth' in err and 'Traceback' not in err
+
+
+# -----------------------------------------------------------------------------
+# protocol and end to end on the demo set
+
+class Constant(torch.nn.Module):
+    """Predicts class 1 on the left half of the input and 0 elsewhere; returns (y, heads) like DANIE."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        y = torch.zeros(x.shape[0], 2, *x.shape[-2:])
+        y[:, 1, :, : x.shape[-1] // 2] = 1.0
+        return y + self.w, []
+
+
+def test_predict_case_resizes_back_and_batches():
+    case = data.Case(id='v', image=np.random.default_rng(0).random((5, 48, 40), dtype=np.float32),
+                     label=np.zeros((5, 48, 40), np.int64))
+    spec = _spec(classes=('background', 'x'))
+    one = E.predict_case(Constant(), case, spec, 32, torch.device('cpu'), batch_size=1)
+    three = E.predict_case(Constant(), case, spec, 32, torch.device('cpu'), batch_size=3)
+    assert one.shape == (5, 48, 40) and np.array_equal(one, three)
+    assert one[:, :, :20].all() and not one[:, :, 20:].any()  # nearest resize keeps the half split
+
+
+def test_evaluate_restores_training_mode():
+    net = Constant().train()
+    case = data.Case(id='v', image=np.zeros((3, 32, 32), np.float32), label=np.zeros((3, 32, 32), np.int64))
+    case.label[:, :, :16] = 1
+    s = E.evaluate(net, [case], _spec(classes=('background', 'x')), 32, device='cpu', progress=False)
+    assert net.training
+    assert s['mean_dice'] == 1.0 and s['mean_hd95'] == 0.0 and len(s['cases']) == 1
+    assert s['timing']['predict_s'] >= 0
+
+
+def test_evaluate_images_and_png_export(tmp_path):
+    # two RGB images at their mask's size (not the model's): the left-half prediction is resized back
+    spec = _spec(kind='image', name='isic2017', classes=('background', 'lesion'))
+    cases = []
+    for i, (h, w) in enumerate(((40, 60), (50, 30))):
+        label = np.zeros((h, w), np.int64)
+        label[:, : w // 2] = 1
+        label[0, -1] = 1  # one missed pixel each
+        cases.append(data.Case(id=f'img{i}', image=np.full((h, w, 3), 128, np.uint8), label=label))
+    s = E.evaluate(Constant(), cases, spec, 32, device='cpu', progress=False, save_pred=tmp_path)
+    tp = 40 * 30 + 50 * 15
+    assert s['pooled']['dice'] == pytest.approx(2 * tp / (2 * tp + 2)) and s['pooled']['sp'] == 1.0
+    assert math.isnan(s['mean_hd95'])  # no distances for image sets unless asked
+    from PIL import Image
+    mask = np.asarray(Image.open(tmp_path / 'img1_pred.png'))
+    assert mask.shape == (50, 30) and set(np.unique(mask)) == {0, 255}
+    assert np.asarray(Image.open(tmp_path / 'img0_overlay.png')).shape == (40, 60, 3)
+
+
+def test_cli_missing_dataset(tmp_path, capsys):
+    path = tmp_path / 'best.pth'
+    torch.save(ckpt_dict(tiny_model(num_classes=9), {'name': 'demo', 'root': str(tmp_path / 'no_data')}), path)
+    assert E.main(['--ckpt', str(path), '--no-progress']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and 'no_data' in err
+
+
+def test_cli_end_to_end_demo(tmp_path, capsys):
+    root = data.make_demo(tmp_path / 'demo')
+    spec = data.SPECS['demo']
+    torch.manual_seed(0)
+    net = tiny_model(num_classes=spec.num_classes, img_size=32)
+    path = tmp_path / 'run' / 'best.pth'
+    path.parent.mkdir()
+    torch.save(ckpt_dict(net, {'name': 'demo', 'root': str(root), 'seed': 0}), path)
+    pred_dir = tmp_path / 'pred'
+    assert E.main(['--ckpt', str(path), '--limit', '1', '--no-progress', '--save-pred', str(pred_dir)]) == 0
+    out = capsys.readouterr().out
+    assert 'mean' in out and 'paper row' in out
+    summary = json.loads((path.parent / 'eval_test' / 'summary.json').read_text())
+    assert summary['n_cases'] == 1 and summary['split'] == 'test' and summary['rule'] == 'default'
+    assert summary['mean_dice'] is None or 0.0 <= summary['mean_dice'] <= 1.0
+    assert set(summary['per_class']) == {spec.class_names[c] for c in spec.report_order}
+    lines = (path.parent / 'eval_test' / 'per_case.csv').read_text().splitlines()
+    assert lines[0] == 'case,class,dice,iou,hd95,asd' and len(lines) == 1 + len(spec.report_order)
+    case = data.eval_cases('demo', root, 'test', seed=0)[0]
+    nib = pytest.importorskip('nibabel')
+    vol = nib.load(str(pred_dir / f'{case.id}_pred.nii.gz')).get_fdata()
+    assert vol.shape == case.label.shape[::-1] and vol.max() < spec.num_classes
+    # the held-out validation split under the legacy rule, into another folder
+    assert E.main(['--ckpt', str(path), '--split', 'val', '--legacy', '--limit', '1', '--no-progress',
+                   '--out', str(tmp_path / 'val')]) == 0
+    summary = json.loads((tmp_path / 'val' / 'summary.json').read_text())
+    assert summary['split'] == 'val' and summary['rule'] == 'legacy' and 0.0 <= summary['mean_dice'] <= 1.0

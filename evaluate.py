@@ -204,7 +204,10 @@ def predict_case(model, case, spec, img_size, device, batch_size=16, amp='none')
     if pred.shape[-2:] != tuple(out_hw):
         # NOTE(impl): the argmax label map is resized back with order 0 (TransUNet's test_single_volume), not the logits
         zoom = (1.0, out_hw[0] / pred.shape[1], out_hw[1] / pred.shape[2])
-        pred = ndimage.zoom(pred, zoom, order=0)
+        # slices were resized by scipy (corner-aligned, as TransUNet), RGB images by PIL (pixel-edge aligned):
+        # resize back on the same grid, or image predictions shift by up to half a pixel
+        grid = spec.kind == 'image'
+        pred = ndimage.zoom(pred, zoom, order=0, grid_mode=grid, mode='nearest' if grid else 'constant')
         if pred.shape[-2:] != tuple(out_hw):
             raise RuntimeError(f'case {case.id}: resized prediction {pred.shape} != label {case.label.shape}')
     return pred if spec.kind == 'volume' else pred[0]

@@ -14,10 +14,9 @@ resolution HAP embedding, HAP depths mirroring MaxViT) lands on the paper's 13.2
 import argparse
 import os
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import timm
 import torch
@@ -360,19 +359,26 @@ def main(argv=None):
                    gmac_bb=gmac(backbone, args.img_size), paper=PAPER_GMAC[size])
         if args.bench:
             x = torch.randn(1, 3, args.img_size, args.img_size)
-            row["ms"] = latency(model, x, runs=args.runs)
             row["ms_bb"] = latency(backbone, x, runs=args.runs)
+            model.parallel_streams = False
+            row["ms_seq"] = latency(model, x, runs=args.runs)
+            model.parallel_streams = True
+            row["ms"] = latency(model, x, runs=args.runs)
         rows.append(row)
 
     print(f"DANIE at {args.img_size}x{args.img_size}, {args.num_classes} classes "
           f"(GMAC = FlopCounterMode FLOPs / 2; the paper's 'GFLOPs' count multiply-accumulates)")
+    if args.bench:
+        print(f"CPU latency: batch 1, median of {args.runs} runs after warm-up, {torch.get_num_threads()} torch "
+              f"threads; 'seq' runs the two streams one after the other, 'par' side by side (forward_encoder)")
     print(f"{'model':8} {'params (M)':>10} {'GMAC':>8} {'paper':>7} {'diff':>7} {'backbone GMAC':>13}" +
-          (f" {'ms (b=1)':>9} {'backbone ms':>11} {'ratio':>6}" if args.bench else ""))
+          (f" {'backbone ms':>11} {'seq ms':>8} {'par ms':>8} {'seq/bb':>7} {'par/bb':>7}" if args.bench else ""))
     for r in rows:
         line = (f"DANIE-{r['size']:2} {r['params']:10.2f} {r['gmac']:8.2f} {r['paper']:7.2f} "
                 f"{100 * (r['gmac'] / r['paper'] - 1):+6.1f}% {r['gmac_bb']:13.2f}")
         if args.bench:
-            line += f" {r['ms']:9.1f} {r['ms_bb']:11.1f} {r['ms'] / r['ms_bb']:5.2f}x"
+            line += (f" {r['ms_bb']:11.1f} {r['ms_seq']:8.1f} {r['ms']:8.1f} {r['ms_seq'] / r['ms_bb']:6.2f}x"
+                     f" {r['ms'] / r['ms_bb']:6.2f}x")
         print(line)
 
 

@@ -15,7 +15,6 @@ import argparse
 import os
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 import timm
@@ -237,38 +236,12 @@ class DANIE(nn.Module):
                                  for i in range(4)])
         self.heads = nn.ModuleList([nn.Conv2d(c, cfg.num_classes, 1) for c in C])
         self.register_buffer("alphas", torch.tensor(cfg.alphas), persistent=False)
-        self.parallel_streams = True  # see forward_encoder
-        self._executor = None
-
-    def _pool(self):
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="danie-hap")
-        return self._executor
-
-    def __getstate__(self):  # the thread pool cannot be pickled or deep-copied; it is rebuilt on use
-        return {**self.__dict__, "_executor": None}
 
     def forward_encoder(self, x):
         """Embeddings and the Dual Attention Encoder: SAP || HAP, four stages each."""
-        if self.sap is None or self.hap is None:  # Table 5 A.1 / A.2
-            s = self.sap(x) if self.sap is not None else [None] * 4
-            h = self.hap(x) if self.hap is not None else [None] * 4
-            return s, h
-        if (self.parallel_streams and not self.training and x.device.type == "cpu"
-                and not torch.is_autocast_enabled("cpu")):
-            # The streams share nothing until Joint Preservation, so CPU inference runs HAP in a second thread
-            # while SAP runs here (torch ops release the GIL). Grad mode is thread-local: carry it over;
-            # autocast is thread-local too, hence sequential under CPU autocast.
-            grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-
-            def hap_stream():
-                with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                    return self.hap(x)
-
-            future = self._pool().submit(hap_stream)
-            s = self.sap(x)  # s_1..s_4
-            return s, future.result()  # h_1..h_4
-        return self.sap(x), self.hap(x)
+        s = self.sap(x) if self.sap is not None else [None] * 4  # s_1..s_4
+        h = self.hap(x) if self.hap is not None else [None] * 4  # h_1..h_4
+        return s, h
 
     def forward_decoder(self, s, h):
         """Joint Preservation from the deepest stage up: j_4, j_3, j_2, j_1."""
@@ -310,15 +283,11 @@ def danie(size="S", num_classes=9, img_size=224, pretrained=False, pretrained_fi
 def gmac(model, img_size, batch=1):
     """Multiply-accumulates of one forward pass in G (FlopCounterMode counts 2 FLOPs per MAC)."""
     x = torch.randn(batch, 3, img_size, img_size, device=next(model.parameters()).device)
-    was_training, parallel = model.training, getattr(model, "parallel_streams", None)
+    was_training = model.training
     model.eval()
-    if parallel is not None:
-        model.parallel_streams = False  # the counter only sees the ops of this thread
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     model.train(was_training)
-    if parallel is not None:
-        model.parallel_streams = parallel
     return counter.get_total_flops() / 2 / 1e9
 
 
@@ -326,17 +295,18 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def latency(fn, x, warmup=3, runs=10):
-    """Median wall time in ms of fn(x) after warm-up."""
+def latencies(fns, x, warmup=2, runs=10):
+    """Median wall time in ms of each fn(x); the fns take turns in every round, so load on a shared machine
+    falls on all of them alike and their ratios hold."""
+    times = {name: [] for name in fns}
     with torch.inference_mode():
-        for _ in range(warmup):
-            fn(x)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for r in range(warmup + runs):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn(x)
+                if r >= warmup:
+                    times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None):
@@ -359,26 +329,21 @@ def main(argv=None):
                    gmac_bb=gmac(backbone, args.img_size), paper=PAPER_GMAC[size])
         if args.bench:
             x = torch.randn(1, 3, args.img_size, args.img_size)
-            row["ms_bb"] = latency(backbone, x, runs=args.runs)
-            model.parallel_streams = False
-            row["ms_seq"] = latency(model, x, runs=args.runs)
-            model.parallel_streams = True
-            row["ms"] = latency(model, x, runs=args.runs)
+            row.update(latencies({"ms": model, "ms_bb": backbone}, x, runs=args.runs))
         rows.append(row)
 
     print(f"DANIE at {args.img_size}x{args.img_size}, {args.num_classes} classes "
           f"(GMAC = FlopCounterMode FLOPs / 2; the paper's 'GFLOPs' count multiply-accumulates)")
     if args.bench:
-        print(f"CPU latency: batch 1, median of {args.runs} runs after warm-up, {torch.get_num_threads()} torch "
-              f"threads; 'seq' runs the two streams one after the other, 'par' side by side (forward_encoder)")
-    print(f"{'model':8} {'params (M)':>10} {'GMAC':>8} {'paper':>7} {'diff':>7} {'backbone GMAC':>13}" +
-          (f" {'backbone ms':>11} {'seq ms':>8} {'par ms':>8} {'seq/bb':>7} {'par/bb':>7}" if args.bench else ""))
+        print(f"CPU forward latency: batch 1, median of {args.runs} interleaved runs after warm-up, "
+              f"{torch.get_num_threads()} torch threads; backbone = the bare MaxViT feature extractor")
+    print(f"{'model':8} {'params (M)':>10} {'GMAC':>8} {'paper':>7} {'diff':>7} {'backbone GMAC':>13} {'GMAC ratio':>10}"
+          + (f" {'ms':>8} {'backbone ms':>11} {'ms ratio':>8}" if args.bench else ""))
     for r in rows:
         line = (f"DANIE-{r['size']:2} {r['params']:10.2f} {r['gmac']:8.2f} {r['paper']:7.2f} "
-                f"{100 * (r['gmac'] / r['paper'] - 1):+6.1f}% {r['gmac_bb']:13.2f}")
+                f"{100 * (r['gmac'] / r['paper'] - 1):+6.1f}% {r['gmac_bb']:13.2f} {r['gmac'] / r['gmac_bb']:9.2f}x")
         if args.bench:
-            line += (f" {r['ms_bb']:11.1f} {r['ms_seq']:8.1f} {r['ms']:8.1f} {r['ms_seq'] / r['ms_bb']:6.2f}x"
-                     f" {r['ms'] / r['ms_bb']:6.2f}x")
+            line += f" {r['ms']:8.1f} {r['ms_bb']:11.1f} {r['ms'] / r['ms_bb']:7.2f}x"
         print(line)
 
 

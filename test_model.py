@@ -241,21 +241,6 @@ def test_maxvit_of_the_other_size_is_refused(tmp_path):
         danie("S", num_classes=2, img_size=32, pretrained_file=str(path))
 
 
-def test_parallel_streams_give_the_same_output():
-    model = tiny().eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        model.parallel_streams = False
-        sequential = model(x)[0]
-        model.parallel_streams = True
-        parallel = model(x)[0]
-    torch.testing.assert_close(parallel, sequential, rtol=0, atol=0)
-    with torch.enable_grad():  # grad mode reaches the HAP thread: the output is differentiable through HAP
-        y = model(x)[0]
-    y.mean().backward()
-    assert model.hap.embed[0][0][0].weight.grad is not None
-
-
 def test_data_normalisation_matches_the_backbones_pretrained_config():
     import data  # data.py repeats the constants because it does not import model.py
     for size in ("S", "L"):

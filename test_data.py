@@ -13,6 +13,8 @@ from PIL import Image
 import data
 from data import DataError
 
+torch.set_num_threads(1)  # tiny tensors: more threads only add overhead, and stall badly on a loaded machine
+
 REAL_ISIC2017 = Path(os.environ.get('ISIC2017_ROOT', Path(__file__).resolve().parent.parent / 'shared' / 'data' /
                                     'isic2017_train'))
 

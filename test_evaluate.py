@@ -14,6 +14,8 @@ import data
 import evaluate as E
 import model as M
 
+torch.set_num_threads(1)  # tiny tensors: more threads only add overhead, and stall badly on a loaded machine
+
 SQ2, SQ3 = math.sqrt(2.0), math.sqrt(3.0)
 
 

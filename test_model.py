@@ -10,6 +10,7 @@ from attention import EH, ES, HAP, ChannelAttention, ConvBlock, SpatialAttention
 from model import FUSIONS, PAPER_GMAC, DANIE, PretrainedError, danie, gmac, make_config
 
 torch.manual_seed(0)
+torch.set_num_threads(1)  # tiny tensors: more threads only add overhead, and stall badly on a loaded machine
 # A narrower MaxViT (same stage layout, 4x cheaper) for the tests of wiring and switches; S and L themselves are
 # built at full width for shapes, gradients, GMAC and weight loading.
 TINY = dict(backbone="maxvit_rmlp_pico_rw_256", dims=(32, 64, 128, 256))

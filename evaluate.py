@@ -390,8 +390,8 @@ def load_checkpoint(path):
         raise CheckpointError(f'{path}: no such checkpoint file (train.py writes best.pth / last.pth '
                               'into its --out folder)')
     try:
-        # NOTE(impl): weights_only=False: the file holds numpy RNG states and args; only load checkpoints you trust
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+        # train.py stores RNG states as tensors and plain types, so the safe unpickler suffices
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # pickle, zip and EOF errors all mean the same thing to the user
         raise CheckpointError(f'{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})') from e
     if not isinstance(ckpt, dict) or 'format' not in ckpt:

@@ -184,8 +184,10 @@ ABLATIONS = {
 def test_every_ablation_builds_and_runs(name):
     model = tiny(**ABLATIONS[name]).train()
     y, heads = model(torch.randn(2, 3, 32, 32))
-    y.mean().backward()
+    (y.mean() + sum(p.mean() for p in heads)).backward()
     assert y.shape == (2, 3, 32, 32) and torch.isfinite(y).all()
+    # no variant builds a module it does not use: DDP needs no find_unused_parameters
+    assert all(p.grad is not None for p in model.parameters())
     assert (model.sap is None) == (ABLATIONS[name].get("sap") is False)
     assert (model.hap is None) == (ABLATIONS[name].get("hap") is False)
 

@@ -26,7 +26,6 @@ legacy=True / --legacy, TransUNet's and CASCADE's calculate_metric_percase, for 
 """
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import json
@@ -44,6 +43,7 @@ import data
 import model as danie_model
 
 FORMAT = 'danie-ckpt-v1'
+AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # --amp
 METRICS = ('dice', 'iou', 'hd95', 'asd')
 ISIC_METRICS = ('se', 'sp', 'acc')
 RULES = {
@@ -69,11 +69,9 @@ def autodetect_device():
     return torch.device('cpu')
 
 
-def _autocast(device, amp):
-    if amp == 'none':
-        return contextlib.nullcontext()
-    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}[amp]
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def autocast(device, amp):
+    """Autocast context for --amp {none,bf16,fp16}; train.py and evaluate.py share it."""
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != 'none')
 
 
 def _nanmean(values):
@@ -195,7 +193,7 @@ def predict_case(model, case, spec, img_size, device, batch_size=16, amp='none')
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
             x = data.prepare_input(images[i:i + batch_size], img_size).to(device)  # (n,3,S,S)
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 y = model(x)
             y = y[0] if isinstance(y, (tuple, list)) else y  # DANIE returns (y, [p1..p4]); y is Eq. 12's sum
             # NOTE(impl): argmax over the K logits; for K = 2 (ISIC, GlaS) it is the lineage's softmax threshold 0.5

@@ -41,7 +41,7 @@ import model as danie_model
 
 LAMBDA_DICE = 0.7  # Eq. 13: lambda_1; lambda_2 = 1 - lambda_1 = 0.3 weighs the cross-entropy
 SUPERVISION = ('final', 'deep', 'mutation')
-AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+AMP_DTYPES = evaluate.AMP_DTYPES
 RTX3090_CONTEXT_GIB = 0.5  # the paper's 24 GiB card (Sec. 4.2) less about what the CUDA context takes
 # flags that define the run: on --resume they must match the checkpoint (a different value is a new run)
 SAME_RUN = ('data', 'size', 'img_size', 'val_cases', 'label_map', 'select_on_test', 'seed', 'no_hap', 'no_sap',
@@ -324,7 +324,7 @@ def bench(args):
                         torch.cuda.synchronize()
                         torch.cuda.reset_peak_memory_stats()
                     t0 = time.perf_counter()
-                with torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != 'none'):
+                with evaluate.autocast(device, amp):
                     y, heads = step(x)
                 loss = criterion(y, heads, t, args.supervision, k)
                 opt.zero_grad(set_to_none=True)
@@ -538,7 +538,6 @@ def train(parser, args, ckpt, rank, world, device):
               f'{len(train_set)} training samples, {len(val_cases)} {data_info["selected_on"]} cases, '
               f'batch {args.batch_size}, {args.img_size}x{args.img_size}, {args.epochs} epochs, '
               f'--supervision {args.supervision}, --amp {args.amp} -> {out}', flush=True)
-    amp_dtype = AMP_DTYPES[args.amp]
     done = (args.max_steps is not None and state['step'] >= args.max_steps) or state['epoch'] >= args.epochs
     if done and master:
         print(f'nothing to do: the checkpoint is at epoch {state["epoch"]}/{args.epochs}, step {state["step"]}')
@@ -555,7 +554,7 @@ def train(parser, args, ckpt, rank, world, device):
         loss_sum, n, t0 = 0.0, 0, time.perf_counter()
         for x, target in loader:
             x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with evaluate.autocast(device, args.amp):
                 y, heads = net(x)
             loss = criterion(y, heads, target, args.supervision, k)
             opt.zero_grad(set_to_none=True)

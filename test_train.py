@@ -3,6 +3,7 @@ bad flags, and an end-to-end run on the demo set scored by evaluate.py. CPU, tin
 
 import csv
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 import data
 import evaluate
+import model as danie_model
 import train
 
 HERE = Path(__file__).resolve().parent
@@ -139,11 +141,15 @@ def test_training_lowers_the_loss_and_writes_outputs(tmp_path, demo_root, tiny):
     assert summary['best_val_dice'] == pytest.approx(best_logged, abs=1e-6)
     assert float(rows[-1]['best_dice']) == pytest.approx(best_logged, abs=1e-6)
     best, last = (torch.load(tmp_path / f, weights_only=True) for f in ('best.pth', 'last.pth'))  # safe loading
-    assert last['epoch'] == 3 and last['epoch_step'] == 0 and last['step'] == summary['steps']
-    assert best['metric'] == best['best_metric'] == summary['best_val_dice']
-    assert {'format', 'config', 'model', 'data', 'args', 'epoch', 'step', 'optimizer', 'scaler', 'rng',
-            'best_metric', 'metric'} <= set(last)
+    assert last['epoch'] == 3 and last['train']['epoch_step'] == 0 and last['step'] == summary['steps']
+    assert best['metric'] == last['train']['best_metric'] == summary['best_val_dice']
+    # best.pth: what evaluate.py needs; last.pth: that plus the whole training state
+    assert set(best) == {'format', 'config', 'model', 'data', 'args', 'init', 'epoch', 'step', 'metric'}
+    assert set(last) == set(best) | {'train'}
+    assert {'optimizer', 'scaler', 'epoch_step', 'best_metric', 'best_epoch', 'elapsed'} <= set(last['train'])
     assert last['data']['name'] == 'demo' and last['args']['epochs'] == 3
+    assert last['init'] == 'from scratch (--no-pretrained)'
+    assert (tmp_path / 'progress.png').stat().st_size > 1000  # loss and Dice against epoch
     assert not list(tmp_path.glob('*.tmp'))
 
 
@@ -153,15 +159,16 @@ def test_resume_mid_epoch_gives_the_same_weights(tmp_path, demo_root, tiny):
     run(tmp_path / 'a', demo_root, *flags, '--max-steps', '30')
     run(tmp_path / 'b', demo_root, *flags, '--max-steps', '7')  # stops in the middle of epoch 1
     stopped = torch.load(tmp_path / 'b' / 'last.pth', weights_only=True)
-    assert (stopped['epoch'], stopped['step'], stopped['epoch_step']) == (0, 7, 7)
+    assert (stopped['epoch'], stopped['step'], stopped['train']['epoch_step']) == (0, 7, 7)
     # only the flags that may change; the rest come from the checkpoint. Workers draw the same augmentation.
     train.main(['--resume', str(tmp_path / 'b' / 'last.pth'), '--max-steps', '30', '--workers', '2'])
     a, b = (torch.load(tmp_path / r / 'last.pth', weights_only=True) for r in 'ab')
-    assert (b['epoch'], b['step'], b['epoch_step']) == (a['epoch'], a['step'], a['epoch_step']) == (1, 30, 11)
+    assert (b['epoch'], b['step'], b['train']['epoch_step']) == (a['epoch'], a['step'], a['train']['epoch_step'])
+    assert (a['epoch'], a['step'], a['train']['epoch_step']) == (1, 30, 11)
     assert a['model'].keys() == b['model'].keys()
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
-    for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+    for sa, sb in zip(a['train']['optimizer']['state'].values(), b['train']['optimizer']['state'].values()):
         assert torch.equal(sa['exp_avg_sq'], sb['exp_avg_sq'])
     # a control: without the resume the weights do differ from a shorter run
     assert not torch.equal(a['model']['stem.0.weight'], stopped['model']['stem.0.weight'])
@@ -203,7 +210,13 @@ def test_bad_flags(tmp_path, demo_root, capsys):
         (['--data', 'demo', '--root', demo_root, '--batch-size', '1000'], 'larger than the training set'),
         (['--data', 'demo', '--root', demo_root, '--img-size', '40'], 'multiple of 32'),
         (['--data', 'demo', '--no-hap'], "fusion must be 'add'"),
-        (['--data', 'demo', '--epochs', '0'], '--epochs must be at least 1'),
+        (['--data', 'demo', '--epochs', '0'], "argument --epochs: expected a finite number >= 1, got '0'"),
+        (['--data', 'demo', '--lr', 'nan'], "argument --lr: expected a finite number > 0, got 'nan'"),
+        (['--data', 'demo', '--lr', 'inf'], "argument --lr: expected a finite number > 0, got 'inf'"),
+        (['--data', 'demo', '--lr', '0'], "argument --lr: expected a finite number > 0, got '0'"),
+        (['--data', 'demo', '--weight-decay', '-1e-4'], 'argument --weight-decay: expected a finite number >= 0'),
+        (['--data', 'demo', '--batch-size', 'x'], "argument --batch-size: expected int, got 'x'"),
+        (['--data', 'demo', '--val-cases', '-1'], 'argument --val-cases'),
         (['--resume', str(tmp_path / 'nothing.pth')], 'no checkpoint at'),
         (['--resume', str(tmp_path / 'garbage.pth')], 'garbage.pth: not a readable PyTorch checkpoint'),
     ]
@@ -215,6 +228,51 @@ def test_bad_flags(tmp_path, demo_root, capsys):
             train.main(argv + ['--out', str(tmp_path / 'out')])
         err = capsys.readouterr().err
         assert e.value.code == 2 and 'error: ' in err and message in err and 'Traceback' not in err, (argv, err)
+
+
+def test_nan_before_any_checkpoint_names_none(tmp_path, demo_root, tiny, capsys):
+    with pytest.raises(SystemExit) as e:  # --lr 1e30: the first step already blows up
+        run(tmp_path, demo_root, '--batch-size', '64', '--lr', '1e30', '--epochs', '2')
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and 'no checkpoint was written' in err and 'last.pth' not in err
+    assert not (tmp_path / 'last.pth').exists()
+
+
+def test_running_a_finished_command_twice_is_safe(tmp_path, demo_root, tiny, capsys):
+    first = run(tmp_path, demo_root, '--batch-size', '64', '--epochs', '1')
+    before = (tmp_path / 'last.pth').stat().st_mtime_ns
+    assert run(tmp_path, demo_root, '--batch-size', '64', '--epochs', '1') is None
+    out = capsys.readouterr().out
+    assert 'already holds this run, finished at epoch 1/1: nothing to do' in out and 'best.pth' in out
+    assert (tmp_path / 'last.pth').stat().st_mtime_ns == before and first['epochs'] == 1
+    with pytest.raises(SystemExit) as e:  # another run in the same folder is refused, naming the flag
+        run(tmp_path, demo_root, '--batch-size', '32', '--epochs', '1')
+    assert e.value.code == 2 and 'holds another run, but --batch-size 32 (checkpoint: 64)' in capsys.readouterr().err
+
+
+def test_val_cases_0_trains_on_every_case_and_keeps_last(tmp_path, demo_root, tiny, capsys):
+    summary = run(tmp_path, demo_root, '--batch-size', '64', '--epochs', '1', '--val-cases', '0')
+    assert summary['best_val_dice'] is None and summary['checkpoint'].endswith('last.pth')
+    assert not (tmp_path / 'best.pth').exists()
+    every = data.train_set('demo', demo_root, 32, val_cases=0)
+    assert len(every) == data.DEMO_TRAIN_CASES * data.DEMO_SLICES  # all 15 training volumes
+    assert summary['steps'] == len(every) // 64 and 'next: python evaluate.py --ckpt' in capsys.readouterr().out
+
+
+def test_imagenet_initialisation_is_the_default_and_offline_stops_early(tmp_path, monkeypatch, capsys):
+    for name in ('synapse', 'acdc', 'isic2017', 'isic2018', 'glas', 'folder', 'nnunet'):
+        args, _ = train.parse(['--data', name, '--out', str(tmp_path / name)])
+        assert args.pretrained, name
+    assert not train.parse(['--data', 'demo', '--out', str(tmp_path / 'd')])[0].pretrained  # the demo: scratch
+    assert not train.parse(['--data', 'synapse', '--no-pretrained', '--out', str(tmp_path / 's')])[0].pretrained
+    import huggingface_hub  # offline, and no weights in the cache: stop before any training
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'hf'))
+    args, _ = train.parse(['--data', 'synapse', '--out', str(tmp_path / 'x')])
+    with pytest.raises(danie_model.PretrainedError, match='--pretrained-file PATH .* or --no-pretrained'):
+        train.build_model(args, 9, pretrained=True)
+    assert 'from scratch' in train.init_name(train.parse(['--data', 'demo', '--out', str(tmp_path / 'y')])[0])
 
 
 def test_flags_given_are_used_and_defaults_come_from_the_spec(tmp_path):
@@ -251,11 +309,73 @@ def test_two_process_gloo_run_writes_one_checkpoint(tmp_path, demo_root):
            '--max-steps', '3']
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    assert sorted(f.name for f in out.iterdir()) == ['best.pth', 'last.pth', 'log.csv', 'summary.json']
+    assert sorted(f.name for f in out.iterdir()) == ['best.pth', 'last.pth', 'log.csv', 'progress.png',
+                                                     'summary.json']
     assert p.stdout.count('done:') == 1  # rank 0 alone reports
     ck = torch.load(out / 'last.pth', weights_only=True)
-    assert ck['world_size'] == 2 and ck['step'] == 3 and ck['args']['batch_size'] == 8
+    assert ck['train']['world_size'] == 2 and ck['step'] == 3 and ck['args']['batch_size'] == 8
     assert not any(k.startswith('module.') for k in ck['model'])  # the bare module, not the DDP wrapper
+
+
+class TinyNoBN(Tiny):
+    """Tiny without BatchNorm: on CPUs (gloo) BN sees each process's share, on GPUs SyncBatchNorm the global batch."""
+
+    def __init__(self, num_classes, img_size):
+        super().__init__(num_classes, img_size)
+        self.stem[1] = nn.Identity()
+
+
+def torchrun(tmp_path, nproc, *flags, patch=''):
+    """train.main in nproc gloo processes on the tiny BN-free model; the CompletedProcess."""
+    script = tmp_path / 'ddp_train.py'
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        import data, test_train, train
+        train.build_model = lambda args, k, pretrained: test_train.TinyNoBN(k, args.img_size)
+        {patch}
+        train.main(sys.argv[1:])
+    """))
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(HERE), os.environ.get('PYTHONPATH', '')]),
+           'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc),
+           str(script), *flags]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_n_processes_train_as_one_and_resume_across_world_sizes(tmp_path, demo_root, monkeypatch):
+    """Eq. 13's batch Dice over the global batch and the same global batches: 2 processes = 1, and a run
+    stopped under 2 processes and resumed in 1 ends where a 1-process run does."""
+    monkeypatch.setattr(train, 'build_model', lambda args, k, pretrained: TinyNoBN(k, args.img_size))
+    flags = ['--data', 'demo', '--root', demo_root, '--img-size', '32', '--batch-size', '8', '--lr', '1e-2']
+    run(tmp_path / 'one', demo_root, *flags[4:], '--max-steps', '4')
+    p = torchrun(tmp_path, 2, *flags, '--out', str(tmp_path / 'two'), '--max-steps', '2')
+    assert p.returncode == 0, p.stderr[-3000:]
+    train.main(['--resume', str(tmp_path / 'two' / 'last.pth'), '--max-steps', '4'])
+    one, two = (torch.load(tmp_path / r / 'last.pth', weights_only=True) for r in ('one', 'two'))
+    assert one['step'] == two['step'] == 4
+    for k in one['model']:
+        assert torch.allclose(one['model'][k], two['model'][k], atol=1e-5), k
+    # a control: per-process Dice (the old way) trains another function
+    p = torchrun(tmp_path, 2, *flags, '--out', str(tmp_path / 'local'), '--max-steps', '4',
+                 patch='train.global_sum = lambda world: None')
+    local = torch.load(tmp_path / 'local' / 'last.pth', weights_only=True)
+    assert not all(torch.allclose(one['model'][k], local['model'][k], atol=1e-5) for k in one['model'])
+
+
+def test_an_error_on_one_rank_ends_every_rank(tmp_path, demo_root):
+    patch = textwrap.dedent("""
+        real = data.train_set
+        def train_set(*a, **kw):
+            if os.environ['RANK'] == '1':
+                raise data.DataError('case0007_slice003.npz: unreadable (rank 1 only)')
+            return real(*a, **kw)
+        data.train_set = train_set
+    """).replace('\n', '\n        ')
+    p = torchrun(tmp_path, 2, '--data', 'demo', '--root', demo_root, '--img-size', '32', '--batch-size', '8',
+                 '--out', str(tmp_path / 'out'), '--max-steps', '2', patch=patch)
+    # both ranks end with the one-line error (rank 0 names it as another rank's), none waits at a barrier
+    assert p.returncode != 0 and p.stderr.count('error: case0007_slice003.npz: unreadable') == 2, p.stderr[-3000:]
+    assert '(on another rank)' in p.stderr and not (tmp_path / 'out' / 'last.pth').exists()
 
 
 def test_end_to_end_demo_then_evaluate(tmp_path, demo_root):
@@ -269,8 +389,11 @@ def test_end_to_end_demo_then_evaluate(tmp_path, demo_root):
     assert (tmp_path / 'eval' / 'summary.json').exists()
 
 
-def test_bench_runs(tmp_path):
-    rows = train.main(['--bench', '--size', 'S', '--img-size', '32', '--batch-size', '2', '--max-steps', '1',
-                       '--out', str(tmp_path)])
-    assert len(rows) == 1 and rows[0]['model'] == 'DANIE-S' and rows[0]['images_per_s'] > 0
-    assert (tmp_path / 'bench.json').exists()
+def test_bench_times_the_real_step_and_counts_operators(tmp_path):
+    rows = train.main(['--bench', '--size', 'S', '--img-size', '32', '--batch-size', '2', '--warmup', '1',
+                       '--steps', '1', '--out', str(tmp_path)])
+    step, backbone = rows
+    assert step['model'] == 'DANIE-S' and step['images_per_s'] > 0 and step['mode'] == 'eager'
+    # what DANIE adds to its backbone is counted, and is far more than nothing
+    assert backbone['model'] == 'MaxViT-T backbone' and step['operators'] > backbone['operators'] > 1000
+    assert json.loads((tmp_path / 'bench.json').read_text()) == rows

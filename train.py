@@ -1,85 +1,106 @@
 """
 Training of DANIE with the recipe of Sec. 4.2 (Li et al., "Dual Attention Encoder with Joint Preservation
-for Medical Image Segmentation"): AdamW with learning rate and weight decay 1e-4, the loss of Eq. 13
-(0.7 Dice + 0.3 cross-entropy), the per-dataset epochs and batch sizes of Sec. 4.2, all defaults taken from
-data.SPECS. Model selection on held-out training cases with evaluate.py's own protocol (DESIGN.md 3).
+for Medical Image Segmentation"): ImageNet-initialised MaxViT, AdamW with learning rate and weight decay
+1e-4, the loss of Eq. 13 (0.7 Dice + 0.3 cross-entropy), the per-dataset epochs and batch sizes of Sec. 4.2.
 
-    python train.py --data demo                       # synthetic set (made if missing), minutes on a CPU
-    python train.py --data synapse --size L           # the Sec. 4.2 recipe on one GPU
-    python train.py --resume runs/synapse-L/last.pth   # continue an interrupted run where it stopped
-    torchrun --nproc_per_node 4 train.py --data synapse --size L   # DistributedDataParallel
-    python train.py --bench                           # training-step images/s (and peak GPU memory)
+Offers:
+- dice_loss, seg_loss, criterion: Eq. 13 under the supervision modes 'final', 'deep' and 'mutation'
+- train_step: one optimiser step, the very function that --bench times
+- train_one_epoch, validate, checkpoint: the loop's parts; train: the loop itself
+- bench: img/s, ms/step, peak memory, kernels (CUDA) or operators (CPU) per step, share of the chip
+- main: the command line
 
-Writes into --out: last.pth (every epoch), best.pth (best validation mean Dice), log.csv (one row per
-epoch), summary.json. `python evaluate.py --ckpt OUT/best.pth` needs no other flag.
+    python train.py --data demo                        # synthetic set (made if missing), minutes on a CPU
+    python train.py --data synapse --size L            # the Sec. 4.2 recipe on one GPU
+    python train.py --resume runs/synapse-L/last.pth    # continue an interrupted run where it stopped
+    torchrun --nproc_per_node 4 train.py --data synapse --size L   # the same recipe on 4 GPUs
+    python train.py --bench                            # training-step speed table
+
+Writes into --out: last.pth (the whole training state, every epoch), best.pth (weights and what evaluate.py
+needs, best validation figure), log.csv and progress.png (one row / point per epoch), summary.json.
 """
 
 import argparse
 import csv
-import dataclasses
 import datetime
 import itertools
 import json
 import math
 import os
-import random
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data import DistributedSampler, Sampler
 from tqdm import tqdm
 
 import data
 import evaluate
 import model as danie_model
 
+# -----------------------------------------------------------------------------
+# constants
+
 LAMBDA_DICE = 0.7  # Eq. 13: lambda_1; lambda_2 = 1 - lambda_1 = 0.3 weighs the cross-entropy
 SUPERVISION = ('final', 'deep', 'mutation')
-AMP_DTYPES = evaluate.AMP_DTYPES
-RTX3090_CONTEXT_GIB = 0.5  # the paper's 24 GiB card (Sec. 4.2) less about what the CUDA context takes
-# flags that define the run: on --resume they must match the checkpoint (a different value is a new run)
-SAME_RUN = ('data', 'size', 'img_size', 'val_cases', 'label_map', 'select_on_test', 'seed', 'no_hap', 'no_sap',
-            'no_spatial_att', 'no_channel_att', 'order', 'no_calibration', 'fusion', 'supervision',
-            'batch_size', 'lr', 'weight_decay')
+TRAIN_STATE = ('epoch_step', 'best_metric', 'best_epoch', 'elapsed')  # last.pth's 'train', besides the optimiser
+LOG_EVERY = 50  # steps between the host reads of the loss (each one waits for the GPU)
+# flags that define a run: on --resume they must match the checkpoint (a different value is a new run)
+SAME_RUN = ('data', 'num_classes', 'size', 'img_size', 'val_cases', 'label_map', 'select_on_test', 'seed',
+            'no_hap', 'no_sap', 'no_spatial_att', 'no_channel_att', 'order', 'no_calibration', 'fusion',
+            'supervision', 'batch_size', 'lr', 'weight_decay')
+# dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets), for the bench's share of the chip
+BF16_PEAK_TFLOPS = {'H100 80GB HBM3': 989.0, 'H100 PCIe': 756.0, 'H100 NVL': 835.0, 'H200': 989.0,
+                    'A100': 312.0, 'RTX 3090': 71.0, 'RTX 4090': 165.0, 'L40S': 362.0}
 
 # -----------------------------------------------------------------------------
 # loss (Eq. 13)
 
 
-def dice_loss(logits, target, num_classes=None, smooth=1e-5):
-    """Multi-class soft Dice loss on softmax probabilities: 1 - Dice per class, averaged over the classes."""
+def dice_loss(logits, target, num_classes=None, smooth=1e-5, reduce=None):
+    """Soft Dice loss of logits (B,K,H,W), or of M stacked outputs (M,B,K,H,W) -> (M,), against target (B,H,W)."""
     # NOTE(impl): TransUNet/CASCADE's DiceLoss, where the 0.7/0.3 weights come from: every class including background, one Dice per class over the whole batch, squared terms in the denominator, smooth 1e-5.
-    k = num_classes or logits.shape[1]
-    prob = logits.float().softmax(dim=1)  # (B,K,H,W)
-    onehot = F.one_hot(target, k).permute(0, 3, 1, 2).to(prob.dtype)  # (B,H,W,K) -> (B,K,H,W)
-    dims = (0, 2, 3)
-    inter = (prob * onehot).sum(dims)  # (K,)
-    denom = (prob * prob).sum(dims) + onehot.sum(dims)  # onehot * onehot == onehot
-    return (1 - (2 * inter + smooth) / (denom + smooth)).mean()
+    lead, (B, K, H, W) = logits.shape[:-4], logits.shape[-4:]
+    prob = logits.float().reshape(-1, B, K, H, W).softmax(dim=2)  # (M,B,K,H,W)
+    onehot = F.one_hot(target, num_classes or K).permute(0, 3, 1, 2).to(prob.dtype)  # (B,H,W,K) -> (B,K,H,W)
+    M = prob.shape[0]
+    inter = (prob * onehot).sum((1, 3, 4))  # (M,K)
+    sums = torch.cat([inter, (prob * prob).sum((1, 3, 4)), onehot.sum((0, 2, 3))[None]])  # (2M+1,K)
+    if reduce is not None:  # DDP: the batch Dice of Eq. 13 over the global batch, not each GPU's share
+        sums = reduce(sums)
+    inter, p2, g = sums[:M], sums[M:2 * M], sums[2 * M]  # onehot * onehot == onehot
+    return (1 - (2 * inter + smooth) / (p2 + g + smooth)).mean(dim=1).reshape(lead)  # (M,) -> lead
 
 
-def seg_loss(logits, target, num_classes=None):
-    """Eq. 13: lambda_1 Dice + (1 - lambda_1) CE, in float32 whatever the autocast dtype."""
-    ce = F.cross_entropy(logits.float(), target)
-    return LAMBDA_DICE * dice_loss(logits, target, num_classes) + (1 - LAMBDA_DICE) * ce
+def seg_loss(logits, target, num_classes=None, reduce=None):
+    """Eq. 13, lambda_1 Dice + (1 - lambda_1) CE in float32, of logits (B,K,H,W) or summed over (M,B,K,H,W)."""
+    B, K, H, W = logits.shape[-4:]
+    M = logits[..., 0, 0, 0, 0].numel()  # 1 for a single output
+    ce = F.cross_entropy(logits.float().reshape(M * B, K, H, W), target.repeat(M, 1, 1))  # the mean of M means
+    return LAMBDA_DICE * dice_loss(logits, target, num_classes, reduce=reduce).sum() + (1 - LAMBDA_DICE) * M * ce
 
 
-def criterion(y, heads, target, mode='deep', num_classes=None):
-    """Eq. 13 on DANIE's outputs (y, [p1..p4]) under a supervision mode of DESIGN.md section 4."""
+def criterion(y, heads, target, mode='deep', num_classes=None, reduce=None):
+    """Eq. 13 on DANIE's outputs (y, [p1..p4]) under a supervision mode; reduce sums the Dice terms over GPUs."""
+    k = num_classes or y.shape[1]
     if mode == 'final':  # Eq. 13 on y = sum_i alpha_i p_i (Eq. 12) only
-        return seg_loss(y, target, num_classes)
-    if mode == 'deep':  # CASCADE: Eq. 13 on every head, here plus y
-        return sum(seg_loss(p, target, num_classes) for p in (*heads, y))
-    if mode == 'mutation':  # MERIT: Eq. 13 on the summed logits of each non-empty subset of heads (15 for 4)
-        subsets = itertools.chain.from_iterable(itertools.combinations(heads, r) for r in range(1, len(heads) + 1))
-        return sum(seg_loss(sum(s), target, num_classes) for s in subsets)
-    raise ValueError(f'supervision must be one of {SUPERVISION}, got {mode!r}')
+        outputs = y
+    elif mode == 'deep':  # CASCADE: Eq. 13 on every head, here plus y
+        outputs = torch.stack([*heads, y])  # (5,B,K,H,W)
+    elif mode == 'mutation':  # MERIT: Eq. 13 on the summed logits of each non-empty subset of heads (15 for 4)
+        n = len(heads)
+        subsets = [s for r in range(1, n + 1) for s in itertools.combinations(range(n), r)]
+        member = torch.tensor([[float(i in s) for i in range(n)] for s in subsets], device=y.device)  # (15,4)
+        outputs = torch.einsum('sm,mbkhw->sbkhw', member.to(y.dtype), torch.stack(heads))  # (15,4)@(4,...)
+    else:
+        raise ValueError(f'supervision must be one of {SUPERVISION}, got {mode!r}')
+    return seg_loss(outputs, target, k, reduce)
 
 
 # -----------------------------------------------------------------------------
@@ -90,11 +111,48 @@ class TrainError(Exception):
     """A run that cannot go on (a non-finite loss); the last good checkpoint stays on disk."""
 
 
+def number(kind, low, strict):
+    """An argparse type: a finite int/float above (strict) or at least `low`, with a one-line error."""
+    def check(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected {kind.__name__}, got {text!r}') from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"expected a finite number {'>' if strict else '>='} {low}, got {text!r}")
+        return value
+    return check
+
+
+def pretrained_file(args):
+    """The local ImageNet MaxViT file that initialises the SAP stream (Sec. 4.2), downloading it when online."""
+    if args.pretrained_file:
+        return args.pretrained_file
+    backbone = danie_model.PRESETS[args.size]['backbone']
+    cfg = danie_model.timm.models.get_pretrained_cfg(backbone)
+    from huggingface_hub import hf_hub_download  # timm's own dependency, which it downloads with
+    try:
+        return hf_hub_download(cfg.hf_hub_id, 'model.safetensors')
+    except Exception as e:
+        raise danie_model.PretrainedError(
+            f'cannot fetch the ImageNet weights of {backbone} that Sec. 4.2 starts from ({type(e).__name__}; '
+            'offline?): pass --pretrained-file PATH (a local timm .safetensors/.pth file of it) or '
+            '--no-pretrained to train from scratch') from None
+
+
 def build_model(args, num_classes, pretrained):
-    """DANIE-S/L with the ablation switches of Tables 5-7 (tests replace this with a tiny model)."""
-    file = args.pretrained_file if pretrained else None
-    return danie_model.danie(args.size, num_classes=num_classes, img_size=args.img_size,
-                             pretrained=pretrained and args.pretrained, pretrained_file=file, **switches(args))
+    """DANIE-S/L with the ablation switches of Tables 5-7; pretrained: load the backbone's ImageNet weights."""
+    file = pretrained_file(args) if pretrained and args.pretrained else None
+    return danie_model.danie(args.size, num_classes=num_classes, img_size=args.img_size, pretrained_file=file,
+                             **switches(args))
+
+
+def init_name(args):
+    """How the backbone starts, as the first line of the run and the checkpoint say it."""
+    if not args.pretrained:
+        return 'from scratch (--no-pretrained)'
+    return f'ImageNet {danie_model.PRESETS[args.size]["backbone"]} (Sec. 4.2) from ' + (
+        args.pretrained_file or "timm's hub")
 
 
 def switches(args):
@@ -103,43 +161,33 @@ def switches(args):
                 fusion=args.fusion)
 
 
+def memory_format(device):
+    # NOTE(impl): channels-last on CUDA, where cuDNN's convolutions and BatchNorm run NHWC natively; the default layout on a CPU.
+    return torch.channels_last if device.type == 'cuda' else torch.contiguous_format
+
+
 def make_optimizer(model, args, device):
-    """AdamW of Sec. 4.2; the fused kernel where torch has one (on a CPU it takes a third of the for-loop's time)."""
+    """AdamW of Sec. 4.2, as one fused kernel over all parameters where torch has one."""
     # NOTE(impl): AdamW's default betas (0.9, 0.999) and eps 1e-8, and weight decay on every parameter (norms and biases too): Sec. 4.2 gives only lr and decay.
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                              fused=device.type in ('cuda', 'cpu'))
 
 
-def rng_state(device):
-    """Python, numpy, torch (and this GPU's) RNG states, as plain types and tensors (weights_only loadable)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {'python': random.getstate(), 'numpy': (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                   gauss),
-            'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None}
-
-
-def set_rng_state(state, device):
-    random.setstate((state['python'][0], tuple(state['python'][1]), state['python'][2]))
-    kind, keys, pos, has_gauss, gauss = state['numpy']
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state['torch'])
-    if device.type == 'cuda' and state.get('cuda') is not None:
-        torch.cuda.set_rng_state(state['cuda'], device)
-
-
-def save_atomic(obj, path):
-    """torch.save to path.tmp, then rename: an interrupted write never leaves a truncated checkpoint."""
-    tmp = f'{path}.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def compile_blocks(net):
+    """Regional compilation: each repeated block compiled in place, so torch.compile reuses one graph per block kind."""
+    kinds = (danie_model.HAP, danie_model.JointPreservation, danie_model.timm.models.maxxvit.MaxxVitBlock)
+    blocks = [m for m in net.modules() if isinstance(m, kinds)]
+    for m in blocks:
+        m.compile()
+    return len(blocks)
 
 
 class EpochSampler(Sampler):
     """This rank's share of a shuffle fixed by (seed, epoch), from sample `skip` on, as (epoch, index) keys."""
 
     def __init__(self, dataset, seed, rank, world):
-        # drop_last: every rank gets the same number of samples, so DDP's all-reduces pair up
+        # drop_last: every rank gets as many samples; rank r takes every world-th index, so the union of the
+        # ranks' k-th batches is the same global batch for any number of GPUs
         self.order = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
                                         drop_last=True)
         self.epoch, self.skip = 0, 0
@@ -155,29 +203,43 @@ class EpochSampler(Sampler):
         return len(self.order) - self.skip
 
 
-class SeededSamples(Dataset):
-    """Draws each sample under RNGs seeded from (seed, epoch, index), so augmentation is the same whatever
-    --workers and wherever a run was resumed; the caller's RNG states are restored afterwards."""
+class CheckpointWriter:
+    """Writes checkpoints in a background thread, atomically (path.tmp, then rename), one at a time."""
 
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
+    def __init__(self):
+        self.thread, self.error = None, None
 
-    def __len__(self):
-        return len(self.dataset)
+    def save(self, obj, path):
+        self.wait()
+        obj = _to_host(obj)  # a copy: training goes on changing the live tensors
+        self.thread = threading.Thread(target=self._write, args=(obj, Path(path)))
+        self.thread.start()
 
-    def __getitem__(self, key):
-        epoch, index = key
-        s = np.random.SeedSequence([self.seed, epoch, index]).generate_state(2)  # two uint32
-        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        random.seed(int(s[0]))
-        np.random.seed(s[0])
-        torch.default_generator.manual_seed(int(s[0]) << 32 | int(s[1]))  # the CPU generator only, not CUDA's
+    def _write(self, obj, path):
         try:
-            return self.dataset[index]
-        finally:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.set_rng_state(saved[2])
+            tmp = path.with_name(path.name + '.tmp')
+            torch.save(obj, tmp)
+            os.replace(tmp, path)
+        except Exception as e:  # re-raised in the training thread by wait()
+            self.error = e
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def _to_host(obj):
+    if torch.is_tensor(obj):
+        return obj.detach().to('cpu', copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj
 
 
 def setup_distributed():
@@ -185,76 +247,449 @@ def setup_distributed():
     if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
         return 0, 1, evaluate.autodetect_device()
     rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+    device = torch.device('cpu')
     if torch.cuda.is_available():
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
         torch.cuda.set_device(device)
-    else:
-        device = torch.device('cpu')
     # NOTE(impl): validation runs on rank 0 while the others wait at a barrier: a generous timeout keeps a long validation from killing the job.
     dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=datetime.timedelta(hours=2))
     return rank, world, device
 
 
-def barrier(world):
+def on_all_ranks(world, fn, *a):
+    """fn(*a) on every rank; if it fails on any rank, every rank raises that error (no rank waits forever)."""
+    result, error = None, None
+    try:
+        result = fn(*a)
+    except (data.DataError, evaluate.CheckpointError, danie_model.PretrainedError, ValueError) as e:
+        error = e
     if world > 1:
-        dist.barrier()
+        errors = [None] * world
+        dist.all_gather_object(errors, None if error is None else (type(error).__name__, str(error)))
+        first = next((e for e in errors if e is not None), None)
+        if error is None and first is not None:
+            error = data.DataError(f'{first[1]} (on another rank)')
+    if error is not None:
+        raise error
+    return result
 
 
-def mean_over_ranks(x, world):
-    """The loss averaged over ranks (a float), so that every rank sees the same value and stops together."""
+def global_sum(world):
+    """The reduce of dice_loss under DDP: a sum over the ranks that gradients flow back through."""
+    if world == 1:
+        return None
+    from torch.distributed.nn.functional import all_reduce  # differentiable, unlike dist.all_reduce
+    return all_reduce
+
+
+def read_log(path):
+    if not path.exists():
+        return []
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def write_log(path, rows):
+    """log.csv (one row per epoch) and progress.png beside it: loss and validation Dice against epoch."""
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    import matplotlib
+    matplotlib.use('Agg')  # files only, no display
+    import matplotlib.pyplot as plt
+    epochs = [int(r['epoch']) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(epochs, [float(r['loss']) for r in rows], color='tab:blue', label='training loss (Eq. 13)')
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('training loss', color='tab:blue')
+    val = [(e, float(r['val_dice'])) for e, r in zip(epochs, rows) if r['val_dice']]
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*val), 'o-', color='tab:orange', label='validation mean Dice')
+        ax2.set_ylabel('validation mean Dice', color='tab:orange')
+    fig.tight_layout()
+    fig.savefig(path.with_name('progress.png'), dpi=100)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# steps: one optimiser step, one epoch, validation, checkpoints
+
+
+def train_step(net, opt, scaler, x, target, args, num_classes, reduce=None):
+    """Forward, Eq. 13, backward, AdamW step; returns the loss as a device tensor (no host sync)."""
+    with evaluate.autocast(x.device, args.amp):
+        y, heads = net(x)
+    loss = criterion(y, heads, target, args.supervision, num_classes, reduce)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
+
+
+def train_one_epoch(net, opt, scaler, loader, args, k, run, world, device, master):
+    """One pass over the loader (from a resume's position on); returns (mean loss, steps)."""
+    reduce, fmt = global_sum(world), memory_format(device)
+    loss_sum, first_bad, bad_loss = (torch.zeros((), device=device), torch.full((), -1.0, device=device),
+                                     torch.zeros((), device=device))
+    bar = tqdm(total=run.epoch_step + len(loader), initial=run.epoch_step, desc=f'epoch {run.epoch + 1}/{args.epochs}',
+               leave=False, dynamic_ncols=True, disable=not master)
+    n = 0
+    for x, target in loader:
+        x = x.to(device, non_blocking=True, memory_format=fmt)
+        target = target.to(device, non_blocking=True)
+        loss = train_step(net, opt, scaler, x, target, args, k, reduce)  # batch, Eq. 13, step
+        n += 1
+        # the NaN guard without a host sync per step: the first bad step is kept on the device
+        new_bad = (first_bad < 0) & ~torch.isfinite(loss)
+        first_bad, bad_loss = torch.where(new_bad, run.step + n, first_bad), torch.where(new_bad, loss, bad_loss)
+        loss_sum += loss
+        bar.update()
+        if n % LOG_EVERY == 0:
+            bar.set_postfix(loss=f'{loss_sum.item() / n:.4f}', refresh=False)
+        if args.max_steps is not None and run.step + n >= args.max_steps:
+            break
+    bar.close()
+    stats = torch.stack([loss_sum / world, first_bad, bad_loss])
+    if world > 1:  # every rank sees the same loss and the same verdict, so all stop together
+        dist.all_reduce(stats[:1])
+        dist.all_reduce(stats[1:2], op=dist.ReduceOp.MAX)
+    loss, bad, bad_loss = stats.tolist()  # the epoch's one host sync
+    if bad >= 0:
+        last = Path(args.out) / 'last.pth'
+        kept = f'the last good checkpoint is {last}' if last.exists() else 'no checkpoint was written'
+        raise TrainError(f'loss is {bad_loss} at step {int(bad)} (epoch {run.epoch + 1}); stopped, {kept}. '
+                         'Try a lower --lr, or --amp none/bf16.')
+    return loss / max(n, 1), n
+
+
+def validate(model, val_cases, spec, args, device):
+    """Mean Dice with evaluate.py's protocol (volume-wise for volumes; ISIC: Table 3's pooled Dice at 256x256)."""
+    summary = evaluate.evaluate(model, val_cases, spec, args.img_size, device=device, amp=args.amp,
+                                progress=False, distances=False, workers=min(args.workers, 4))
+    return float(summary['mean_dice'])
+
+
+# -----------------------------------------------------------------------------
+# benchmark: the real train_step, timed
+
+
+def count_ops(fn):
+    """Operators that one call of fn dispatches (every aten op of forward, loss and backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def count_kernels(fn):
+    """CUDA kernels that one call of fn launches, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type.name == 'CUDA')
+
+
+def step_flops(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def bench_row(size, amp, batch, graph, args, device):
+    """One bench configuration: a fresh DANIE, timed with train_step on random data."""
+    cuda = device.type == 'cuda'
+    torch.manual_seed(args.seed)
+    k = data.SPECS['synapse'].num_classes
+    net = danie_model.danie(size, num_classes=k, img_size=args.img_size).to(device, memory_format=memory_format(device))
+    opt = make_optimizer(net, args, device)
+    scaler = torch.amp.GradScaler('cuda', enabled=amp == 'fp16')
+    run_args = argparse.Namespace(**{**vars(args), 'amp': amp})
+    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device).to(memory_format=memory_format(device))
+    t = torch.randint(0, k, (batch, args.img_size, args.img_size), device=device)
+    t0 = time.perf_counter()
+    if graph:
+        compile_blocks(net)
+    step = lambda: train_step(net, opt, scaler, x, t, run_args, k)  # noqa: E731
+    for _ in range(args.warmup):
+        step()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    ready = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    loss.item()
+    dt = (time.perf_counter() - t0) / args.steps
+    row = dict(model=f'DANIE-{size}', amp=amp, batch=batch, mode='graph' if graph else 'eager',
+               images_per_s=batch / dt, ms_per_step=1e3 * dt, ready_s=ready,
+               peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None)
+    row['kernels' if cuda else 'operators'] = count_kernels(step) if cuda else count_ops(step)
+    peak = next((v for name, v in BF16_PEAK_TFLOPS.items() if cuda and name in torch.cuda.get_device_name(device)),
+                None)
+    row['bf16_peak_share'] = step_flops(step) / dt / 1e12 / peak if peak else None
+    return row
+
+
+def bench(args):
+    """The training-step table of issue 9: S and L, fp32 and bf16, eager and graph mode, batches 24 and 8."""
+    device = evaluate.autodetect_device()
+    cuda = device.type == 'cuda'
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    args.img_size = args.img_size or 224
+    sizes = [args.size] if args.size else (['S', 'L'] if cuda else ['S'])
+    amps = [args.amp] if args.amp else (['none', 'bf16'] if cuda else ['none'])
+    batches = [args.batch_size] if args.batch_size else ([24, 8] if cuda else [2])
+    graphs = [args.compile] if not cuda else [False, True]
+    name = torch.cuda.get_device_name(device) if cuda else f'CPU, {torch.get_num_threads()} threads'
+    print(f'train_step on {name}: {args.img_size}x{args.img_size}, 9 classes, AdamW, --supervision '
+          f'{args.supervision}; {args.warmup} warm-up + {args.steps} timed steps; share = FLOP/s / dense bf16 peak')
+    print(f"{'model':8} {'amp':5} {'batch':>5} {'mode':6} {'img/s':>8} {'ms/step':>8} {'ready s':>7} "
+          f"{'peak GiB':>8} {'kernels' if cuda else 'ops':>8} {'share':>6}")
+    rows = []
+    for size, amp, batch, graph in itertools.product(sizes, amps, batches, graphs):
+        try:
+            r = bench_row(size, amp, batch, graph, args, device)
+        except torch.cuda.OutOfMemoryError:
+            print(f'DANIE-{size} {amp:5} {batch:5} out of memory', flush=True)
+            continue
+        rows.append(r)
+        gib = '-' if r['peak_gib'] is None else f"{r['peak_gib']:.2f}"
+        share = '-' if r['bf16_peak_share'] is None else f"{100 * r['bf16_peak_share']:.1f}%"
+        print(f"{r['model']:8} {amp:5} {batch:5} {r['mode']:6} {r['images_per_s']:8.1f} {r['ms_per_step']:8.1f} "
+              f"{r['ready_s']:7.1f} {gib:>8} {r.get('kernels', r.get('operators')):8} {share:>6}", flush=True)
+        if cuda:
+            torch.cuda.empty_cache()
+    if not cuda:  # what DANIE adds to its backbone's operators (issue 9's CPU measure)
+        rows.append(bench_backbone_ops(args, batches[0]))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / 'bench.json').write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def bench_backbone_ops(args, batch):
+    """Operators of a training step of the bare MaxViT-T backbone (forward, a mean loss, backward)."""
+    net = danie_model.danie('S', num_classes=9, img_size=args.img_size).sap
+    x = torch.randn(batch, 3, args.img_size, args.img_size)
+
+    def step():
+        sum(f.float().mean() for f in net(x)).backward()
+    step()
+    n = count_ops(step)
+    print(f'bare MaxViT-T backbone: {n} operators per step (forward, mean loss, backward, batch {batch})')
+    return dict(model='MaxViT-T backbone', batch=batch, operators=n)
+
+
+# -----------------------------------------------------------------------------
+# the training run
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what last.pth must hold, besides weights and optimiser, to resume exactly."""
+    epoch: int = 0          # epochs completed
+    step: int = 0           # optimiser steps in all
+    epoch_step: int = 0     # steps into the current epoch (a run stopped by --max-steps or an interrupt)
+    best_metric: float = None
+    best_epoch: int = None
+    elapsed: float = 0.0    # seconds of training and validation
+
+    def done(self, args):
+        return self.epoch >= args.epochs or (args.max_steps is not None and self.step >= args.max_steps)
+
+
+def make_demo(args, rank):
+    if rank == 0 and args.data == 'demo' and not (Path(args.root) / 'train_npz').is_dir():
+        print(f'making the synthetic demo set in {args.root}', flush=True)
+        data.make_demo(args.root, seed=0)
+
+
+def setup(args, ckpt, rank, world, device):
+    """Model, optimiser, data and validation cases of a run (no collective inside: on_all_ranks runs it)."""
+    spec = data.get_spec(args.data, args.root, args.num_classes)
+    torch.manual_seed(args.seed)  # the same initialisation on every rank (DDP also broadcasts rank 0's)
+    net = build_model(args, spec.num_classes, pretrained=ckpt is None)
+    if ckpt is not None:
+        net.load_state_dict(ckpt['model'])
+    if world > 1 and device.type == 'cuda':
+        # NOTE(impl): SyncBatchNorm under DDP on GPUs, so BN sees the global batch as on one GPU (timm's converter keeps MaxViT's BatchNormAct2d). gloo on CPUs has none: there BN sees each process's share.
+        net = danie_model.timm.layers.convert_sync_batchnorm(net)
+    net = net.to(device, memory_format=memory_format(device))
+    opt = make_optimizer(net, args, device)
+    scaler = torch.amp.GradScaler('cuda', enabled=args.amp == 'fp16')
+    if ckpt is not None:
+        opt.load_state_dict(ckpt['train']['optimizer'])
+        if ckpt['train']['scaler']:  # empty when the run so far had no fp16 loss scaling
+            scaler.load_state_dict(ckpt['train']['scaler'])
+    common = dict(seed=args.seed, label_map=args.label_map, num_classes=args.num_classes,
+                  val_cases=0 if args.select_on_test else args.val_cases)
+    train_set = data.train_set(args.data, args.root, args.img_size, **common)
+    if len(train_set) // world < args.batch_size // world:
+        raise data.DataError(f'--batch-size {args.batch_size} is larger than the training set of {args.data} at '
+                             f'{args.root} ({len(train_set)} samples over {world} process(es))')
+    val_cases = []
+    if rank == 0:
+        val_cases = data.eval_cases(args.data, args.root, 'test' if args.select_on_test else 'val', **common)
+    return spec, net, opt, scaler, train_set, val_cases
+
+
+def train(args, ckpt, rank, world, device):
+    """The recipe: per epoch, train_one_epoch, then (rank 0) validate, checkpoint and log."""
+    master, out, per_rank = rank == 0, Path(args.out), args.batch_size // world
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
+        # NOTE(impl): TF32 matmuls and convolutions on Ampere+, as the paper's PyTorch on an RTX 3090 did by default for convolutions.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if master:
+        print(f'init: {init_name(args)}', flush=True)
+        if args.select_on_test:
+            print("WARNING: --select-on-test chooses best.pth by its Dice on the TEST split (the peers' protocol); "
+                  'the test score of that checkpoint is optimistic.', file=sys.stderr, flush=True)
+    on_all_ranks(world, make_demo, args, rank)  # also a barrier: the other ranks wait for the files
+    spec, net, opt, scaler, train_set, val_cases = on_all_ranks(world, setup, args, ckpt, rank, world, device)
+    sampler = EpochSampler(train_set, args.seed, rank, world)
+    # NOTE(impl): --batch-size is the global batch, split over the processes, so that N GPUs run the Sec. 4.2 recipe unchanged.
+    # NOTE(impl): drop_last, so that every step has a full batch (BatchNorm, and a constant number of steps per epoch).
+    loader = data.make_loader(train_set, per_rank, shuffle=False, workers=args.workers, sampler=sampler,
+                              drop_last=True)
+    raw = net
     if world > 1:
-        x = x.clone()
-        dist.all_reduce(x)  # SUM: gloo has no AVG
-        x /= world
-    return x.item()
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda' else None)
+    if args.compile:
+        compile_blocks(raw)
+    data_info = dict(name=args.data, root=os.path.abspath(args.root), label_map=args.label_map,
+                     val_cases=args.val_cases, seed=args.seed, spec=data.spec_to_dict(spec),
+                     selected_on='test' if args.select_on_test else 'val')
+    run = Progress(ckpt['epoch'], ckpt['step'], **{k: ckpt['train'][k] for k in TRAIN_STATE}) if ckpt else Progress()
+    if master:
+        print(f'DANIE-{args.size} ({sum(p.numel() for p in raw.parameters()) / 1e6:.1f} M parameters) on {device} '
+              f'x{world}, {args.data}: {len(train_set)} training samples, {len(val_cases)} '
+              f"{data_info['selected_on']} cases, batch {args.batch_size}, {args.img_size}x{args.img_size}, "
+              f'{args.epochs} epochs, --supervision {args.supervision}, --amp {args.amp} -> {out}', flush=True)
+    writer, log = CheckpointWriter(), read_log(out / 'log.csv')
+    try:
+        while not run.done(args):
+            epoch, skip = run.epoch, run.epoch_step  # skip: batches of this epoch done before a resume
+            sampler.set_epoch(epoch, skip * per_rank)
+            t0 = time.perf_counter()
+            loss, n = train_one_epoch(net, opt, scaler, loader, args, spec.num_classes, run, world, device, master)
+            train_s = time.perf_counter() - t0
+            run.step, run.epoch_step, run.elapsed = run.step + n, run.epoch_step + n, run.elapsed + train_s
+            if run.epoch_step == skip + len(loader):
+                run.epoch, run.epoch_step = epoch + 1, 0
+            if master:
+                t0 = time.perf_counter()
+                metric = validate(raw, val_cases, spec, args, device) if due(run, args, val_cases) else None
+                net.train()
+                if metric is not None and math.isfinite(metric) and (run.best_metric is None or
+                                                                     metric > run.best_metric):
+                    run.best_metric, run.best_epoch = metric, epoch + 1
+                    writer.save(checkpoint(raw, run, args, data_info, init_name(args), metric), out / 'best.pth')
+                run.elapsed += time.perf_counter() - t0
+                state = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), world_size=world)
+                writer.save(checkpoint(raw, run, args, data_info, init_name(args), metric, state), out / 'last.pth')
+                log.append(log_row(epoch + 1, run, loss, metric, n * args.batch_size / train_s, train_s))
+                write_log(out / 'log.csv', log)
+                print_epoch(log[-1], run, args, data_info['selected_on'])
+            if world > 1:
+                dist.barrier()
+    finally:
+        writer.wait()
+    return finish(run, args, out, data_info['selected_on']) if master else None
 
 
-def validate(model, cases, spec, img_size, device, amp):
-    """Mean Dice of the model on whole cases with evaluate.py's protocol (volume-wise for Synapse/ACDC)."""
-    result = evaluate.evaluate(model, cases, spec, img_size, device=device, amp=amp, progress=False)  # eval mode inside
-    return float(result['mean_dice'])
+def due(run, args, val_cases):
+    """Validate after every --val-every full epochs and after the last step."""
+    last = run.done(args)
+    return len(val_cases) > 0 and (last or (run.epoch_step == 0 and run.epoch % args.val_every == 0))
 
 
-def append_csv(path, row):
-    new = not path.exists()
-    with open(path, 'a', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+def checkpoint(raw, run, args, data_info, init, metric, state=None):
+    """evaluate.make_checkpoint for this run: with the training state (last.pth) or without (best.pth)."""
+    train_state = None if state is None else {**state, **{k: getattr(run, k) for k in TRAIN_STATE}}
+    return evaluate.make_checkpoint(raw, data_info, vars(args), init, run.epoch, run.step, metric, train_state)
 
 
-def _count(text):
-    """--val-cases: a number of cases (int) or a fraction of them (float < 1)."""
-    value = float(text)
-    if value < 0 or (value >= 1 and value != int(value)):
-        raise argparse.ArgumentTypeError(f'expected a number of cases or a fraction below 1, got {text!r}')
-    return value if value < 1 else int(value)
+def log_row(epoch, run, loss, metric, imgs_per_s, train_s):
+    return dict(epoch=epoch, step=run.step, loss=f'{loss:.6f}', val_dice='' if metric is None else f'{metric:.6f}',
+                best_dice='' if run.best_metric is None else f'{run.best_metric:.6f}',
+                images_per_s=f'{imgs_per_s:.2f}', train_s=f'{train_s:.1f}', elapsed_s=f'{run.elapsed:.1f}')
+
+
+def print_epoch(row, run, args, selected_on):
+    partial = '' if run.epoch_step == 0 else f' (stopped at batch {run.epoch_step})'
+    val = '' if not row['val_dice'] else (f" | {selected_on} Dice {float(row['val_dice']):.4f} (best "
+                                          f'{run.best_metric:.4f} @ {run.best_epoch})')
+    print(f"epoch {row['epoch']:4d}/{args.epochs}{partial} | step {run.step:7d} | loss {float(row['loss']):.4f} | "
+          f"{float(row['images_per_s']):7.1f} img/s{val} | {run.elapsed:7.1f} s", flush=True)
+
+
+def finish(run, args, out, selected_on):
+    """summary.json and the closing lines, pointing at the checkpoint to evaluate."""
+    ckpt = out / ('best.pth' if run.best_metric is not None else 'last.pth')
+    summary = dict(data=args.data, size=args.size, out=str(out), init=init_name(args), selected_on=selected_on,
+                   best_val_dice=run.best_metric, best_epoch=run.best_epoch, epochs=run.epoch, steps=run.step,
+                   elapsed_s=round(run.elapsed, 1), checkpoint=str(ckpt))
+    (out / 'summary.json').write_text(json.dumps(summary, indent=2))
+    best = ('none (no validation cases: last.pth is the result, as in the paper)' if run.best_metric is None
+            else f'{run.best_metric:.4f} at epoch {run.best_epoch}')
+    print(f'done: {run.epoch}/{args.epochs} epochs, {run.step} steps, {run.elapsed:.0f} s; best {selected_on} '
+          f'mean Dice {best}\nnext: python evaluate.py --ckpt {ckpt}', flush=True)
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# command line
 
 
 def build_parser():
     p = argparse.ArgumentParser(description='Train DANIE (paper Sec. 4.2). Defaults left unset come from the '
-                                            'dataset spec in data.SPECS.')
+                                            'dataset spec in data.py.')
     # data
-    p.add_argument('--data', choices=sorted(data.SPECS), help='dataset (Sec. 4.1); demo = synthetic, made if missing')
-    p.add_argument('--root', help='dataset folder (default: data.default_root, e.g. data/synapse)')
-    p.add_argument('--img-size', type=int, help='input size, a multiple of 32 (default: the dataset spec, 224 as '
-                                                'Sec. 4.2; the demo smaller so that it runs on a CPU)')
-    p.add_argument('--val-cases', type=_count,
-                   help="training cases held out for model selection, a number or a fraction (default: data.py's; "
-                        'ACDC and ISIC use their official validation split)')
+    p.add_argument('--data', choices=data.DATASETS, help='dataset (Sec. 4.1); demo = synthetic, made if missing; '
+                                                         'folder / nnunet = your own data')
+    p.add_argument('--root', help='dataset folder (default: data/<name>)')
+    p.add_argument('--num-classes', type=number(int, 2, False),
+                   help='--data folder: classes including background (or ROOT/classes.txt)')
+    p.add_argument('--img-size', type=number(int, 32, False),
+                   help='input size, a multiple of 32 (default 224; the paper does not state it, 224 is the size of '
+                        "the ImageNet MaxViT it starts from; the demo's is smaller, to run on a CPU)")
+    p.add_argument('--val-cases', type=data.parse_val_cases,
+                   help='training cases held out for model selection, a number or a fraction; 0 = none: train on '
+                        'all of them and keep last.pth, as the paper (default: the official validation split, '
+                        'else 10%%)')
     p.add_argument('--label-map', default='transunet', choices=data.LABEL_MAPS,
-                   help="Synapse label ids: TransUNet's 9-class files (default) or CASCADE's 13-label files (DESIGN.md 3)")
+                   help="Synapse label ids: TransUNet's 9-class files (default) or CASCADE's 13-label files")
     p.add_argument('--select-on-test', action='store_true',
                    help='CHOOSE best.pth ON THE TEST SPLIT, as CASCADE/MERIT do; only to reproduce their protocol: '
                         'the test score of such a best.pth is optimistic. Trains on all training cases')
-    p.add_argument('--workers', type=int, help='DataLoader worker processes (default: 4 on CUDA, 0 on CPU)')
+    p.add_argument('--workers', type=number(int, 0, False),
+                   help='DataLoader worker processes (default: 8 on CUDA, 0 on CPU)')
     # model
     p.add_argument('--size', choices=('S', 'L'), help='DANIE-S (MaxViT-T) or DANIE-L (MaxViT-S), Sec. 4.2 '
                                                       '(default S)')
-    p.add_argument('--pretrained', action='store_true', help='ImageNet MaxViT weights from timm (Sec. 4.2; online)')
-    p.add_argument('--pretrained-file', help='the same weights from a local .pth/.safetensors file (offline; '
-                                             'implies --pretrained)')
+    p.add_argument('--no-pretrained', dest='pretrained', action='store_false', default=None,
+                   help='train the backbone from scratch (default for the benchmarks and your own data: ImageNet '
+                        "MaxViT weights from timm, Sec. 4.2; the demo's default is from scratch)")
+    p.add_argument('--pretrained-file', help='the ImageNet MaxViT weights from a local .safetensors/.pth file '
+                                             '(offline machines)')
     p.add_argument('--no-hap', action='store_true', help='Table 5 A.1: without the HAP stream (needs --fusion add)')
     p.add_argument('--no-sap', action='store_true', help='Table 5 A.2: without the SAP stream (needs --fusion add)')
     p.add_argument('--no-spatial-att', action='store_true', help='Table 5: HAP without spatial attention')
@@ -265,179 +700,131 @@ def build_parser():
     p.add_argument('--fusion', choices=danie_model.FUSIONS, default=danie_model.DANIEConfig.fusion,
                    help='Table 7: jp = Joint Preservation, Eq. 6-11 (default: %(default)s)')
     # optimisation
-    p.add_argument('--epochs', type=int, help='default per dataset, Sec. 4.2: Synapse 300, ACDC 400, ISIC 200, GlaS 100')
-    p.add_argument('--batch-size', type=int, help='global batch, split over the GPUs; default per dataset, Sec. 4.2: '
-                                                  'Synapse 24, ACDC 12, ISIC 8, GlaS 8 (not given there)')
-    p.add_argument('--lr', type=float, help="AdamW learning rate (default: the dataset spec's lr where it has one, "
-                                            'else 1e-4 as Sec. 4.2)')
-    p.add_argument('--weight-decay', type=float, default=1e-4, help='AdamW weight decay (default: 1e-4, Sec. 4.2)')
-    # NOTE(impl): default 'deep', Eq. 13 summed over p1..p4 (CASCADE's trainer, whose 0.7/0.3, AdamW 1e-4 and constant lr the paper repeats) plus y (DESIGN.md 4); the paper does not say where Eq. 13 applies.
+    p.add_argument('--epochs', type=number(int, 1, False),
+                   help='default per dataset, Sec. 4.2: Synapse 300, ACDC 400, ISIC 200, GlaS 100')
+    p.add_argument('--batch-size', type=number(int, 1, False),
+                   help='global batch, split over the GPUs; default per dataset, Sec. 4.2: Synapse 24, ACDC 12, '
+                        'ISIC 8, GlaS 8 (not given there)')
+    p.add_argument('--lr', type=number(float, 0, True),
+                   help="AdamW learning rate (default: the dataset spec's, 1e-4 as Sec. 4.2)")
+    p.add_argument('--weight-decay', type=number(float, 0, False), default=1e-4,
+                   help='AdamW weight decay (default: 1e-4, Sec. 4.2)')
+    # NOTE(impl): default 'deep', Eq. 13 summed over p1..p4 (CASCADE's trainer, whose 0.7/0.3, AdamW 1e-4 and constant lr the paper repeats) plus y; the paper does not say where Eq. 13 applies.
     p.add_argument('--supervision', choices=SUPERVISION, default='deep',
                    help='where Eq. 13 applies: final = y only; deep = p1..p4 and y (CASCADE); '
                         'mutation = every subset of heads (MERIT) (default: %(default)s)')
-    p.add_argument('--max-steps', type=int, help='stop after this many optimiser steps in all (smoke runs, benchmarks)')
+    p.add_argument('--max-steps', type=number(int, 1, False),
+                   help='stop after this many optimiser steps in all (smoke runs)')
     # system
-    p.add_argument('--amp', choices=tuple(AMP_DTYPES), help='mixed precision: bf16 (Ampere+), fp16 (with loss '
-                                                            'scaling), none (default, fp32 as the paper)')
-    p.add_argument('--compile', action='store_true', help='torch.compile the model (checkpoints hold the plain one)')
+    p.add_argument('--amp', choices=tuple(evaluate.AMP_DTYPES),
+                   help='mixed precision: bf16 (Ampere+), fp16 (with loss scaling), none (default, fp32 as the paper)')
+    p.add_argument('--compile', action='store_true',
+                   help='regional torch.compile of the repeated blocks (checkpoints hold the plain weights)')
     p.add_argument('--seed', type=int, default=0, help='seed of the initialisation, the shuffle, the augmentation '
                                                        'and the validation split (default: %(default)s)')
     # output
     p.add_argument('--out', help='output folder (default: runs/<data>-<size>)')
     p.add_argument('--resume', nargs='?', const='', metavar='PATH',
                    help='continue a run from PATH (default OUT/last.pth); its flags are reused, given ones override')
-    p.add_argument('--val-every', type=int, default=1, help='validate every N epochs, and after the last step (default: %(default)s)')
-    p.add_argument('--bench', action='store_true', help='time training steps of DANIE-S and -L instead of training')
+    p.add_argument('--val-every', type=number(int, 1, False), default=1,
+                   help='validate every N epochs, and after the last step (default: %(default)s)')
+    # benchmark
+    p.add_argument('--bench', action='store_true', help='time train_step instead of training (table + bench.json)')
+    p.add_argument('--warmup', type=number(int, 1, False), default=3, help='--bench: untimed steps')
+    p.add_argument('--steps', type=number(int, 1, False), default=10, help='--bench: timed steps')
     return p
 
 
-# -----------------------------------------------------------------------------
-# benchmark
-
-
-def bench(args):
-    """Training-step images/s of DANIE-S/L on random data; on CUDA also peak memory, fp32 and bf16."""
-    device = evaluate.autodetect_device()
-    cuda = device.type == 'cuda'
-    sizes = [args.size] if args.size else ['S', 'L']
-    amps = [args.amp] if args.amp else (['none', 'bf16'] if cuda else ['none'])
-    batch, img = args.batch_size or (24 if cuda else 4), args.img_size or 224
-    steps, warmup = args.max_steps or (10 if cuda else 3), 2 if cuda else 1
-    k = data.SPECS['synapse'].num_classes
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-    print(f'training step on {device} ({torch.get_num_threads()} CPU threads): batch {batch}, {img}x{img}, '
-          f'{k} classes, AdamW, --supervision {args.supervision}; {warmup} warm-up + {steps} timed steps')
-    rows = []
-    for size, amp in itertools.product(sizes, amps):
-        torch.manual_seed(args.seed)
-        net = danie_model.danie(size, num_classes=k, img_size=img).to(device)
-        opt = make_optimizer(net, args, device)
-        step = torch.compile(net) if args.compile else net
-        x = torch.randn(batch, 3, img, img, device=device)
-        t = torch.randint(0, k, (batch, img, img), device=device)
-        row = dict(model=f'DANIE-{size}', amp=amp, batch=batch, img_size=img, device=str(device))
-        try:
-            for i in range(warmup + steps):
-                if i == warmup:
-                    if cuda:
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats()
-                    t0 = time.perf_counter()
-                with evaluate.autocast(device, amp):
-                    y, heads = step(x)
-                loss = criterion(y, heads, t, args.supervision, k)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            if cuda:
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            row.update(images_per_s=batch * steps / dt, ms_per_step=1e3 * dt / steps)
-            if cuda:  # allocated: tensors; reserved: what the caching allocator holds, closer to what nvidia-smi shows
-                row.update(peak_gib=torch.cuda.max_memory_allocated(device) / 2**30,
-                           reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30)
-        except torch.cuda.OutOfMemoryError:
-            row.update(images_per_s=None, ms_per_step=None, peak_gib='OOM')
-        rows.append(row)
-        del net, opt, step, x, t
-        if cuda:
-            torch.cuda.empty_cache()
-        if len(rows) == 1:
-            print(f"{'model':8} {'amp':5} {'img/s':>8} {'ms/step':>9}" + (
-                f" {'peak GiB':>9} {'reserved':>9} {'fits 24 GiB (RTX 3090)':>23}" if cuda else ''))
-        r = row
-        if r['images_per_s'] is None:
-            print(f"{r['model']:8} {r['amp']:5} out of memory", flush=True)
-            continue
-        print(f"{r['model']:8} {r['amp']:5} {r['images_per_s']:8.2f} {r['ms_per_step']:9.1f}" + (
-            f" {r['peak_gib']:9.2f} {r['reserved_gib']:9.2f} {str(r['reserved_gib'] + RTX3090_CONTEXT_GIB < 24):>23}"
-            if cuda else ''), flush=True)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / 'bench.json').write_text(json.dumps(rows, indent=2))
-    return rows
-
-
-# -----------------------------------------------------------------------------
-# training
+def resume_point(parser, args):
+    """(path, checkpoint) a run continues from: --resume PATH, or a run already in --out; (None, None) if none."""
+    out = args.out or (os.path.join('runs', f"{args.data}-{args.size or 'S'}") if args.data else None)
+    if args.resume is None:  # a fresh run: is its folder taken?
+        path = Path(out) / 'last.pth' if out else None
+        return (path, evaluate.load_checkpoint(path, resume=True)) if path and path.is_file() else (None, None)
+    if not (args.resume or out):
+        parser.error('--resume without a PATH needs --out or --data to find last.pth')
+    path = Path(args.resume or Path(out) / 'last.pth')
+    if not path.is_file():
+        parser.error(f'--resume: no checkpoint at {path}')
+    return path, evaluate.load_checkpoint(path, resume=True)
 
 
 def parse(argv):
-    """Parse, take a resumed run's flags from its checkpoint, fill the per-dataset defaults, check."""
+    """Parse, take a continued run's flags from its checkpoint, fill the per-dataset defaults, check."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.bench:
-        args.lr = 1e-4 if args.lr is None else args.lr  # the rest of bench's defaults are in bench()
-        return parser, args, None
-    ckpt = None
-    if args.resume is not None:
-        path = args.resume
-        if not path:
-            if not (args.out or args.data):
-                parser.error('--resume without a PATH needs --out or --data to find last.pth')
-            path = os.path.join(args.out or os.path.join('runs', f'{args.data}-{args.size or "S"}'), 'last.pth')
-        if not os.path.isfile(path):
-            parser.error(f'--resume: no checkpoint at {path}')
-        ckpt = evaluate.load_checkpoint(path)
-        lacking = [k for k in ('args', 'optimizer', 'scaler', 'rng', 'epoch', 'step') if k not in ckpt]
-        if lacking:
-            raise evaluate.CheckpointError(f'{path}: cannot resume from it, it has no {lacking} (not written by '
-                                           'this train.py)')
-        saved = dict(ckpt['args'], out=str(Path(path).parent))  # the folder moves with its checkpoint
+        args.lr = args.lr or 1e-4
+        return args, None
+    path, ckpt = resume_point(parser, args)
+    if ckpt is not None:
+        saved = dict(ckpt['args'], out=str(path.parent))  # the folder moves with its checkpoint
+        resuming = args.resume is not None
         # a flag given is a flag used: the checkpoint's arguments stand in for the defaults only
         args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
-        args.resume = path
-        changed = [f'--{k.replace("_", "-")} {getattr(args, k)} (checkpoint: {saved.get(k)})'
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved.get(k)})"
                    for k in SAME_RUN if getattr(args, k) != saved.get(k)]
         if changed:
-            parser.error(f'--resume continues the same run, but {", ".join(changed)}; start a new --out instead')
+            what = '--resume continues the same run' if resuming else f'{args.out} holds another run'
+            parser.error(f'{what}, but {", ".join(changed)}; start a new --out instead')
+        if not resuming and ckpt['epoch'] < args.epochs:
+            parser.error(f"{args.out} already holds a run (last.pth at epoch {ckpt['epoch']}/{args.epochs}): "
+                         '--resume to continue it, or another --out')
+        args.resume = str(path) if resuming else 'finished'
     if args.data is None:
         parser.error('--data is required (or --resume PATH, or --bench)')
+    fill_defaults(args)
+    check(parser, args)
+    return args, ckpt
 
-    spec = data.SPECS[args.data]
+
+def fill_defaults(args):
+    """The per-dataset defaults of Sec. 4.2 (data.py's specs) for the flags left unset."""
+    spec = data.SPECS.get(args.data)
     args.root = args.root or data.default_root(args.data)
     args.size = args.size or 'S'
-    args.epochs = spec.epochs if args.epochs is None else args.epochs
-    args.batch_size = spec.batch_size if args.batch_size is None else args.batch_size
-    args.img_size = spec.img_size if args.img_size is None else args.img_size
-    args.lr = spec.lr if args.lr is None else args.lr
+    args.epochs = args.epochs or (spec.epochs if spec else 100)
+    args.batch_size = args.batch_size or (spec.batch_size if spec else 8)
+    args.img_size = args.img_size or (spec.img_size if spec else 224)
+    args.lr = args.lr or (spec.lr if spec else 1e-4)
     args.amp = args.amp or 'none'
-    args.workers = (4 if torch.cuda.is_available() else 0) if args.workers is None else args.workers
+    args.workers = (8 if torch.cuda.is_available() else 0) if args.workers is None else args.workers
     args.out = args.out or os.path.join('runs', f'{args.data}-{args.size}')
-    args.pretrained = args.pretrained or args.pretrained_file is not None
+    # NOTE(impl): the demo trains from scratch (no download on a CPU demo); every other dataset starts from ImageNet as Sec. 4.2.
+    if args.pretrained is None:
+        args.pretrained = args.data != 'demo' or args.pretrained_file is not None
 
+
+def check(parser, args):
+    """The checks that argparse's types cannot make alone."""
     world = int(os.environ.get('WORLD_SIZE', 1))
-    for name in ('epochs', 'batch_size', 'val_every', 'max_steps'):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
-    if args.lr <= 0 or args.weight_decay < 0:
-        parser.error(f'--lr must be > 0 and --weight-decay >= 0, got {args.lr} and {args.weight_decay}')
-    if args.workers < 0:
-        parser.error(f'--workers must be >= 0, got {args.workers}')
     if args.batch_size % world:
         parser.error(f'--batch-size {args.batch_size} is the global batch and must divide among {world} processes')
     if args.amp == 'fp16' and not torch.cuda.is_available():
         parser.error('--amp fp16 needs CUDA (loss scaling); on a CPU use --amp bf16 or none')
     if args.pretrained_file is not None and not os.path.isfile(args.pretrained_file):
         parser.error(f'--pretrained-file {args.pretrained_file} does not exist')
+    if args.pretrained_file is not None and not args.pretrained:
+        parser.error('--pretrained-file and --no-pretrained contradict each other')
     try:  # the model's own checks: img_size a multiple of 32, ablation switches that go together
-        danie_model.make_config(args.size, num_classes=spec.num_classes, img_size=args.img_size, **switches(args))
+        danie_model.make_config(args.size, img_size=args.img_size, **switches(args))
     except ValueError as e:
         parser.error(str(e))
-    if ckpt is None and os.path.exists(os.path.join(args.out, 'last.pth')):
-        parser.error(f'{args.out} already holds a run (last.pth): --resume to continue it, or another --out')
-    return parser, args, ckpt
 
 
 def main(argv=None):
     args, world = None, 1
     try:
-        parser, args, ckpt = parse(argv)
+        args, ckpt = parse(argv)
         if args.bench:
             return bench(args)
+        if args.resume == 'finished':  # the same command again: the run is there, nothing is lost or redone
+            best = Path(args.out) / 'best.pth'
+            print(f"{args.out} already holds this run, finished at epoch {ckpt['epoch']}/{args.epochs}: nothing to "
+                  f"do.\nnext: python evaluate.py --ckpt {best if best.exists() else Path(args.out) / 'last.pth'}")
+            return None
         rank, world, device = setup_distributed()
-        return train(parser, args, ckpt, rank, world, device)
+        return train(args, ckpt, rank, world, device)
     except (data.DataError, evaluate.CheckpointError, danie_model.PretrainedError) as e:
         print(f'error: {e}', file=sys.stderr)
         raise SystemExit(2)
@@ -446,183 +833,12 @@ def main(argv=None):
         raise SystemExit(1)
     except KeyboardInterrupt:
         if args is not None and not args.bench:
-            print(f'\ninterrupted; continue from the last epoch with: python train.py --resume '
-                  f'{os.path.join(args.out, "last.pth")}', file=sys.stderr)
+            print(f"\ninterrupted; continue with: python train.py --resume {Path(args.out) / 'last.pth'}",
+                  file=sys.stderr)
         raise SystemExit(130)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def train(parser, args, ckpt, rank, world, device):
-    master = rank == 0
-    spec = data.SPECS[args.data]
-    k = spec.num_classes
-    out = Path(args.out)
-    # NOTE(impl): --batch-size is the global batch, split over the processes, so that N GPUs run the Sec. 4.2 recipe unchanged.
-    per_rank = args.batch_size // world
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)  # same initialisation on every rank (DDP also broadcasts rank 0's)
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
-        # NOTE(impl): TF32 matmuls and convolutions on Ampere+, as the paper's PyTorch on an RTX 3090 did by default for convolutions.
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.select_on_test:
-        if master:
-            print('WARNING: --select-on-test chooses best.pth by its Dice on the TEST split (the peers\' protocol); '
-                  'a test score of that checkpoint is optimistic. Without the flag, selection uses held-out '
-                  'training cases.', file=sys.stderr, flush=True)
-
-    # data
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        root = Path(args.root)
-        if args.data == 'demo' and (not root.exists() or not any(root.iterdir())):
-            print(f'making the synthetic demo set in {root}', flush=True)
-            data.make_demo(root, seed=0)
-    barrier(world)
-    # NOTE(impl): with --select-on-test no training case is held out, as in the peers' runs that select on test.
-    val_kw = {'val_cases': 0} if args.select_on_test else ({} if args.val_cases is None else
-                                                          {'val_cases': args.val_cases})
-    common = dict(seed=args.seed, label_map=args.label_map, **val_kw)
-    # data.py's default mean/std are timm's maxvit_*_tf normalisation, the same that evaluate.py feeds the model
-    train_set = data.train_set(args.data, args.root, args.img_size, **common)
-    if len(train_set) // world < per_rank:
-        parser.error(f'--batch-size {args.batch_size} is larger than the training set of {args.data} at '
-                     f'{args.root} ({len(train_set)} samples over {world} process(es))')
-    sampler = EpochSampler(train_set, args.seed, rank, world)
-    # NOTE(impl): drop_last, so that every step has a full batch (BatchNorm, and a constant number of steps per epoch).
-    loader = data.make_loader(SeededSamples(train_set, args.seed), per_rank, shuffle=False, workers=args.workers,
-                              sampler=sampler, drop_last=True)
-    val_cases = None
-    if master:
-        val_cases = data.eval_cases(args.data, args.root, 'test' if args.select_on_test else 'val', **common)
-        if len(val_cases) == 0:
-            parser.error(f'no validation cases for {args.data} at {args.root}: pass --val-cases N')
-
-    # model, optimiser, state
-    # NOTE(impl): a constant learning rate and no gradient clipping: Sec. 4.2 names neither a schedule nor clipping, and CASCADE's AdamW recipe uses none.
-    net = build_model(args, k, pretrained=ckpt is None).to(device)
-    opt = make_optimizer(net, args, device)
-    scaler = torch.amp.GradScaler('cuda', enabled=args.amp == 'fp16')
-    state = dict(epoch=0, step=0, epoch_step=0, best_metric=None, best_epoch=None, elapsed=0.0)
-    if ckpt is not None:
-        net.load_state_dict(ckpt['model'])
-        opt.load_state_dict(ckpt['optimizer'])
-        if ckpt['scaler']:  # empty when the run so far had no fp16 loss scaling
-            scaler.load_state_dict(ckpt['scaler'])
-        state.update({key: ckpt[key] for key in state if key in ckpt})
-        set_rng_state(ckpt['rng'], device)  # after building the model, whose initialisation drew from it
-        if master:
-            print(f'resumed {args.resume}: epoch {state["epoch"]}, step {state["step"]}', flush=True)
-    raw = net
-    if world > 1:
-        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda' else None)
-    if args.compile:
-        net = torch.compile(net)
-    data_info = dict(name=args.data, root=os.path.abspath(args.root), label_map=args.label_map,
-                     val_cases=val_kw.get('val_cases'), seed=args.seed,
-                     selected_on='test' if args.select_on_test else 'val')
-
-    def checkpoint(rng, metric):
-        return {'format': evaluate.FORMAT, 'config': dataclasses.asdict(raw.config), 'model': raw.state_dict(),
-                'data': data_info, 'args': vars(args), 'epoch': state['epoch'], 'step': state['step'],
-                'epoch_step': state['epoch_step'], 'optimizer': opt.state_dict(), 'scaler': scaler.state_dict(),
-                'rng': rng, 'best_metric': state['best_metric'], 'best_epoch': state['best_epoch'],
-                'metric': metric, 'elapsed': state['elapsed'], 'world_size': world}
-
-    if master:
-        n_params = sum(p.numel() for p in raw.parameters()) / 1e6
-        print(f'DANIE-{args.size} ({n_params:.1f} M parameters) on {device} x{world}, {args.data}: '
-              f'{len(train_set)} training samples, {len(val_cases)} {data_info["selected_on"]} cases, '
-              f'batch {args.batch_size}, {args.img_size}x{args.img_size}, {args.epochs} epochs, '
-              f'--supervision {args.supervision}, --amp {args.amp} -> {out}', flush=True)
-    done = (args.max_steps is not None and state['step'] >= args.max_steps) or state['epoch'] >= args.epochs
-    if done and master:
-        print(f'nothing to do: the checkpoint is at epoch {state["epoch"]}/{args.epochs}, step {state["step"]}')
-    imgs_per_s = None
-    net.train()
-    for epoch in range(state['epoch'], args.epochs):
-        if done:
-            break
-        skip = state['epoch_step']  # batches of this epoch done before a resume
-        sampler.set_epoch(epoch, skip * per_rank)
-        steps_in_epoch = skip + len(loader)
-        bar = tqdm(total=steps_in_epoch, initial=skip, desc=f'epoch {epoch + 1}/{args.epochs}', leave=False,
-                   dynamic_ncols=True, disable=not master)
-        loss_sum, n, t0 = 0.0, 0, time.perf_counter()
-        for x, target in loader:
-            x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            with evaluate.autocast(device, args.amp):
-                y, heads = net(x)
-            loss = criterion(y, heads, target, args.supervision, k)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            state['step'] += 1
-            state['epoch_step'] += 1
-            value = mean_over_ranks(loss.detach(), world)
-            if not math.isfinite(value):
-                bar.close()
-                raise TrainError(f'loss is {value} at step {state["step"]} (epoch {epoch + 1}); stopped. The last '
-                                 f'good checkpoint is {out / "last.pth"}. Try a lower --lr or --amp none/bf16.')
-            loss_sum, n = loss_sum + value, n + 1
-            imgs_per_s = n * args.batch_size / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f'{loss_sum / n:.4f}', img_s=f'{imgs_per_s:.1f}', refresh=False)
-            bar.update()
-            if args.max_steps is not None and state['step'] >= args.max_steps:
-                done = True
-                break
-        bar.close()
-        train_s = time.perf_counter() - t0
-        state['elapsed'] += train_s
-        if state['epoch_step'] == steps_in_epoch:
-            state['epoch'], state['epoch_step'] = epoch + 1, 0
-        done = done or state['epoch'] >= args.epochs
-        rng = rng_state(device)  # taken before validation: validating or not leaves the run's RNG stream alone
-        metric = None
-        if master and (done or (state['epoch_step'] == 0 and state['epoch'] % args.val_every == 0)):
-            t1 = time.perf_counter()
-            metric = validate(raw, val_cases, spec, args.img_size, device, args.amp)
-            state['elapsed'] += time.perf_counter() - t1
-        if master:
-            improved = metric is not None and math.isfinite(metric) and (state['best_metric'] is None or
-                                                                         metric > state['best_metric'])
-            if improved:
-                state['best_metric'], state['best_epoch'] = metric, epoch + 1
-            ckpt = checkpoint(rng, metric)
-            if improved:
-                save_atomic(ckpt, out / 'best.pth')
-            save_atomic(ckpt, out / 'last.pth')
-            del ckpt
-            mean_loss = loss_sum / max(n, 1)
-            append_csv(out / 'log.csv', dict(epoch=epoch + 1, step=state['step'], loss=f'{mean_loss:.6f}',
-                                             val_dice='' if metric is None else f'{metric:.6f}',
-                                             best_dice='' if state['best_metric'] is None else
-                                             f'{state["best_metric"]:.6f}',
-                                             images_per_s=f'{imgs_per_s or 0:.2f}', train_s=f'{train_s:.1f}',
-                                             elapsed_s=f'{state["elapsed"]:.1f}'))
-            partial = '' if state['epoch_step'] == 0 else f' (stopped at batch {state["epoch_step"]})'
-            val = '' if metric is None else (f' | {data_info["selected_on"]} Dice {metric:.4f} (best '
-                                             f'{state["best_metric"]:.4f} @ {state["best_epoch"]})')
-            print(f'epoch {epoch + 1:4d}/{args.epochs}{partial} | step {state["step"]:7d} | loss {mean_loss:.4f} | '
-                  f'{imgs_per_s or 0:7.1f} img/s{val} | {state["elapsed"]:7.1f} s', flush=True)
-        barrier(world)
-
-    if not master:
-        return None
-    summary = dict(data=args.data, size=args.size, out=str(out), selected_on=data_info['selected_on'],
-                   best_val_dice=state['best_metric'], best_epoch=state['best_epoch'], epochs=state['epoch'],
-                   steps=state['step'], elapsed_s=round(state['elapsed'], 1), images_per_s=imgs_per_s,
-                   best=str(out / 'best.pth'), last=str(out / 'last.pth'))
-    (out / 'summary.json').write_text(json.dumps(summary, indent=2))
-    best = 'none' if state['best_metric'] is None else f'{state["best_metric"]:.4f} at epoch {state["best_epoch"]}'
-    print(f'done: {state["epoch"]}/{args.epochs} epochs, {state["step"]} steps, {state["elapsed"]:.0f} s; best '
-          f'{data_info["selected_on"]} mean Dice {best} -> {out / "best.pth"}\n'
-          f'next: python evaluate.py --ckpt {out / "best.pth"}', flush=True)
-    return summary
 
 
 if __name__ == '__main__':

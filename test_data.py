@@ -506,3 +506,78 @@ def test_real_isic2017_training_folder_loads():
     assert 0.01 < y.float().mean() < 0.99
     with pytest.raises(DataError, match='Validation'):
         data.eval_cases('isic2017', REAL_ISIC2017, 'val')
+
+
+# -----------------------------------------------------------------------------
+# the interface other files use: specs, seeded items, no validation, the resize back
+
+def test_get_spec_and_spec_dicts_round_trip():
+    assert data.DATASETS[-2:] == ('folder', 'nnunet') and set(data.SPECS) < set(data.DATASETS)
+    assert data.get_spec('synapse', 'nowhere') is data.SPECS['synapse']
+    assert [data.SPECS[n].intensity for n in ('synapse', 'acdc', 'isic2017', 'glas')] == ['ct', 'mri', 'rgb', 'rgb']
+    for spec in data.SPECS.values():
+        d = data.spec_to_dict(spec)
+        assert isinstance(d['class_names'], tuple) and data.spec_from_dict(d) == spec
+        assert data.spec_from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}) == spec
+    with pytest.raises(DataError, match="unknown dataset 'brats'"):
+        data.get_spec('brats', 'x')
+    with pytest.raises(DataError, match='num_classes=3 .*synapse has 9'):
+        data.get_spec('synapse', 'x', num_classes=3)
+    with pytest.raises(DataError, match='dataset spec: expected a dict'):
+        data.spec_from_dict({'name': 'x', 'colour': 1})
+
+
+@pytest.mark.parametrize('kind', ['volume', 'image'])
+def test_restore_size_equals_scipy_zoom_order0(kind):
+    from scipy import ndimage
+    rng = np.random.default_rng(0)
+    grid = kind == 'image'
+    for S, (H, W) in [(8, (13, 29)), (16, (7, 5)), (24, (24, 50)), (10, (31, 3)), (32, (97, 64)), (5, (1, 9))]:
+        pred = rng.integers(0, 9, (2, S, S)).astype(np.uint8)
+        want = ndimage.zoom(pred, (1.0, H / S, W / S), order=0, grid_mode=grid, mode='nearest' if grid else 'constant')
+        got = data.restore_size(torch.from_numpy(pred).long(), (H, W), kind)
+        assert got.shape == (2, H, W) and got.dtype == torch.int64
+        np.testing.assert_array_equal(got.numpy(), want)
+    same = torch.zeros(1, 4, 4, dtype=torch.long)
+    assert data.restore_size(same, (4, 4), 'volume') is same
+    with pytest.raises(ValueError, match="kind must be 'volume' or 'image'"):
+        data.restore_size(same, (5, 5), 'slice')
+
+
+def test_train_items_are_seeded_by_epoch_and_index_the_same_in_any_worker(tmp_path):
+    (tmp_path / 'train_npz').mkdir()
+    lab = np.zeros((16, 16), np.float32)
+    lab[2:9, 3:14] = 1
+    for k in range(6):  # identical slices: any difference between items comes from the augmentation
+        np.savez(tmp_path / 'train_npz' / f'case0001_slice{k:03d}.npz', image=slice_image(lab), label=lab)
+    ds = data.train_set('synapse', tmp_path, 16, val_cases=0, seed=3)
+    state = np.random.get_state(), torch.get_rng_state()
+    a = [ds[(e, i)][1] for e in range(3) for i in range(6)]
+    assert torch.equal(ds[(0, 2)][1], a[2]) and torch.equal(ds[2][1], a[2])  # deterministic; int = epoch 0
+    assert len({y.numpy().tobytes() for y in a}) >= 6  # epochs and indices differ
+    other = data.train_set('synapse', tmp_path, 16, val_cases=0, seed=4)
+    assert any(not torch.equal(other[(0, i)][1], a[i]) for i in range(6))  # the seed matters
+    assert np.array_equal(np.random.get_state()[1], state[0][1]) and torch.equal(torch.get_rng_state(), state[1])
+    keys = [(e, i) for e in range(2) for i in range(6)]
+    got = {}
+    for workers in (0, 2):
+        loader = data.make_loader(ds, 1, shuffle=False, workers=workers, sampler=keys)
+        got[workers] = [y[0] for _, y in loader]
+    assert all(torch.equal(p, q) for p, q in zip(got[0], got[2])) and len(got[0]) == 12
+
+
+def test_val_cases_0_means_no_validation_for_every_dataset(tmp_path):
+    write_isic2017(tmp_path / 'isic', n=2)  # has an official validation folder
+    assert len(data.eval_cases('isic2017', tmp_path / 'isic', 'val', val_cases=0)) == 0
+    assert len(data.train_set('isic2017', tmp_path / 'isic', 16, val_cases=0)) == 2
+    write_synapse(tmp_path / 'syn', n_cases=3, n_slices=2, size=8)
+    assert len(data.eval_cases('synapse', tmp_path / 'syn', 'val', val_cases=0)) == 0
+    assert len(data.train_set('synapse', tmp_path / 'syn', 8, val_cases=0).cases) == 3  # all training cases
+
+
+def test_cascade_refuses_transunet_9_label_files(tmp_path):
+    write_synapse(tmp_path, n_cases=2, n_slices=2, size=8)  # TransUNet's ids: nothing above 8
+    with pytest.raises(DataError, match=r'training case case000\d.*no label above 8.*--label-map transunet'):
+        data.train_set('synapse', tmp_path, 8, val_cases=0, label_map='cascade')
+    with pytest.raises(DataError, match='case0003.npy.h5: label_map=cascade .*no label above 8'):
+        data.eval_cases('synapse', tmp_path, 'test', label_map='cascade')[0]

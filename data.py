@@ -161,32 +161,23 @@ def _missing_root(spec, root):
     return DataError(f"dataset root '{root}' (--root) not found: expected {spec.name} as {spec.layout}; {how}")
 
 
-def _read_npz(path, keys):
+def _read_arrays(path, keys=None):
+    """The named arrays of an .npz or .h5 file (keys=None: all of them, as a dict); failures name the file."""
+    h5 = not str(path).endswith('.npz')
     try:
-        with np.load(path) as f:
-            if any(k not in f.files for k in keys):
-                raise DataError(f'{path}: expected arrays {list(keys)}, found {f.files}')
-            return [f[k] for k in keys]
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise DataError(f'{path}: file not found') from None
-    except Exception as e:  # zipfile, pickle and OS errors all mean the same: a corrupt file
-        raise DataError(f'{path}: unreadable or corrupt npz ({type(e).__name__}: {e})') from None
-
-
-def _read_h5(path, keys):
-    try:
-        with h5py.File(path, 'r') as f:
-            if any(k not in f for k in keys):
-                raise DataError(f'{path}: expected datasets {list(keys)}, found {list(f.keys())}')
+        with (h5py.File(path, 'r') if h5 else np.load(path)) as f:
+            have = list(f.keys()) if h5 else f.files
+            if keys is None:
+                return {k: f[k][()] for k in have}
+            if any(k not in have for k in keys):
+                raise DataError(f'{path}: expected {"datasets" if h5 else "arrays"} {list(keys)}, found {have}')
             return [f[k][()] for k in keys]
     except DataError:
         raise
     except FileNotFoundError:
         raise DataError(f'{path}: file not found') from None
-    except Exception as e:
-        raise DataError(f'{path}: unreadable or corrupt h5 ({type(e).__name__}: {e})') from None
+    except Exception as e:  # zipfile, pickle, HDF5 and OS errors all mean the same: a corrupt file
+        raise DataError(f'{path}: unreadable or corrupt {"h5" if h5 else "npz"} ({type(e).__name__}: {e})') from None
 
 
 def _read_image(path, mode):
@@ -225,12 +216,12 @@ def _labels(a, path, num_classes, lut=None):
 
 def _npz_pair(path, keys, num_classes, lut=None):
     """One slice or volume from an npz: (image float32, label int64) of the same shape."""
-    img, lab = _read_npz(path, keys)
+    img, lab = _read_arrays(path, keys)
     return _pair(img, lab, path, num_classes, lut)
 
 
 def _h5_pair(path, num_classes, lut=None):
-    img, lab = _read_h5(path, ('image', 'label'))
+    img, lab = _read_arrays(path, ('image', 'label'))
     return _pair(img, lab, path, num_classes, lut)
 
 
@@ -420,7 +411,7 @@ class _Synapse:
         samples = _slice_samples(files, pat, self.slice_load, 'case0005_slice012.npz')
         if self.lut is not None:  # the raw labels of one whole training case tell the two maps apart
             first = [s.load.args[0] for s in samples if s.case == samples[0].case]
-            _check_cascade(np.stack([_read_npz(f, ('label',))[0].max() for f in first]),
+            _check_cascade(np.stack([_read_arrays(f, ('label',))[0].max() for f in first]),
                            f'training case {samples[0].case} ({first[0].parent})')
         return samples
 
@@ -1122,6 +1113,120 @@ def make_loader(dataset, batch_size, *, shuffle, workers, sampler=None, drop_las
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+# -----------------------------------------------------------------------------
+# prediction I/O: files without labels in, label maps and overlays out
+
+
+@dataclass
+class Input:
+    """A file to predict on: the image as the model's slices expect it, and what writing the result back needs."""
+    id: str
+    path: Path
+    kind: str                 # 'volume': float32 (D,H,W) slices; 'image': uint8 RGB (H,W,3)
+    image: np.ndarray
+    raw: bool                 # True: normalise(image, intensity) before prepare_input; False: preprocessed already
+    geometry: object = None   # NIfTI inputs: the nibabel image whose shape, affine and header the prediction takes
+    label: np.ndarray = None  # the labels a preprocessed .npz/.h5 file carries, else None
+
+
+INPUT_SUFFIXES = NIFTI_SUFFIXES + ('.npy.h5', '.h5', '.npz') + IMAGE_SUFFIXES
+
+
+def read_input(path):
+    """One image (.png .jpg .jpeg .bmp .tif .tiff), raw NIfTI volume (.nii .nii.gz) or preprocessed .npz/.h5 file."""
+    path = Path(path)
+    suffix = next((x for x in INPUT_SUFFIXES if path.name.lower().endswith(x)), None)
+    if suffix is None:
+        raise DataError(f'{path}: unsupported file type; expected one of {", ".join(INPUT_SUFFIXES)}')
+    cid = path.name[:-len(suffix)]
+    if suffix in IMAGE_SUFFIXES:  # RGB or grayscale -> uint8 RGB
+        return Input(cid, path, 'image', _read_image(path, 'RGB'), raw=True)
+    if suffix in NIFTI_SUFFIXES:  # sliced as the training volumes were (_voxel_order)
+        a, img = _read_nifti(path)
+        return Input(cid, path, 'volume', _voxel_order(a.astype(np.float32)), raw=True, geometry=img)
+    arrays = _read_arrays(path)
+    key = next((k for k in ('image', 'img') if k in arrays), None)
+    if key is None or arrays[key].ndim not in (2, 3):
+        raise DataError(f'{path}: expected a 2-D or 3-D array image (or img), found {list(arrays)}')
+    image, label = (_pair(arrays[key], arrays['label'], path, 256, None) if 'label' in arrays
+                    else (arrays[key].astype(np.float32), None))
+    if image.ndim == 2:  # one slice: a volume of depth 1
+        image, label = image[None], None if label is None else label[None]
+    return Input(cid, path, 'volume', image, raw=False, label=label)
+
+
+def _overlay(base, pred, gt=None):
+    """The prediction filled at 40% in its class colours over an RGB image; the ground truth's outline in green."""
+    colour = PALETTE[pred % len(PALETTE)].astype(np.float32)
+    alpha = np.where(pred > 0, 0.4, 0.0)[..., None]
+    over = np.asarray(base, np.float32) * (1 - alpha) + colour * alpha
+    if gt is not None:
+        fg = np.asarray(gt) > 0
+        over[fg ^ ndimage.binary_erosion(fg, iterations=2)] = (0, 255, 0)
+    return over.clip(0, 255).astype(np.uint8)
+
+
+def _write_volume(out, case_id, image, labels, geometry, label):
+    """<id>_pred.nii.gz in the input's geometry, or (no geometry) with _img/_gt beside it on an identity affine."""
+    if geometry is not None:  # shape, affine and header of the input: it overlays the input in ITK-SNAP / 3D Slicer
+        header = geometry.header.copy()
+        header.set_data_dtype(np.uint8)
+        header.set_slope_inter(1, 0)  # class ids, never rescaled
+        lab = _voxel_order(np.asarray(labels, np.uint8)).reshape(geometry.shape)
+        nib.save(type(geometry)(lab, geometry.affine, header), str(out / f'{case_id}_pred.nii.gz'))
+        return [out / f'{case_id}_pred.nii.gz']
+    # NOTE(impl): .h5/.npz files carry no geometry: identity affine, (D,H,W) written back as NIfTI (X,Y,Z) = (W,H,D).
+    paths = []
+    for suffix, arr, dtype in (('pred', labels, np.uint8), ('img', image, np.float32), ('gt', label, np.uint8)):
+        if arr is not None:  # image and ground truth beside the prediction, so a viewer can overlay them
+            paths.append(out / f'{case_id}_{suffix}.nii.gz')
+            nib.save(nib.Nifti1Image(_voxel_order(np.asarray(arr, dtype)), np.eye(4)), str(paths[-1]))
+    return paths
+
+
+def _volume_overlays(out, case_id, image, labels, label):
+    """PNG overlays of the slices through the largest predicted structures (one per class, largest first)."""
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    picks = []
+    for c in ids[np.argsort(-counts)]:
+        k = int((labels == c).sum(axis=(1, 2)).argmax())  # the slice where class c is largest
+        picks += [k] if k not in picks else []
+        if len(picks) == OVERLAY_SLICES:
+            break
+    lo, hi = np.percentile(image, (0.5, 99.5))
+    paths = []
+    for k in sorted(picks) or [len(labels) // 2]:
+        gray = (np.clip(image[k], lo, hi) - lo) / max(float(hi - lo), 1e-8) * 255  # (H,W) in [0, 255]
+        paths.append(out / f'{case_id}_overlay_z{k:03d}.png')
+        Image.fromarray(_overlay(np.repeat(gray[..., None], 3, 2), labels[k], None if label is None else label[k])
+                        ).save(paths[-1])
+    return paths
+
+
+def _write_image(out, case_id, image, labels, label):
+    """<id>_pred.png (the class ids themselves) and <id>_overlay.png, both at the label map's size."""
+    # NOTE(impl): <id>_pred.png holds class ids, not ids scaled for viewing (it stays a label map); the overlay is for looking.
+    Image.fromarray(labels.astype(np.uint8)).save(out / f'{case_id}_pred.png')
+    if image.shape[:2] != labels.shape:  # an image stored smaller than its mask (ISIC): shown at the mask's size
+        image = np.array(Image.fromarray(image).resize(labels.shape[::-1], Image.BILINEAR))
+    Image.fromarray(_overlay(image, labels, label)).save(out / f'{case_id}_overlay.png')
+    return [out / f'{case_id}_pred.png', out / f'{case_id}_overlay.png']
+
+
+def write_prediction(out_dir, case_id, image, labels, spec, geometry=None, label=None):
+    """Write one predicted label map (volume (D,H,W) or image (H,W)) where a viewer opens it; returns the paths.
+
+    Volumes: <id>_pred.nii.gz (+ PNG overlays); images: <id>_pred.png + <id>_overlay.png; labels.json beside."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'labels.json').write_text(json.dumps(dict(enumerate(spec.class_names)), indent=1) + '\n')
+    labels = np.asarray(labels)
+    if labels.ndim == 3:
+        return (_write_volume(out, case_id, image, labels, geometry, label)
+                + _volume_overlays(out, case_id, np.asarray(image, np.float32), labels, label))
+    return _write_image(out, case_id, np.asarray(image), labels, label)
+
 
 # -----------------------------------------------------------------------------
 # the synthetic demo set

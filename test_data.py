@@ -727,3 +727,87 @@ def test_nnunet_png_and_clear_errors(tmp_path):
                                         '"file_ending": ".nii.gz"}')
     with pytest.raises(DataError, match='label ids must be 0..K-1'):
         data.get_spec('nnunet', root3)
+
+
+# -----------------------------------------------------------------------------
+# prediction I/O: read any input, write the label map back in the input's geometry
+
+def test_nifti_input_with_non_identity_affine_is_written_back_in_its_geometry(tmp_path):
+    import nibabel as nib
+    vox = np.random.default_rng(0).normal(0, 100, (24, 20, 4)).astype(np.int16)
+    src = nib.Nifti1Image(vox, AFFINE)
+    src.header.set_zooms((0.8, 0.9, 2.5))
+    nib.save(src, str(tmp_path / 'ct.nii.gz'))
+    inp = data.read_input(tmp_path / 'ct.nii.gz')
+    assert inp.id == 'ct' and inp.kind == 'volume' and inp.raw and inp.image.shape == (4, 20, 24)
+    np.testing.assert_array_equal(inp.image[2, 5, 7], vox[7, 5, 2])  # (Z,Y,X) slices
+    assert data.normalise(inp.image, 'ct').max() <= 1.0
+    labels = (inp.image > 50).astype(np.int64) + (inp.image > 150)
+    paths = data.write_prediction(tmp_path / 'out', inp.id, data.normalise(inp.image, 'ct'), labels,
+                                  data.SPECS['synapse'], geometry=inp.geometry)
+    back = nib.load(str(tmp_path / 'out' / 'ct_pred.nii.gz'))
+    assert back.shape == vox.shape and back.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(back.affine, AFFINE)
+    np.testing.assert_array_equal(back.header['dim'], src.header['dim'])
+    np.testing.assert_allclose(back.header.get_zooms(), (0.8, 0.9, 2.5))
+    np.testing.assert_array_equal(np.asarray(back.dataobj), labels.transpose(2, 1, 0))
+    overlays = [p for p in paths if p.suffix == '.png']
+    assert 1 <= len(overlays) <= data.OVERLAY_SLICES and all(p.is_file() for p in overlays)
+    names = __import__('json').loads((tmp_path / 'out' / 'labels.json').read_text())
+    assert names['0'] == 'background' and names['5'] == 'liver'
+
+
+def test_png_inputs_come_back_as_label_maps_of_their_sizes(tmp_path):
+    save_rgb(tmp_path / 'a.png', np.full((13, 17, 3), 90))
+    Image.fromarray(np.full((9, 30), 200, np.uint8)).save(tmp_path / 'b.tif')  # grayscale
+    spec = data.SPECS['isic2017']
+    for name, hw in (('a.png', (13, 17)), ('b.tif', (9, 30))):
+        inp = data.read_input(tmp_path / name)
+        assert inp.kind == 'image' and inp.image.shape == hw + (3,) and inp.image.dtype == np.uint8
+        labels = np.zeros(hw, np.int64)
+        labels[2:6, 3:8] = 1
+        data.write_prediction(tmp_path / 'out', inp.id, inp.image, labels, spec, label=labels)
+        pred = np.array(Image.open(tmp_path / 'out' / f'{inp.id}_pred.png'))
+        np.testing.assert_array_equal(pred, labels)  # the class ids themselves
+        assert np.array(Image.open(tmp_path / 'out' / f'{inp.id}_overlay.png')).shape == hw + (3,)
+    big = np.zeros((26, 34), np.int64)  # a mask larger than its stored image: the overlay takes the mask's size
+    data.write_prediction(tmp_path / 'out', 'big', data.read_input(tmp_path / 'a.png').image, big, spec)
+    assert np.array(Image.open(tmp_path / 'out' / 'big_overlay.png')).shape == (26, 34, 3)
+
+
+def test_preprocessed_inputs_and_bad_files(tmp_path):
+    lab = np.zeros((3, 8, 10), np.float32)
+    lab[:, 2:5, 3:7] = 2
+    np.savez(tmp_path / 'case_001_volume_ED.npz', img=slice_image(lab), label=lab)
+    with h5py.File(tmp_path / 'case0001.npy.h5', 'w') as f:
+        f['image'] = slice_image(lab)
+    np.savez(tmp_path / 's.npz', image=slice_image(lab[0]))
+    inp = data.read_input(tmp_path / 'case_001_volume_ED.npz')
+    assert not inp.raw and inp.image.shape == (3, 8, 10) and inp.label.dtype == np.int64 and inp.label.max() == 2
+    h5 = data.read_input(tmp_path / 'case0001.npy.h5')
+    assert h5.id == 'case0001' and h5.label is None and h5.image.shape == (3, 8, 10)
+    assert data.read_input(tmp_path / 's.npz').image.shape == (1, 8, 10)
+    paths = data.write_prediction(tmp_path / 'out', inp.id, inp.image, inp.label, data.SPECS['acdc'], label=inp.label)
+    assert {p.name for p in paths if p.suffix == '.gz'} == {f'case_001_volume_ED_{s}.nii.gz' for s in ('pred', 'img', 'gt')}
+    (tmp_path / 'x.txt').write_text('hello')
+    with pytest.raises(DataError, match='x.txt: unsupported file type'):
+        data.read_input(tmp_path / 'x.txt')
+    (tmp_path / 'bad.nii.gz').write_bytes(b'not a nifti')
+    with pytest.raises(DataError, match='bad.nii.gz: unreadable or corrupt NIfTI'):
+        data.read_input(tmp_path / 'bad.nii.gz')
+    np.savez(tmp_path / 'nokey.npz', data=lab)
+    with pytest.raises(DataError, match='nokey.npz: expected a 2-D or 3-D array image'):
+        data.read_input(tmp_path / 'nokey.npz')
+
+
+def test_normalise_intensity_rules():
+    hu = np.array([[-1000.0, -125.0, 75.0, 275.0, 3000.0]])
+    np.testing.assert_allclose(data.normalise(hu, 'ct'), [[0, 0, 0.5, 1, 1]])
+    mri = np.array([[10.0, 20.0, 30.0]])
+    np.testing.assert_allclose(data.normalise(mri, 'mri'), [[0, 0.5, 1]])
+    z = data.normalise(mri, 'zscore')
+    assert abs(z.mean()) < 1e-6 and abs(z.std() - 1) < 1e-5 and z.dtype == np.float32
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    assert data.normalise(rgb, 'rgb') is rgb
+    with pytest.raises(DataError, match="intensity 'pet' \\(--intensity\\)"):
+        data.normalise(mri, 'pet')

@@ -1,14 +1,14 @@
 """
-The benchmarks of DANIE (paper Sec. 4.1) read in the on-disk layouts that people download, with the
-per-dataset training defaults of Sec. 4.2 and TransUNet's augmentation, plus a synthetic demo set.
+The data of DANIE (paper Sec. 4.1): the five benchmarks in the on-disk layouts people download, the user's own
+data (an image folder, nnU-Net v2's raw layout), the per-dataset defaults of Sec. 4.2, TransUNet's augmentation,
+the model's input path and its inverse, prediction I/O, and a synthetic demo set.
 
-- Synapse (TransUNet's npz slices and h5 volumes), ACDC (MT-UNet/CASCADE npz or SSL4MIS h5),
-  ISIC 2017, ISIC 2018 (the paper's 1815/259/520 split) and GlaS: no conversion step of our own.
-- Training items: (image float32 (3,S,S) normalised for the backbone, label int64 (S,S)).
-- Validation/test items: whole cases (a volume or an image) at their original size, so that evaluate.py
-  scores at the original resolution.
-- `python data.py --bench` measures training samples/s through the DataLoader;
-  `python data.py --make-demo DIR` writes the synthetic set in Synapse's layout.
+Offers: DATASETS, SPECS, DatasetSpec (classes, kind, intensity, recipe), get_spec, spec_to_dict / spec_from_dict;
+train_set -> TrainSet (item (epoch, index): image float32 (3,S,S), label int64 (S,S)); eval_cases -> CaseList of
+Case(id, image as stored, label at its native size); make_loader; prepare_input (slices or RGB images -> (N,3,S,S))
+and restore_size (its inverse for label maps, in torch); normalise (raw intensities); read_input and
+write_prediction (files without labels in, NIfTI/PNG label maps and overlays out); make_demo; DataError.
+`python data.py` summarises a dataset; `--bench` measures training samples/s; `--make-demo DIR` writes the demo set.
 """
 
 import argparse
@@ -1311,7 +1311,7 @@ def _bench(args):
     if args.data == 'demo' and not Path(args.root).exists():
         print(f'writing the demo set to {args.root}')
         make_demo(args.root)
-    opts = dict(val_cases=args.val_cases, seed=args.seed, label_map=args.label_map)
+    opts = dict(val_cases=args.val_cases, seed=args.seed, label_map=args.label_map, num_classes=args.num_classes)
     ds = train_set(args.data, args.root, args.img_size, **opts)
     n = min(len(ds), args.batches * args.batch_size)
     sub = torch.utils.data.Subset(ds, range(n))  # the same samples twice: cold, then (RGB sets) cached
@@ -1334,15 +1334,14 @@ def _bench(args):
 
 
 def _summary(args):
-    spec = SPECS[args.data]
-    ds = train_set(args.data, args.root, args.img_size, val_cases=args.val_cases, seed=args.seed,
-                   label_map=args.label_map)
-    print(f'{spec.name}: {spec.num_classes} classes {spec.class_names}')
+    opts = dict(val_cases=args.val_cases, seed=args.seed, label_map=args.label_map, num_classes=args.num_classes)
+    spec = get_spec(args.data, args.root, args.num_classes)
+    ds = train_set(args.data, args.root, args.img_size, **opts)
+    print(f'{spec.name}: {spec.num_classes} classes {spec.class_names}, {spec.kind}s, intensity {spec.intensity}')
     print(f'train: {len(ds)} samples from {len(ds.cases)} cases')
     for split in ('val', 'test'):
         try:
-            cases = eval_cases(args.data, args.root, split, val_cases=args.val_cases, seed=args.seed,
-                               label_map=args.label_map)
+            cases = eval_cases(args.data, args.root, split, **opts)
             print(f'{split}: {len(cases)} cases ({", ".join(cases.ids[:4])}{", ..." if len(cases) > 4 else ""})')
         except DataError as e:
             print(f'{split}: not available ({e})')
@@ -1354,13 +1353,14 @@ def main(argv=None):
     p.add_argument('--bench', action='store_true', help='measure training samples/s through the DataLoader')
     p.add_argument('--make-demo', metavar='DIR', help="write the synthetic demo set (Synapse's layout) to DIR")
     # which data
-    p.add_argument('--data', default='demo', choices=list(SPECS), help='dataset (default: demo)')
+    p.add_argument('--data', default='demo', choices=DATASETS, help='dataset (default: demo)')
     p.add_argument('--root', help='dataset folder (default: data/<name>)')
     p.add_argument('--label-map', default='transunet', choices=LABEL_MAPS,
                    help="Synapse labels: TransUNet's 9 ids, or CASCADE's 13 BTCV labels remapped")
     p.add_argument('--val-cases', type=float, help='training cases held out for validation: a count or a fraction '
                    '(default: the official split, else 10%%)')
     p.add_argument('--seed', type=int, default=0, help='seed of the validation split and the benchmark')
+    p.add_argument('--num-classes', type=int, help="classes of --data folder without a classes.txt (background included)")
     # loading
     p.add_argument('--img-size', type=int, default=224, help='model input size (Sec. 4.2: 224)')
     p.add_argument('--workers', type=int, default=2, help='DataLoader worker processes')

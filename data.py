@@ -50,6 +50,7 @@ CT_WINDOW = (-125.0, 275.0)        # Synapse/TransUNet: clip HU to this window, 
 INTENSITIES = ('ct', 'mri', 'zscore', 'rgb', 'none')
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 NIFTI_SUFFIXES = ('.nii.gz', '.nii')
+MASK_SUFFIXES_UPPER = tuple(x.upper() for x in IMAGE_SUFFIXES)  # masks named img1.PNG are found too
 OVERLAY_SLICES = 3                 # PNG overlays written per predicted volume
 PALETTE = np.array([[0, 0, 0], [255, 0, 0], [0, 160, 255], [255, 200, 0], [0, 200, 0], [200, 0, 255],
                     [0, 255, 200], [255, 120, 0], [120, 120, 255]], dtype=np.uint8)  # class id -> overlay colour
@@ -635,7 +636,7 @@ class _Folder:
         self.refs = {}
         for p in sorted(img_dir.iterdir()):
             if p.suffix.lower() in IMAGE_SUFFIXES:
-                m = _with_mask(p, mask_dir, [p.stem + x for x in IMAGE_SUFFIXES + tuple(x.upper() for x in IMAGE_SUFFIXES)])
+                m = _with_mask(p, mask_dir, [p.stem + x for x in IMAGE_SUFFIXES + MASK_SUFFIXES_UPPER])
                 self.refs[p.stem] = partial(_class_pair, p, m, spec.num_classes)
         if not self.refs:
             raise DataError(f'no samples found: {img_dir} has no images ({", ".join(IMAGE_SUFFIXES)})')
@@ -1053,7 +1054,7 @@ def get_spec(name, root=None, num_classes=None):
         return SPECS[name]
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}' (--data): expected one of {', '.join(DATASETS)}")
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2):
+    if num_classes is not None and (type(num_classes) is not int or num_classes < 2):
         raise DataError(f'num_classes={num_classes!r} (--num-classes): expected an integer >= 2 (background included)')
     return (_folder_spec if name == 'folder' else _nnunet_spec)(Path(root), num_classes)
 

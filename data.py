@@ -13,6 +13,7 @@ write_prediction (files without labels in, NIfTI/PNG label maps and overlays out
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -797,6 +798,17 @@ def _source(spec, root, label_map):
             'nnunet': _NNUNet}[name](root, spec, label_map)
 
 
+def parse_val_cases(text):
+    """--val-cases of train.py and data.py: a number of cases (int), a fraction below 1 (float), or 0 for none."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0 or (value >= 1 and not value.is_integer()):
+        raise argparse.ArgumentTypeError(f'expected a number of cases >= 0 or a fraction in (0, 1), got {text!r}')
+    return value if value < 1 and value != 0 else int(value)
+
+
 def _n_val(val_cases, n):
     """How many of n training cases to hold out: a count, or a fraction (rounded, at least 1)."""
     bad = DataError(f'val_cases={val_cases!r} (--val-cases): expected a number of cases >= 0 or a fraction in (0, 1)')
@@ -1358,7 +1370,7 @@ def main(argv=None):
     p.add_argument('--root', help='dataset folder (default: data/<name>)')
     p.add_argument('--label-map', default='transunet', choices=LABEL_MAPS,
                    help="Synapse labels: TransUNet's 9 ids, or CASCADE's 13 BTCV labels remapped")
-    p.add_argument('--val-cases', type=float, help='training cases held out for validation: a count or a fraction '
+    p.add_argument('--val-cases', type=parse_val_cases, help='training cases held out for validation: a count or a fraction '
                    '(default: the official split, else 10%%)')
     p.add_argument('--seed', type=int, default=0, help='seed of the validation split and the benchmark')
     p.add_argument('--num-classes', type=int, help="classes of --data folder without a classes.txt (background included)")
@@ -1369,8 +1381,6 @@ def main(argv=None):
     p.add_argument('--batches', type=int, default=20, help='batches per benchmark pass')
     args = p.parse_args(argv)
     args.root = args.root or default_root(args.data)
-    if args.val_cases is not None and args.val_cases.is_integer():
-        args.val_cases = int(args.val_cases)
     if args.workers < 0 or args.batch_size < 1 or args.batches < 1:
         p.error('--workers must be >= 0, --batch-size and --batches >= 1')
     try:

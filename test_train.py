@@ -214,9 +214,9 @@ def test_bad_flags(tmp_path, demo_root, capsys):
         (['--data', 'demo', '--lr', 'nan'], "argument --lr: expected a finite number > 0, got 'nan'"),
         (['--data', 'demo', '--lr', 'inf'], "argument --lr: expected a finite number > 0, got 'inf'"),
         (['--data', 'demo', '--lr', '0'], "argument --lr: expected a finite number > 0, got '0'"),
-        (['--data', 'demo', '--weight-decay', '-1e-4'], 'argument --weight-decay: expected a finite number >= 0'),
+        (['--data', 'demo', '--weight-decay=-1e-4'], 'argument --weight-decay: expected a finite number >= 0'),
         (['--data', 'demo', '--batch-size', 'x'], "argument --batch-size: expected int, got 'x'"),
-        (['--data', 'demo', '--val-cases', '-1'], 'argument --val-cases'),
+        (['--data', 'demo', '--val-cases=-1'], 'argument --val-cases'),
         (['--resume', str(tmp_path / 'nothing.pth')], 'no checkpoint at'),
         (['--resume', str(tmp_path / 'garbage.pth')], 'garbage.pth: not a readable PyTorch checkpoint'),
     ]
@@ -277,15 +277,15 @@ def test_imagenet_initialisation_is_the_default_and_offline_stops_early(tmp_path
 
 def test_flags_given_are_used_and_defaults_come_from_the_spec(tmp_path):
     spec = data.SPECS['synapse']
-    _, args, _ = train.parse(['--data', 'synapse', '--out', str(tmp_path)])
+    args, _ = train.parse(['--data', 'synapse', '--out', str(tmp_path)])
     assert (args.epochs, args.batch_size, args.img_size, args.size) == (spec.epochs, spec.batch_size, 224, 'S')
-    _, args, _ = train.parse(['--data', 'synapse', '--out', str(tmp_path), '--epochs', '7', '--batch-size', '2',
+    args, _ = train.parse(['--data', 'synapse', '--out', str(tmp_path), '--epochs', '7', '--batch-size', '2',
                               '--img-size', '256', '--size', 'L'])
     assert (args.epochs, args.batch_size, args.img_size, args.size) == (7, 2, 256, 'L')
-    _, args, _ = train.parse(['--data', 'demo', '--out', str(tmp_path)])
+    args, _ = train.parse(['--data', 'demo', '--out', str(tmp_path)])
     assert args.img_size == data.SPECS['demo'].img_size and args.supervision == 'deep'
     assert args.lr == getattr(data.SPECS['demo'], 'lr', 1e-4)
-    _, args, _ = train.parse(['--data', 'synapse', '--out', str(tmp_path)])
+    args, _ = train.parse(['--data', 'synapse', '--out', str(tmp_path)])
     assert args.lr == 1e-4 and args.weight_decay == 1e-4  # Sec. 4.2
 
 

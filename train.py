@@ -261,7 +261,7 @@ def on_all_ranks(world, fn, *a):
     result, error = None, None
     try:
         result = fn(*a)
-    except (data.DataError, evaluate.CheckpointError, danie_model.PretrainedError, ValueError) as e:
+    except Exception as e:  # re-raised below, on this rank as it is
         error = e
     if world > 1:
         errors = [None] * world
@@ -524,6 +524,15 @@ def make_demo(args, rank):
 def setup(args, ckpt, rank, world, device):
     """Model, optimiser, data and validation cases of a run (no collective inside: on_all_ranks runs it)."""
     spec = data.get_spec(args.data, args.root, args.num_classes)
+    common = dict(seed=args.seed, label_map=args.label_map, num_classes=args.num_classes,
+                  val_cases=0 if args.select_on_test else args.val_cases)
+    train_set = data.train_set(args.data, args.root, args.img_size, **common)
+    if len(train_set) // world < args.batch_size // world:
+        raise data.DataError(f'--batch-size {args.batch_size} is larger than the training set of {args.data} at '
+                             f'{args.root} ({len(train_set)} samples over {world} process(es))')
+    val_cases = []
+    if rank == 0:
+        val_cases = data.eval_cases(args.data, args.root, 'test' if args.select_on_test else 'val', **common)
     torch.manual_seed(args.seed)  # the same initialisation on every rank (DDP also broadcasts rank 0's)
     net = build_model(args, spec.num_classes, pretrained=ckpt is None)
     if ckpt is not None:
@@ -538,15 +547,6 @@ def setup(args, ckpt, rank, world, device):
         opt.load_state_dict(ckpt['train']['optimizer'])
         if ckpt['train']['scaler']:  # empty when the run so far had no fp16 loss scaling
             scaler.load_state_dict(ckpt['train']['scaler'])
-    common = dict(seed=args.seed, label_map=args.label_map, num_classes=args.num_classes,
-                  val_cases=0 if args.select_on_test else args.val_cases)
-    train_set = data.train_set(args.data, args.root, args.img_size, **common)
-    if len(train_set) // world < args.batch_size // world:
-        raise data.DataError(f'--batch-size {args.batch_size} is larger than the training set of {args.data} at '
-                             f'{args.root} ({len(train_set)} samples over {world} process(es))')
-    val_cases = []
-    if rank == 0:
-        val_cases = data.eval_cases(args.data, args.root, 'test' if args.select_on_test else 'val', **common)
     return spec, net, opt, scaler, train_set, val_cases
 
 

@@ -1,14 +1,14 @@
 """
-The benchmarks of DANIE (paper Sec. 4.1) read in the on-disk layouts that people download, with the
-per-dataset training defaults of Sec. 4.2 and TransUNet's augmentation, plus a synthetic demo set.
+The data of DANIE (paper Sec. 4.1): the five benchmarks in the on-disk layouts people download, the user's own
+data (an image folder, nnU-Net v2's raw layout), the per-dataset defaults of Sec. 4.2, TransUNet's augmentation,
+the model's input path and its inverse, prediction I/O, and a synthetic demo set.
 
-- Synapse (TransUNet's npz slices and h5 volumes), ACDC (MT-UNet/CASCADE npz or SSL4MIS h5),
-  ISIC 2017, ISIC 2018 (the paper's 1815/259/520 split) and GlaS: no conversion step of our own.
-- Training items: (image float32 (3,S,S) normalised for the backbone, label int64 (S,S)).
-- Validation/test items: whole cases (a volume or an image) at their original size, so that evaluate.py
-  scores at the original resolution.
-- `python data.py --bench` measures training samples/s through the DataLoader;
-  `python data.py --make-demo DIR` writes the synthetic set in Synapse's layout.
+Offers: DATASETS, SPECS, DatasetSpec (classes, kind, intensity, recipe), get_spec, spec_to_dict / spec_from_dict;
+train_set -> TrainSet (item (epoch, index): image float32 (3,S,S), label int64 (S,S)); eval_cases -> CaseList of
+Case(id, image as stored, label at its native size); make_loader; prepare_input (slices or RGB images -> (N,3,S,S))
+and restore_size (its inverse for label maps, in torch); normalise (raw intensities); read_input and
+write_prediction (files without labels in, NIfTI/PNG label maps and overlays out); make_demo; DataError.
+`python data.py` summarises a dataset; `--bench` measures training samples/s; `--make-demo DIR` writes the demo set.
 """
 
 import argparse
@@ -50,6 +50,7 @@ CT_WINDOW = (-125.0, 275.0)        # Synapse/TransUNet: clip HU to this window, 
 INTENSITIES = ('ct', 'mri', 'zscore', 'rgb', 'none')
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 NIFTI_SUFFIXES = ('.nii.gz', '.nii')
+MASK_SUFFIXES_UPPER = tuple(x.upper() for x in IMAGE_SUFFIXES)  # masks named img1.PNG are found too
 OVERLAY_SLICES = 3                 # PNG overlays written per predicted volume
 PALETTE = np.array([[0, 0, 0], [255, 0, 0], [0, 160, 255], [255, 200, 0], [0, 200, 0], [200, 0, 255],
                     [0, 255, 200], [255, 120, 0], [120, 120, 255]], dtype=np.uint8)  # class id -> overlay colour
@@ -161,32 +162,23 @@ def _missing_root(spec, root):
     return DataError(f"dataset root '{root}' (--root) not found: expected {spec.name} as {spec.layout}; {how}")
 
 
-def _read_npz(path, keys):
+def _read_arrays(path, keys=None):
+    """The named arrays of an .npz or .h5 file (keys=None: all of them, as a dict); failures name the file."""
+    h5 = not str(path).endswith('.npz')
     try:
-        with np.load(path) as f:
-            if any(k not in f.files for k in keys):
-                raise DataError(f'{path}: expected arrays {list(keys)}, found {f.files}')
-            return [f[k] for k in keys]
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise DataError(f'{path}: file not found') from None
-    except Exception as e:  # zipfile, pickle and OS errors all mean the same: a corrupt file
-        raise DataError(f'{path}: unreadable or corrupt npz ({type(e).__name__}: {e})') from None
-
-
-def _read_h5(path, keys):
-    try:
-        with h5py.File(path, 'r') as f:
-            if any(k not in f for k in keys):
-                raise DataError(f'{path}: expected datasets {list(keys)}, found {list(f.keys())}')
+        with (h5py.File(path, 'r') if h5 else np.load(path)) as f:
+            have = list(f.keys()) if h5 else f.files
+            if keys is None:
+                return {k: f[k][()] for k in have}
+            if any(k not in have for k in keys):
+                raise DataError(f'{path}: expected {"datasets" if h5 else "arrays"} {list(keys)}, found {have}')
             return [f[k][()] for k in keys]
     except DataError:
         raise
     except FileNotFoundError:
         raise DataError(f'{path}: file not found') from None
-    except Exception as e:
-        raise DataError(f'{path}: unreadable or corrupt h5 ({type(e).__name__}: {e})') from None
+    except Exception as e:  # zipfile, pickle, HDF5 and OS errors all mean the same: a corrupt file
+        raise DataError(f'{path}: unreadable or corrupt {"h5" if h5 else "npz"} ({type(e).__name__}: {e})') from None
 
 
 def _read_image(path, mode):
@@ -225,12 +217,12 @@ def _labels(a, path, num_classes, lut=None):
 
 def _npz_pair(path, keys, num_classes, lut=None):
     """One slice or volume from an npz: (image float32, label int64) of the same shape."""
-    img, lab = _read_npz(path, keys)
+    img, lab = _read_arrays(path, keys)
     return _pair(img, lab, path, num_classes, lut)
 
 
 def _h5_pair(path, num_classes, lut=None):
-    img, lab = _read_h5(path, ('image', 'label'))
+    img, lab = _read_arrays(path, ('image', 'label'))
     return _pair(img, lab, path, num_classes, lut)
 
 
@@ -420,7 +412,7 @@ class _Synapse:
         samples = _slice_samples(files, pat, self.slice_load, 'case0005_slice012.npz')
         if self.lut is not None:  # the raw labels of one whole training case tell the two maps apart
             first = [s.load.args[0] for s in samples if s.case == samples[0].case]
-            _check_cascade(np.stack([_read_npz(f, ('label',))[0].max() for f in first]),
+            _check_cascade(np.stack([_read_arrays(f, ('label',))[0].max() for f in first]),
                            f'training case {samples[0].case} ({first[0].parent})')
         return samples
 
@@ -644,7 +636,7 @@ class _Folder:
         self.refs = {}
         for p in sorted(img_dir.iterdir()):
             if p.suffix.lower() in IMAGE_SUFFIXES:
-                m = _with_mask(p, mask_dir, [p.stem + x for x in IMAGE_SUFFIXES + tuple(x.upper() for x in IMAGE_SUFFIXES)])
+                m = _with_mask(p, mask_dir, [p.stem + x for x in IMAGE_SUFFIXES + MASK_SUFFIXES_UPPER])
                 self.refs[p.stem] = partial(_class_pair, p, m, spec.num_classes)
         if not self.refs:
             raise DataError(f'no samples found: {img_dir} has no images ({", ".join(IMAGE_SUFFIXES)})')
@@ -1062,7 +1054,7 @@ def get_spec(name, root=None, num_classes=None):
         return SPECS[name]
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}' (--data): expected one of {', '.join(DATASETS)}")
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2):
+    if num_classes is not None and (type(num_classes) is not int or num_classes < 2):
         raise DataError(f'num_classes={num_classes!r} (--num-classes): expected an integer >= 2 (background included)')
     return (_folder_spec if name == 'folder' else _nnunet_spec)(Path(root), num_classes)
 
@@ -1122,6 +1114,120 @@ def make_loader(dataset, batch_size, *, shuffle, workers, sampler=None, drop_las
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+# -----------------------------------------------------------------------------
+# prediction I/O: files without labels in, label maps and overlays out
+
+
+@dataclass
+class Input:
+    """A file to predict on: the image as the model's slices expect it, and what writing the result back needs."""
+    id: str
+    path: Path
+    kind: str                 # 'volume': float32 (D,H,W) slices; 'image': uint8 RGB (H,W,3)
+    image: np.ndarray
+    raw: bool                 # True: normalise(image, intensity) before prepare_input; False: preprocessed already
+    geometry: object = None   # NIfTI inputs: the nibabel image whose shape, affine and header the prediction takes
+    label: np.ndarray = None  # the labels a preprocessed .npz/.h5 file carries, else None
+
+
+INPUT_SUFFIXES = NIFTI_SUFFIXES + ('.npy.h5', '.h5', '.npz') + IMAGE_SUFFIXES
+
+
+def read_input(path):
+    """One image (.png .jpg .jpeg .bmp .tif .tiff), raw NIfTI volume (.nii .nii.gz) or preprocessed .npz/.h5 file."""
+    path = Path(path)
+    suffix = next((x for x in INPUT_SUFFIXES if path.name.lower().endswith(x)), None)
+    if suffix is None:
+        raise DataError(f'{path}: unsupported file type; expected one of {", ".join(INPUT_SUFFIXES)}')
+    cid = path.name[:-len(suffix)]
+    if suffix in IMAGE_SUFFIXES:  # RGB or grayscale -> uint8 RGB
+        return Input(cid, path, 'image', _read_image(path, 'RGB'), raw=True)
+    if suffix in NIFTI_SUFFIXES:  # sliced as the training volumes were (_voxel_order)
+        a, img = _read_nifti(path)
+        return Input(cid, path, 'volume', _voxel_order(a.astype(np.float32)), raw=True, geometry=img)
+    arrays = _read_arrays(path)
+    key = next((k for k in ('image', 'img') if k in arrays), None)
+    if key is None or arrays[key].ndim not in (2, 3):
+        raise DataError(f'{path}: expected a 2-D or 3-D array image (or img), found {list(arrays)}')
+    image, label = (_pair(arrays[key], arrays['label'], path, 256, None) if 'label' in arrays
+                    else (arrays[key].astype(np.float32), None))
+    if image.ndim == 2:  # one slice: a volume of depth 1
+        image, label = image[None], None if label is None else label[None]
+    return Input(cid, path, 'volume', image, raw=False, label=label)
+
+
+def _overlay(base, pred, gt=None):
+    """The prediction filled at 40% in its class colours over an RGB image; the ground truth's outline in green."""
+    colour = PALETTE[pred % len(PALETTE)].astype(np.float32)
+    alpha = np.where(pred > 0, 0.4, 0.0)[..., None]
+    over = np.asarray(base, np.float32) * (1 - alpha) + colour * alpha
+    if gt is not None:
+        fg = np.asarray(gt) > 0
+        over[fg ^ ndimage.binary_erosion(fg, iterations=2)] = (0, 255, 0)
+    return over.clip(0, 255).astype(np.uint8)
+
+
+def _write_volume(out, case_id, image, labels, geometry, label):
+    """<id>_pred.nii.gz in the input's geometry, or (no geometry) with _img/_gt beside it on an identity affine."""
+    if geometry is not None:  # shape, affine and header of the input: it overlays the input in ITK-SNAP / 3D Slicer
+        header = geometry.header.copy()
+        header.set_data_dtype(np.uint8)
+        header.set_slope_inter(1, 0)  # class ids, never rescaled
+        lab = _voxel_order(np.asarray(labels, np.uint8)).reshape(geometry.shape)
+        nib.save(type(geometry)(lab, geometry.affine, header), str(out / f'{case_id}_pred.nii.gz'))
+        return [out / f'{case_id}_pred.nii.gz']
+    # NOTE(impl): .h5/.npz files carry no geometry: identity affine, (D,H,W) written back as NIfTI (X,Y,Z) = (W,H,D).
+    paths = []
+    for suffix, arr, dtype in (('pred', labels, np.uint8), ('img', image, np.float32), ('gt', label, np.uint8)):
+        if arr is not None:  # image and ground truth beside the prediction, so a viewer can overlay them
+            paths.append(out / f'{case_id}_{suffix}.nii.gz')
+            nib.save(nib.Nifti1Image(_voxel_order(np.asarray(arr, dtype)), np.eye(4)), str(paths[-1]))
+    return paths
+
+
+def _volume_overlays(out, case_id, image, labels, label):
+    """PNG overlays of the slices through the largest predicted structures (one per class, largest first)."""
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    picks = []
+    for c in ids[np.argsort(-counts)]:
+        k = int((labels == c).sum(axis=(1, 2)).argmax())  # the slice where class c is largest
+        picks += [k] if k not in picks else []
+        if len(picks) == OVERLAY_SLICES:
+            break
+    lo, hi = np.percentile(image, (0.5, 99.5))
+    paths = []
+    for k in sorted(picks) or [len(labels) // 2]:
+        gray = (np.clip(image[k], lo, hi) - lo) / max(float(hi - lo), 1e-8) * 255  # (H,W) in [0, 255]
+        paths.append(out / f'{case_id}_overlay_z{k:03d}.png')
+        Image.fromarray(_overlay(np.repeat(gray[..., None], 3, 2), labels[k], None if label is None else label[k])
+                        ).save(paths[-1])
+    return paths
+
+
+def _write_image(out, case_id, image, labels, label):
+    """<id>_pred.png (the class ids themselves) and <id>_overlay.png, both at the label map's size."""
+    # NOTE(impl): <id>_pred.png holds class ids, not ids scaled for viewing (it stays a label map); the overlay is for looking.
+    Image.fromarray(labels.astype(np.uint8)).save(out / f'{case_id}_pred.png')
+    if image.shape[:2] != labels.shape:  # an image stored smaller than its mask (ISIC): shown at the mask's size
+        image = np.array(Image.fromarray(image).resize(labels.shape[::-1], Image.BILINEAR))
+    Image.fromarray(_overlay(image, labels, label)).save(out / f'{case_id}_overlay.png')
+    return [out / f'{case_id}_pred.png', out / f'{case_id}_overlay.png']
+
+
+def write_prediction(out_dir, case_id, image, labels, spec, geometry=None, label=None):
+    """Write one predicted label map (volume (D,H,W) or image (H,W)) where a viewer opens it; returns the paths.
+
+    Volumes: <id>_pred.nii.gz (+ PNG overlays); images: <id>_pred.png + <id>_overlay.png; labels.json beside."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'labels.json').write_text(json.dumps(dict(enumerate(spec.class_names)), indent=1) + '\n')
+    labels = np.asarray(labels)
+    if labels.ndim == 3:
+        return (_write_volume(out, case_id, image, labels, geometry, label)
+                + _volume_overlays(out, case_id, np.asarray(image, np.float32), labels, label))
+    return _write_image(out, case_id, np.asarray(image), labels, label)
+
 
 # -----------------------------------------------------------------------------
 # the synthetic demo set
@@ -1206,7 +1312,7 @@ def _bench(args):
     if args.data == 'demo' and not Path(args.root).exists():
         print(f'writing the demo set to {args.root}')
         make_demo(args.root)
-    opts = dict(val_cases=args.val_cases, seed=args.seed, label_map=args.label_map)
+    opts = dict(val_cases=args.val_cases, seed=args.seed, label_map=args.label_map, num_classes=args.num_classes)
     ds = train_set(args.data, args.root, args.img_size, **opts)
     n = min(len(ds), args.batches * args.batch_size)
     sub = torch.utils.data.Subset(ds, range(n))  # the same samples twice: cold, then (RGB sets) cached
@@ -1229,15 +1335,14 @@ def _bench(args):
 
 
 def _summary(args):
-    spec = SPECS[args.data]
-    ds = train_set(args.data, args.root, args.img_size, val_cases=args.val_cases, seed=args.seed,
-                   label_map=args.label_map)
-    print(f'{spec.name}: {spec.num_classes} classes {spec.class_names}')
+    opts = dict(val_cases=args.val_cases, seed=args.seed, label_map=args.label_map, num_classes=args.num_classes)
+    spec = get_spec(args.data, args.root, args.num_classes)
+    ds = train_set(args.data, args.root, args.img_size, **opts)
+    print(f'{spec.name}: {spec.num_classes} classes {spec.class_names}, {spec.kind}s, intensity {spec.intensity}')
     print(f'train: {len(ds)} samples from {len(ds.cases)} cases')
     for split in ('val', 'test'):
         try:
-            cases = eval_cases(args.data, args.root, split, val_cases=args.val_cases, seed=args.seed,
-                               label_map=args.label_map)
+            cases = eval_cases(args.data, args.root, split, **opts)
             print(f'{split}: {len(cases)} cases ({", ".join(cases.ids[:4])}{", ..." if len(cases) > 4 else ""})')
         except DataError as e:
             print(f'{split}: not available ({e})')
@@ -1249,13 +1354,14 @@ def main(argv=None):
     p.add_argument('--bench', action='store_true', help='measure training samples/s through the DataLoader')
     p.add_argument('--make-demo', metavar='DIR', help="write the synthetic demo set (Synapse's layout) to DIR")
     # which data
-    p.add_argument('--data', default='demo', choices=list(SPECS), help='dataset (default: demo)')
+    p.add_argument('--data', default='demo', choices=DATASETS, help='dataset (default: demo)')
     p.add_argument('--root', help='dataset folder (default: data/<name>)')
     p.add_argument('--label-map', default='transunet', choices=LABEL_MAPS,
                    help="Synapse labels: TransUNet's 9 ids, or CASCADE's 13 BTCV labels remapped")
     p.add_argument('--val-cases', type=float, help='training cases held out for validation: a count or a fraction '
                    '(default: the official split, else 10%%)')
     p.add_argument('--seed', type=int, default=0, help='seed of the validation split and the benchmark')
+    p.add_argument('--num-classes', type=int, help="classes of --data folder without a classes.txt (background included)")
     # loading
     p.add_argument('--img-size', type=int, default=224, help='model input size (Sec. 4.2: 224)')
     p.add_argument('--workers', type=int, default=2, help='DataLoader worker processes')

@@ -581,3 +581,233 @@ def test_cascade_refuses_transunet_9_label_files(tmp_path):
         data.train_set('synapse', tmp_path, 8, val_cases=0, label_map='cascade')
     with pytest.raises(DataError, match='case0003.npy.h5: label_map=cascade .*no label above 8'):
         data.eval_cases('synapse', tmp_path, 'test', label_map='cascade')[0]
+
+
+# -----------------------------------------------------------------------------
+# the user's own data: an image folder and nnU-Net v2's raw layout
+
+def write_folder(root, n=5, classes=('background', 'cell', 'nucleus')):
+    (root / 'images').mkdir(parents=True)
+    (root / 'masks').mkdir()
+    for i in range(n):
+        h, w = 20 + 2 * i, 24 - i  # every image its own size
+        mask = np.zeros((h, w), np.uint8)
+        mask[2:10, 3:12], mask[12:16, 4:8] = 1, len(classes) - 1
+        img = 100 + 50 * mask
+        if i % 2:  # grayscale
+            Image.fromarray(img.astype(np.uint8)).save(root / 'images' / f'img{i}.png')
+        else:
+            save_rgb(root / 'images' / f'img{i}.jpg' if i == 2 else root / 'images' / f'img{i}.png',
+                     np.repeat(img[..., None], 3, 2))
+        Image.fromarray(mask).save(root / 'masks' / f'img{i}.png')
+    if classes:
+        (root / 'classes.txt').write_text('\n'.join(classes) + '\n')
+    return root
+
+
+AFFINE = np.array([[0.0, -0.8, 0.0, 12.5], [0.9, 0.0, 0.0, -30.0], [0.0, 0.0, 2.5, 7.0], [0, 0, 0, 1]])
+
+
+def write_nnunet(root, n=3, ts=0, ending='.nii.gz', channel='CT', shape=(24, 20, 4)):
+    import nibabel as nib
+    rng = np.random.default_rng(0)
+    for d in ('imagesTr', 'labelsTr') + (('imagesTs', 'labelsTs') if ts else ()):
+        (root / d).mkdir(parents=True)
+    for i in range(n + ts):
+        lab = np.zeros(shape, np.uint8)
+        lab[3:12, 2:9, :], lab[14:20, 10:18, 1:] = 1, 2
+        img = (lab * 100.0 - 50 + rng.normal(0, 5, shape)).astype(np.float32)  # HU-like
+        split = ('Tr' if i < n else 'Ts')
+        nib.save(nib.Nifti1Image(img, AFFINE), str(root / f'images{split}' / f'case_{i:03d}_0000{ending}'))
+        nib.save(nib.Nifti1Image(lab, AFFINE), str(root / f'labels{split}' / f'case_{i:03d}{ending}'))
+    meta = {'channel_names': {'0': channel}, 'labels': {'background': 0, 'liver': 1, 'tumour': 2},
+            'file_ending': ending, 'numTraining': n}
+    (root / 'dataset.json').write_text(__import__('json').dumps(meta))
+    return root
+
+
+def test_folder_dataset_trains_and_evaluates_with_class_names(tmp_path):
+    root = write_folder(tmp_path / 'f')
+    spec = data.get_spec('folder', root)
+    assert spec.class_names == ('background', 'cell', 'nucleus') and spec.kind == 'image' and spec.intensity == 'rgb'
+    ds = data.train_set('folder', root, 16, val_cases=1)
+    test = data.eval_cases('folder', root, 'test')
+    val = data.eval_cases('folder', root, 'val', val_cases=1)
+    assert len(test) == 1 and len(val) == 1 and len(ds) == 3  # 20% test (seeded), then 1 held out
+    assert not set(test.ids) & set(ds.cases) and not set(val.ids) & set(ds.cases)
+    x, y = ds[(0, 0)]
+    assert x.shape == (3, 16, 16) and set(y.unique().tolist()) <= {0, 1, 2}
+    case = test[0]
+    assert case.image.dtype == np.uint8 and case.image.shape == case.label.shape + (3,)
+    assert set(np.unique(case.label)) == {0, 1, 2}
+    (root / 'test.txt').write_text('img0\nimg3\n')
+    (root / 'val.txt').write_text('img1\n')
+    assert data.eval_cases('folder', root, 'test').ids == ['img0', 'img3']
+    assert data.eval_cases('folder', root, 'val').ids == ['img1'] and data.train_set('folder', root, 8).cases == ['img2', 'img4']
+    (root / 'classes.txt').unlink()
+    assert data.get_spec('folder', root, num_classes=3).class_names == ('background', 'class1', 'class2')
+    with pytest.raises(DataError, match='no classes.txt .*--num-classes'):
+        data.train_set('folder', root, 8)
+    with pytest.raises(DataError, match=r'img\d.png: label 2 outside the 2 classes'):
+        data.eval_cases('folder', root, 'test', num_classes=2)[0]
+
+
+def test_folder_binary_0_255_masks_and_errors(tmp_path):
+    root = write_folder(tmp_path / 'b', n=3, classes=('background', 'lesion'))
+    for p in (root / 'masks').iterdir():
+        Image.fromarray((np.array(Image.open(p)) > 0).astype(np.uint8) * 255).save(p)
+    ds = data.train_set('folder', root, 8, val_cases=0)
+    assert set(ds[0][1].unique().tolist()) == {0, 1}
+    (root / 'masks' / 'img1.png').unlink()
+    with pytest.raises(DataError, match='img1.png: no mask .*image without mask'):
+        data.train_set('folder', root, 8)
+    with pytest.raises(DataError, match=r"root '.*nowhere' \(--root\) not found: expected ROOT/images"):
+        data.train_set('folder', tmp_path / 'nowhere', 8)
+    (tmp_path / 'c' / 'images').mkdir(parents=True)
+    with pytest.raises(DataError, match='masks: folder not found'):
+        data.train_set('folder', tmp_path / 'c', 8, num_classes=2)
+
+
+def test_nnunet_volumes_train_slicewise_and_evaluate_volumewise(tmp_path):
+    root = write_nnunet(tmp_path / 'n', n=3, ts=1)
+    spec = data.get_spec('nnunet', root)
+    assert spec.class_names == ('background', 'liver', 'tumour') and spec.kind == 'volume' and spec.intensity == 'ct'
+    ds = data.train_set('nnunet', root, 16, val_cases=1)
+    assert len(ds.cases) == 2 and len(ds) == 2 * 4  # slices along the 3rd voxel axis
+    x, y = ds[(1, 3)]
+    assert x.shape == (3, 16, 16) and set(y.unique().tolist()) <= {0, 1, 2}
+    test = data.eval_cases('nnunet', root, 'test')
+    assert test.ids == ['case_003']
+    case = test[0]
+    assert case.image.shape == case.label.shape == (4, 20, 24) and case.image.dtype == np.float32
+    assert 0 <= case.image.min() and case.image.max() <= 1  # CT window, scaled
+    assert case.label[2, 5, 5] == 1 and case.label[2, 15, 15] == 2  # (Z,Y,X): row = voxel j, column = voxel i
+    val = data.eval_cases('nnunet', root, 'val', val_cases=1)
+    assert len(val) == 1 and val.ids[0] not in ds.cases and val[0].image.shape == (4, 20, 24)
+    import nibabel as nib
+    raw = nib.load(str(root / 'imagesTr' / f'{val.ids[0]}_0000.nii.gz')).get_fdata().transpose(2, 1, 0)
+    np.testing.assert_allclose(val[0].image, (np.clip(raw, -125, 275) + 125) / 400, atol=1e-6)  # via the .npy cache
+    # no imagesTs: a seeded held-out test split; MRI-like channel: z-score
+    root2 = write_nnunet(tmp_path / 'm', n=3, channel='T2')
+    assert data.get_spec('nnunet', root2).intensity == 'zscore'
+    test2 = data.eval_cases('nnunet', root2, 'test')
+    assert len(test2) == 1 and test2.ids[0] not in data.train_set('nnunet', root2, 8, val_cases=0).cases
+    assert abs(test2[0].image.mean()) < 1e-4
+
+
+def test_nnunet_png_and_clear_errors(tmp_path):
+    root = tmp_path / 'p'
+    for d in ('imagesTr', 'labelsTr'):
+        (root / d).mkdir(parents=True)
+    for i in range(3):
+        save_rgb(root / 'imagesTr' / f'c{i}_0000.png', np.full((10, 12, 3), 50))
+        Image.fromarray(np.eye(10, 12, dtype=np.uint8)).save(root / 'labelsTr' / f'c{i}.png')
+    (root / 'dataset.json').write_text('{"channel_names": {"0": "R"}, "labels": {"background": 0, "edge": 1}, '
+                                       '"file_ending": ".png"}')
+    assert data.get_spec('nnunet', root).kind == 'image'
+    assert len(data.train_set('nnunet', root, 8, val_cases=0)) == 2 and data.eval_cases('nnunet', root, 'test')[0].label.sum() == 10
+    (root / 'dataset.json').write_text('{"channel_names": {"0": "R"}, "labels": {"background": 0, "edge": 1}, '
+                                       '"file_ending": ".mha"}')
+    with pytest.raises(DataError, match="dataset.json: file_ending '.mha' is not supported"):
+        data.train_set('nnunet', root, 8)
+    (root / 'dataset.json').write_text('{"channel_names": {"0": "R"}, "labels": {"background": 0, "edge": 1}, '
+                                       '"file_ending": ".nii.gz"}')
+    with pytest.raises(DataError, match=r"imagesTr has no CASE_0000.nii.gz files \(file_ending '.nii.gz'"):
+        data.train_set('nnunet', root, 8)
+    (root / 'dataset.json').write_text('{"labels": {"background": 0, "edge": 1}}')
+    with pytest.raises(DataError, match=r"missing key\(s\) \['channel_names', 'file_ending'\]"):
+        data.train_set('nnunet', root, 8)
+    with pytest.raises(DataError, match='dataset.json: not found'):
+        data.train_set('nnunet', tmp_path, 8)
+    root3 = write_nnunet(tmp_path / 'q', n=2)
+    (root3 / 'labelsTr' / 'case_001.nii.gz').unlink()
+    with pytest.raises(DataError, match='case_001_0000.nii.gz: no mask .*image without mask'):
+        data.train_set('nnunet', root3, 8)
+    (root3 / 'dataset.json').write_text('{"channel_names": {"0": "CT"}, "labels": {"background": 0}, '
+                                        '"file_ending": ".nii.gz"}')
+    with pytest.raises(DataError, match='label ids must be 0..K-1'):
+        data.get_spec('nnunet', root3)
+
+
+# -----------------------------------------------------------------------------
+# prediction I/O: read any input, write the label map back in the input's geometry
+
+def test_nifti_input_with_non_identity_affine_is_written_back_in_its_geometry(tmp_path):
+    import nibabel as nib
+    vox = np.random.default_rng(0).normal(0, 100, (24, 20, 4)).astype(np.int16)
+    src = nib.Nifti1Image(vox, AFFINE)
+    src.header.set_zooms((0.8, 0.9, 2.5))
+    nib.save(src, str(tmp_path / 'ct.nii.gz'))
+    inp = data.read_input(tmp_path / 'ct.nii.gz')
+    assert inp.id == 'ct' and inp.kind == 'volume' and inp.raw and inp.image.shape == (4, 20, 24)
+    np.testing.assert_array_equal(inp.image[2, 5, 7], vox[7, 5, 2])  # (Z,Y,X) slices
+    assert data.normalise(inp.image, 'ct').max() <= 1.0
+    labels = (inp.image > 50).astype(np.int64) + (inp.image > 150)
+    paths = data.write_prediction(tmp_path / 'out', inp.id, data.normalise(inp.image, 'ct'), labels,
+                                  data.SPECS['synapse'], geometry=inp.geometry)
+    back = nib.load(str(tmp_path / 'out' / 'ct_pred.nii.gz'))
+    assert back.shape == vox.shape and back.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(back.affine, AFFINE)
+    np.testing.assert_array_equal(back.header['dim'], src.header['dim'])
+    np.testing.assert_allclose(back.header.get_zooms(), (0.8, 0.9, 2.5))
+    np.testing.assert_array_equal(np.asarray(back.dataobj), labels.transpose(2, 1, 0))
+    overlays = [p for p in paths if p.suffix == '.png']
+    assert 1 <= len(overlays) <= data.OVERLAY_SLICES and all(p.is_file() for p in overlays)
+    names = __import__('json').loads((tmp_path / 'out' / 'labels.json').read_text())
+    assert names['0'] == 'background' and names['5'] == 'liver'
+
+
+def test_png_inputs_come_back_as_label_maps_of_their_sizes(tmp_path):
+    save_rgb(tmp_path / 'a.png', np.full((13, 17, 3), 90))
+    Image.fromarray(np.full((9, 30), 200, np.uint8)).save(tmp_path / 'b.tif')  # grayscale
+    spec = data.SPECS['isic2017']
+    for name, hw in (('a.png', (13, 17)), ('b.tif', (9, 30))):
+        inp = data.read_input(tmp_path / name)
+        assert inp.kind == 'image' and inp.image.shape == hw + (3,) and inp.image.dtype == np.uint8
+        labels = np.zeros(hw, np.int64)
+        labels[2:6, 3:8] = 1
+        data.write_prediction(tmp_path / 'out', inp.id, inp.image, labels, spec, label=labels)
+        pred = np.array(Image.open(tmp_path / 'out' / f'{inp.id}_pred.png'))
+        np.testing.assert_array_equal(pred, labels)  # the class ids themselves
+        assert np.array(Image.open(tmp_path / 'out' / f'{inp.id}_overlay.png')).shape == hw + (3,)
+    big = np.zeros((26, 34), np.int64)  # a mask larger than its stored image: the overlay takes the mask's size
+    data.write_prediction(tmp_path / 'out', 'big', data.read_input(tmp_path / 'a.png').image, big, spec)
+    assert np.array(Image.open(tmp_path / 'out' / 'big_overlay.png')).shape == (26, 34, 3)
+
+
+def test_preprocessed_inputs_and_bad_files(tmp_path):
+    lab = np.zeros((3, 8, 10), np.float32)
+    lab[:, 2:5, 3:7] = 2
+    np.savez(tmp_path / 'case_001_volume_ED.npz', img=slice_image(lab), label=lab)
+    with h5py.File(tmp_path / 'case0001.npy.h5', 'w') as f:
+        f['image'] = slice_image(lab)
+    np.savez(tmp_path / 's.npz', image=slice_image(lab[0]))
+    inp = data.read_input(tmp_path / 'case_001_volume_ED.npz')
+    assert not inp.raw and inp.image.shape == (3, 8, 10) and inp.label.dtype == np.int64 and inp.label.max() == 2
+    h5 = data.read_input(tmp_path / 'case0001.npy.h5')
+    assert h5.id == 'case0001' and h5.label is None and h5.image.shape == (3, 8, 10)
+    assert data.read_input(tmp_path / 's.npz').image.shape == (1, 8, 10)
+    paths = data.write_prediction(tmp_path / 'out', inp.id, inp.image, inp.label, data.SPECS['acdc'], label=inp.label)
+    assert {p.name for p in paths if p.suffix == '.gz'} == {f'case_001_volume_ED_{s}.nii.gz' for s in ('pred', 'img', 'gt')}
+    (tmp_path / 'x.txt').write_text('hello')
+    with pytest.raises(DataError, match='x.txt: unsupported file type'):
+        data.read_input(tmp_path / 'x.txt')
+    (tmp_path / 'bad.nii.gz').write_bytes(b'not a nifti')
+    with pytest.raises(DataError, match='bad.nii.gz: unreadable or corrupt NIfTI'):
+        data.read_input(tmp_path / 'bad.nii.gz')
+    np.savez(tmp_path / 'nokey.npz', data=lab)
+    with pytest.raises(DataError, match='nokey.npz: expected a 2-D or 3-D array image'):
+        data.read_input(tmp_path / 'nokey.npz')
+
+
+def test_normalise_intensity_rules():
+    hu = np.array([[-1000.0, -125.0, 75.0, 275.0, 3000.0]])
+    np.testing.assert_allclose(data.normalise(hu, 'ct'), [[0, 0, 0.5, 1, 1]])
+    mri = np.array([[10.0, 20.0, 30.0]])
+    np.testing.assert_allclose(data.normalise(mri, 'mri'), [[0, 0.5, 1]])
+    z = data.normalise(mri, 'zscore')
+    assert abs(z.mean()) < 1e-6 and abs(z.std() - 1) < 1e-5 and z.dtype == np.float32
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    assert data.normalise(rgb, 'rgb') is rgb
+    with pytest.raises(DataError, match="intensity 'pet' \\(--intensity\\)"):
+        data.normalise(mri, 'pet')

@@ -454,8 +454,8 @@ def evaluate(model, cases, spec, img_size, *, device=None, batch_size=16, amp='n
             rows.extend(case_rows(case.id, pred, case.label, spec, legacy=legacy, distances=distances))
             t_metric += time.perf_counter() - t1
             t_pred += t1 - t0
-            if save_pred is not None:
-                save_prediction(save_pred, case, pred.cpu().numpy(), spec)
+            if save_pred is not None:  # NIfTI or PNG label maps, with PNG overlays for volumes too
+                data.write_prediction(save_pred, case.id, case.image, pred.cpu().numpy(), spec, label=case.label)
     finally:
         model.train(was_training)
     out = summarize(rows, spec, legacy=legacy)
@@ -467,33 +467,7 @@ def evaluate(model, cases, spec, img_size, *, device=None, batch_size=16, amp='n
 
 
 # -----------------------------------------------------------------------------
-# outputs: table, CSV, JSON, predictions
-
-def save_prediction(folder, case, pred, spec):
-    """Volumes: <id>_pred/_img/_gt.nii.gz (ITK-SNAP, 3D Slicer). Images: <id>_pred.png mask + <id>_overlay.png."""
-    import nibabel as nib
-    from PIL import Image
-    folder = Path(folder)
-    if spec.kind == 'volume':
-        # NOTE(impl): identity affine, (D,H,W) written as NIfTI (x,y,z) = (W,H,D): the .h5/.npz files carry no geometry
-        # image and ground truth go beside the prediction so a viewer can overlay them (as TransUNet's test_save_path)
-        for suffix, arr, dtype in (('pred', pred, np.uint8), ('img', case.image, np.float32),
-                                   ('gt', case.label, np.uint8)):
-            img = nib.Nifti1Image(np.ascontiguousarray(np.asarray(arr, dtype=dtype).transpose(2, 1, 0)), np.eye(4))
-            nib.save(img, str(folder / f'{case.id}_{suffix}.nii.gz'))
-        return
-    k = max(spec.num_classes - 1, 1)
-    Image.fromarray((pred.astype(np.int64) * 255 // k).astype(np.uint8)).save(folder / f'{case.id}_pred.png')
-    # overlay: prediction filled at 40% in its class colour, ground-truth outline in green
-    base = np.asarray(case.image, dtype=np.float32)
-    colour = data.PALETTE[pred % len(data.PALETTE)].astype(np.float32)
-    alpha = np.where(pred > 0, 0.4, 0.0)[..., None]
-    over = base * (1 - alpha) + colour * alpha
-    gt = case.label > 0
-    outline = gt ^ ndimage.binary_erosion(gt, iterations=2)
-    over[outline] = (0, 255, 0)
-    Image.fromarray(over.clip(0, 255).astype(np.uint8)).save(folder / f'{case.id}_overlay.png')
-
+# outputs: table, CSV, JSON
 
 def format_table(summary, spec):
     """The paper's table layout: per-class rows in report order, then the one-line Table 1/2/3/4 summary."""
@@ -546,8 +520,50 @@ def write_results(summary, out_dir, extra=None):
 # -----------------------------------------------------------------------------
 # prediction on files without labels (--input)
 
+def predict_input(model, inp, spec, img_size, device, batch_size=16, amp='none', tta=False, intensity=None):
+    """Label map (numpy, the input's size) of one data.Input: normalised as the training data, segmented, resized back."""
+    image = inp.image
+    if inp.raw and inp.kind == 'volume':  # RGB images are normalised by prepare_input itself
+        image = data.normalise(image, intensity or spec.intensity)
+    x = data.prepare_input(_slices(image, inp.kind), img_size)  # (N,3,S,S)
+    out_hw = image.shape[-2:] if inp.kind == 'volume' else image.shape[:2]
+    labels = data.restore_size(segment(model, x, device, batch_size, amp, tta), out_hw, inp.kind)
+    return labels.cpu().numpy() if inp.kind == 'volume' else labels[0].cpu().numpy()  # (D,H,W) / (H,W)
+
+
+def _input_files(src):
+    """The file --input names, or the supported files of the folder it names, sorted."""
+    src = Path(src)
+    if src.is_file():
+        return [src]
+    if not src.is_dir():
+        raise data.DataError(f'{src}: no such file or folder (--input)')
+    files = sorted(p for p in src.iterdir() if p.is_file() and p.name.lower().endswith(data.INPUT_SUFFIXES))
+    if not files:
+        raise data.DataError(f'{src}: no input files (--input expects {", ".join(data.INPUT_SUFFIXES)})')
+    return files
+
+
 def predict_files(args, ckpt, spec, net, device):
-    raise NotImplementedError
+    """--input: write a label map per file into --out; a file that fails is named and skipped; exit code 1 then."""
+    files, failed = _input_files(args.input), []
+    img_size = int(ckpt['config']['img_size'])
+    net.eval()
+    for path in tqdm(files, desc='predict', unit='file', disable=args.no_progress):
+        try:
+            inp = data.read_input(path)
+            labels = predict_input(net, inp, spec, img_size, device, args.batch_size, args.amp, args.tta,
+                                   args.intensity)
+            data.write_prediction(args.out, inp.id, inp.image, labels, spec, geometry=inp.geometry, label=inp.label)
+        except (data.DataError, ValueError, OSError) as e:
+            failed.append(path)
+            tqdm.write(f'error: {path}: {e}', file=sys.stderr)
+    print(f'wrote {len(files) - len(failed)} of {len(files)} label maps and labels.json to {args.out}'
+          + (' (flip TTA)' if args.tta else ''))
+    if failed:
+        print(f'failed ({len(failed)}): ' + ', '.join(str(p) for p in failed), file=sys.stderr)
+        return 1
+    return 0
 
 
 # -----------------------------------------------------------------------------

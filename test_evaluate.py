@@ -318,7 +318,7 @@ def test_evaluate_images_and_png_export(tmp_path):
     assert math.isnan(s['mean_hd95'])  # no distances for image sets unless asked
     from PIL import Image
     mask = np.asarray(Image.open(tmp_path / 'img1_pred.png'))
-    assert mask.shape == (50, 30) and set(np.unique(mask)) == {0, 255}
+    assert mask.shape == (50, 30) and set(np.unique(mask)) == {0, 1}  # class ids (data.write_prediction)
     assert np.asarray(Image.open(tmp_path / 'img0_overlay.png')).shape == (40, 60, 3)
 
 
@@ -352,6 +352,7 @@ def test_cli_end_to_end_demo(tmp_path, capsys):
     nib = pytest.importorskip('nibabel')
     vol = nib.load(str(pred_dir / f'{case.id}_pred.nii.gz')).get_fdata()
     assert vol.shape == case.label.shape[::-1] and vol.max() < spec.num_classes
+    assert list(pred_dir.glob(f'{case.id}_overlay_z*.png'))  # --save-pred: PNG overlays for volumes too
     # the held-out validation split under the legacy rule, into another folder
     assert E.main(['--ckpt', str(path), '--split', 'val', '--legacy', '--limit', '1', '--no-progress',
                    '--out', str(tmp_path / 'val')]) == 0
@@ -480,3 +481,63 @@ def test_isic_pooled_256_vs_native_by_hand():
     assert s['mean_dice'] == t256['dice'] and s['mean_dice_per_image'] == pytest.approx((1 / 2 + 2 / 3) / 2)
     table = E.format_table(s, spec)
     assert 'pooled 256' in table and 'pooled native' in table
+
+
+# -----------------------------------------------------------------------------
+# prediction on files without labels (--input)
+
+def _best(tmp_path, spec_name, num_classes, img_size=32):
+    torch.manual_seed(0)
+    path = tmp_path / 'best.pth'
+    torch.save(ckpt_dict(tiny_model(num_classes=num_classes, img_size=img_size), {'name': spec_name},
+                         spec=spec_name), path)
+    return path
+
+
+def test_input_folder_of_pngs_and_a_bad_file(tmp_path, capsys):
+    from PIL import Image
+    src, out = tmp_path / 'in', tmp_path / 'out'
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)).save(src / 'rgb.png')
+    Image.fromarray(rng.integers(0, 256, (33, 21), dtype=np.uint8)).save(src / 'gray.png')
+    (src / 'broken.png').write_bytes(b'not a png')
+    ckpt = _best(tmp_path, 'isic2017', 2)
+    assert E.main(['--ckpt', str(ckpt), '--input', str(src), '--out', str(out), '--no-progress']) == 1
+    err = capsys.readouterr().err
+    assert 'broken.png' in err and 'failed (1)' in err and 'Traceback' not in err
+    for stem, hw in (('rgb', (40, 70)), ('gray', (33, 21))):  # the good files are written at their sizes
+        mask = np.asarray(Image.open(out / f'{stem}_pred.png'))
+        assert mask.shape == hw and mask.max() <= 1
+        assert (out / f'{stem}_overlay.png').is_file()
+    assert json.loads((out / 'labels.json').read_text()) == {'0': 'background', '1': 'lesion'}
+    # one good file alone: exit code 0; --tta runs
+    assert E.main(['--ckpt', str(ckpt), '--input', str(src / 'rgb.png'), '--out', str(out / 'one'), '--tta',
+                   '--no-progress']) == 0
+    assert np.asarray(Image.open(out / 'one' / 'rgb_pred.png')).shape == (40, 70)
+
+
+def test_input_nifti_keeps_shape_and_affine(tmp_path):
+    nib = pytest.importorskip('nibabel')
+    affine = np.array([[0, -0.8, 0, 100], [0.7, 0, 0, -50], [0, 0, 2.5, 30], [0, 0, 0, 1]], dtype=np.float64)
+    hu = np.random.default_rng(0).normal(0, 300, (40, 36, 5)).astype(np.float32)  # (X,Y,Z) in HU
+    nib.save(nib.Nifti1Image(hu, affine), str(tmp_path / 'ct.nii.gz'))
+    ckpt = _best(tmp_path, 'synapse', 9)
+    out = tmp_path / 'out'
+    assert E.main(['--ckpt', str(ckpt), '--input', str(tmp_path / 'ct.nii.gz'), '--out', str(out),
+                   '--no-progress']) == 0
+    pred = nib.load(str(out / 'ct_pred.nii.gz'))
+    assert pred.shape == hu.shape and np.allclose(pred.affine, affine)
+    assert np.asarray(pred.dataobj).max() < 9
+    assert (out / 'labels.json').is_file()
+
+
+def test_predict_input_intensity_follows_the_checkpoint(tmp_path, monkeypatch):
+    # a raw CT volume gets the spec's 'ct' rule unless --intensity overrides it; RGB images are left to prepare_input
+    seen = []
+    monkeypatch.setattr(data, 'normalise', lambda image, intensity: seen.append(intensity) or image)
+    inp = data.Input('v', tmp_path, 'volume', np.zeros((2, 20, 24), np.float32), raw=True)
+    spec = data.SPECS['synapse']
+    labels = E.predict_input(Pointwise(), inp, spec, 16, torch.device('cpu'))
+    E.predict_input(Pointwise(), inp, spec, 16, torch.device('cpu'), intensity='mri')
+    assert labels.shape == (2, 20, 24) and seen == ['ct', 'mri']

@@ -185,10 +185,11 @@ def test_isic_pooled_vs_per_image():
     p2[0, 0] = 1
     rows = E.case_rows('i1', g1, g1, spec, distances=False) + E.case_rows('i2', p2, g2, spec, distances=False)
     s = E.summarize(rows, spec)
-    assert s['pooled']['dice'] == pytest.approx(16 / 18) and s['mean_dice'] == pytest.approx(16 / 18)
-    assert s['pooled']['se'] == pytest.approx(8 / 9)
-    assert s['pooled']['sp'] == pytest.approx(22 / 23)
-    assert s['pooled']['acc'] == pytest.approx(30 / 32)
+    assert s['pooled_native']['dice'] == pytest.approx(16 / 18)
+    assert s['mean_dice'] == s['pooled_256']['dice']  # Table 3's figure (4x4 images: see test_isic_pooled_256)
+    assert s['pooled_native']['se'] == pytest.approx(8 / 9)
+    assert s['pooled_native']['sp'] == pytest.approx(22 / 23)
+    assert s['pooled_native']['acc'] == pytest.approx(30 / 32)
     assert s['per_image']['dice'] == pytest.approx(0.5) and s['mean_dice_per_image'] == pytest.approx(0.5)
     assert s['per_image']['se'] == pytest.approx(0.5)
     assert s['per_image']['sp'] == pytest.approx((1 + 14 / 15) / 2)
@@ -207,10 +208,10 @@ def tiny_model(num_classes=2, img_size=32):
                    dims=(8, 16, 32, 64), depths=(1, 1, 1, 1))
 
 
-def ckpt_dict(net, data_info=None):
-    import dataclasses
-    return {'format': E.FORMAT, 'config': dataclasses.asdict(net.config), 'model': net.state_dict(),
-            'data': data_info or {'name': 'demo', 'root': 'nowhere'}, 'args': {}, 'epoch': 1, 'step': 2}
+def ckpt_dict(net, data_info=None, train_state=None, spec='demo'):
+    info = {'name': 'demo', 'root': 'nowhere', **(data_info or {})}
+    info['spec'] = data.spec_to_dict(data.SPECS[spec])
+    return E.make_checkpoint(net, info, {'lr': 1e-4}, 'scratch', 1, 2, 0.5, train_state=train_state)
 
 
 def test_checkpoint_errors(tmp_path):
@@ -247,12 +248,12 @@ def test_checkpoint_roundtrip_and_state_dict_mismatch(tmp_path):
     first = next(iter(ck['model']))
     del ck['model'][first]
     ck['model']['extra.weight'] = torch.zeros(1)
-    with pytest.raises(E.CheckpointError, match=f'missing: {first}.*unexpected: extra.weight'):
+    with pytest.raises(E.CheckpointError, match=f'Missing key.*"{first}".*Unexpected key.*"extra.weight"'):
         E.model_from_checkpoint(ck)
     ck = ckpt_dict(net)
     key = next(k for k, v in ck['model'].items() if v.ndim == 4)
     ck['model'][key] = torch.zeros(1, 1, 1, 1)
-    with pytest.raises(E.CheckpointError, match=f'shape mismatch: {key}'):
+    with pytest.raises(E.CheckpointError, match=f'size mismatch for {key}'):
         E.model_from_checkpoint(ck)
     ck = ckpt_dict(net)
     ck['config']['window'] = 7
@@ -313,11 +314,11 @@ def test_evaluate_images_and_png_export(tmp_path):
         cases.append(data.Case(id=f'img{i}', image=np.full((h, w, 3), 128, np.uint8), label=label))
     s = E.evaluate(Constant(), cases, spec, 32, device='cpu', progress=False, save_pred=tmp_path)
     tp = 40 * 30 + 50 * 15
-    assert s['pooled']['dice'] == pytest.approx(2 * tp / (2 * tp + 2)) and s['pooled']['sp'] == 1.0
+    assert s['pooled_native']['dice'] == pytest.approx(2 * tp / (2 * tp + 2)) and s['pooled_native']['sp'] == 1.0
     assert math.isnan(s['mean_hd95'])  # no distances for image sets unless asked
     from PIL import Image
     mask = np.asarray(Image.open(tmp_path / 'img1_pred.png'))
-    assert mask.shape == (50, 30) and set(np.unique(mask)) == {0, 255}
+    assert mask.shape == (50, 30) and set(np.unique(mask)) == {0, 1}  # class ids (data.write_prediction)
     assert np.asarray(Image.open(tmp_path / 'img0_overlay.png')).shape == (40, 60, 3)
 
 
@@ -351,8 +352,192 @@ def test_cli_end_to_end_demo(tmp_path, capsys):
     nib = pytest.importorskip('nibabel')
     vol = nib.load(str(pred_dir / f'{case.id}_pred.nii.gz')).get_fdata()
     assert vol.shape == case.label.shape[::-1] and vol.max() < spec.num_classes
+    assert list(pred_dir.glob(f'{case.id}_overlay_z*.png'))  # --save-pred: PNG overlays for volumes too
     # the held-out validation split under the legacy rule, into another folder
     assert E.main(['--ckpt', str(path), '--split', 'val', '--legacy', '--limit', '1', '--no-progress',
                    '--out', str(tmp_path / 'val')]) == 0
     summary = json.loads((tmp_path / 'val' / 'summary.json').read_text())
     assert summary['split'] == 'val' and summary['rule'] == 'legacy' and 0.0 <= summary['mean_dice'] <= 1.0
+
+
+# -----------------------------------------------------------------------------
+# checkpoint layout: best.pth (no training state) and last.pth (with it)
+
+def test_make_checkpoint_best_and_last(tmp_path):
+    torch.manual_seed(0)
+    net = tiny_model()
+    best, last = tmp_path / 'best.pth', tmp_path / 'last.pth'
+    torch.save(ckpt_dict(net), best)
+    torch.save(ckpt_dict(net, train_state={'optimizer': {}, 'epoch_step': 0}), last)
+    ck = E.load_checkpoint(best)
+    assert 'train' not in ck and ck['format'] == 'danie-ckpt-v2' and ck['init'] == 'scratch'
+    assert data.spec_from_dict(ck['data']['spec']) == data.SPECS['demo']
+    E.model_from_checkpoint(ck)  # evaluation needs no training state
+    with pytest.raises(E.CheckpointError, match="best.pth: no training state.*last.pth"):
+        E.load_checkpoint(best, resume=True)
+    assert E.load_checkpoint(last, resume=True)['train']['epoch_step'] == 0
+
+
+def test_checkpoint_of_wrapped_model_and_prefix_hint():
+    net = tiny_model()
+
+    class Compiled(torch.nn.Module):  # what torch.compile returns: the model under _orig_mod
+        def __init__(self, m):
+            super().__init__()
+            self._orig_mod = m
+    ck = E.make_checkpoint(Compiled(net), {'name': 'demo'}, {}, 'scratch', 0, 0, None)
+    assert set(ck['model']) == set(net.state_dict())
+    ck['model'] = {f'module.{k}': v for k, v in ck['model'].items()}
+    with pytest.raises(E.CheckpointError, match="Missing key.*'module.'.*save the bare module"):
+        E.model_from_checkpoint(ck)
+
+
+# -----------------------------------------------------------------------------
+# the device path equals the former numpy path (scipy zoom, numpy counts)
+
+class Pointwise(torch.nn.Module):
+    """Two-class scores from the first input channel, pixel by pixel: flip-equivariant, input-dependent."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return torch.cat((x[:, :1] * self.w, -x[:, :1]), 1), []
+
+
+def _old_predict(model, case, spec, img_size):
+    """evaluate.predict_case before the device path: numpy argmax and scipy zoom (order 0) back."""
+    from scipy import ndimage
+    images = case.image if spec.kind == 'volume' else case.image[None]
+    with torch.no_grad():
+        pred = model(data.prepare_input(images, img_size))[0].argmax(1).to(torch.uint8).numpy()
+    out_hw = case.label.shape[-2:]
+    grid = spec.kind == 'image'
+    pred = ndimage.zoom(pred, (1.0, out_hw[0] / pred.shape[1], out_hw[1] / pred.shape[2]), order=0, grid_mode=grid,
+                        mode='nearest' if grid else 'constant')
+    return pred if spec.kind == 'volume' else pred[0]
+
+
+def test_device_path_equals_numpy_path():
+    rng = np.random.default_rng(1)
+    vol = data.Case('v', rng.random((3, 45, 37), dtype=np.float32), np.zeros((3, 45, 37), np.int64))
+    img = data.Case('i', rng.integers(0, 256, (53, 71, 3), dtype=np.uint8), rng.integers(0, 2, (53, 71)))
+    for case, kind in ((vol, 'volume'), (img, 'image')):
+        spec = _spec(kind=kind, classes=('background', 'x'))
+        new = E.predict_case(Pointwise(), case, spec, 32, torch.device('cpu'), batch_size=2)
+        old = _old_predict(Pointwise(), case, spec, 32)
+        assert isinstance(new, torch.Tensor) and np.array_equal(new.numpy(), old) and 0 < old.mean() < 1
+    p, g = old.astype(bool), img.label.astype(bool)
+    tp = np.count_nonzero(p & g)
+    ref = [tp, np.count_nonzero(p) - tp, np.count_nonzero(g) - tp, p.size - np.count_nonzero(p | g)]
+    assert E.confusion_counts(new, torch.from_numpy(img.label), (1,)).tolist() == [ref]
+
+
+def test_tta_equals_plain_on_flip_equivariant_model():
+    x = torch.randn(3, 3, 16, 16)
+    plain = E.segment(Pointwise(), x, torch.device('cpu'))
+    assert torch.equal(E.segment(Pointwise(), x, torch.device('cpu'), tta=True), plain)
+    assert 0 < plain.float().mean() < 1
+    # and TTA does average: the left-half model's flipped-back maps put class 1 left twice and right twice
+    p1 = (2 * torch.sigmoid(torch.tensor(1.0)) + 2 * 0.5) / 4  # softmax(0, 1) on the left, softmax(0, 0) right
+    assert torch.allclose(E._forward(Constant(), x, tta=True)[:, 1].detach(), p1.expand(3, 16, 16))
+
+
+# -----------------------------------------------------------------------------
+# ISIC at Table 3's resolution: Azad et al.'s mask resize, pooled at 256x256
+
+@pytest.mark.parametrize('hw', [(1024, 1536), (700, 500), (200, 150), (767, 1022), (256, 256)])
+def test_table_resize_is_pillow_bilinear(hw):
+    # scipy.misc.imresize(mask, [256, 256], interp='bilinear') = Pillow's BILINEAR on the 0/255 image; > 127
+    from PIL import Image
+    from scipy import ndimage
+    rng = np.random.default_rng(hw[0])
+    for sigma in (3, 25):
+        m = ndimage.gaussian_filter(rng.random(hw), sigma) > 0.5
+        pil = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((256, 256), Image.BILINEAR)) > 127
+        assert np.array_equal(E.table_resize(torch.from_numpy(m)[None])[0].numpy(), pil)
+
+
+def test_isic_pooled_256_vs_native_by_hand():
+    # the model predicts the left half. Image A, 512x512: lesion = top half; image B, 256x256: lesion = the
+    # left quarter. Native counts: A tp 65536 fp 65536 fn 65536 tn 65536; B tp 16384 fp 16384 fn 0 tn 32768.
+    # At 256x256 A shrinks 4x (its halves stay halves): 16384 each; B is unchanged. A's 4x weight at native
+    # resolution pulls every pooled figure down.
+    spec = _spec(kind='image', name='isic2018', classes=('background', 'lesion'))
+    a = np.zeros((512, 512), np.int64)
+    a[:256] = 1
+    b = np.zeros((256, 256), np.int64)
+    b[:, :64] = 1
+    cases = [data.Case('A', np.zeros((512, 512, 3), np.uint8), a), data.Case('B', np.zeros((256, 256, 3), np.uint8), b)]
+    s = E.evaluate(Constant(), cases, spec, 32, device='cpu', progress=False)
+    native, t256 = s['pooled_native'], s['pooled_256']
+    # native: tp 81920, fp 81920, fn 65536, tn 98304
+    assert native['dice'] == pytest.approx(10 / 19) and native['se'] == pytest.approx(5 / 9)
+    assert native['sp'] == pytest.approx(6 / 11) and native['acc'] == pytest.approx(0.55)
+    # 256x256: tp 32768, fp 32768, fn 16384, tn 49152
+    assert t256['dice'] == pytest.approx(4 / 7) and t256['se'] == pytest.approx(2 / 3)
+    assert t256['sp'] == pytest.approx(3 / 5) and t256['acc'] == pytest.approx(5 / 8)
+    assert s['mean_dice'] == t256['dice'] and s['mean_dice_per_image'] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    table = E.format_table(s, spec)
+    assert 'pooled 256' in table and 'pooled native' in table
+
+
+# -----------------------------------------------------------------------------
+# prediction on files without labels (--input)
+
+def _best(tmp_path, spec_name, num_classes, img_size=32):
+    torch.manual_seed(0)
+    path = tmp_path / 'best.pth'
+    torch.save(ckpt_dict(tiny_model(num_classes=num_classes, img_size=img_size), {'name': spec_name},
+                         spec=spec_name), path)
+    return path
+
+
+def test_input_folder_of_pngs_and_a_bad_file(tmp_path, capsys):
+    from PIL import Image
+    src, out = tmp_path / 'in', tmp_path / 'out'
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)).save(src / 'rgb.png')
+    Image.fromarray(rng.integers(0, 256, (33, 21), dtype=np.uint8)).save(src / 'gray.png')
+    (src / 'broken.png').write_bytes(b'not a png')
+    ckpt = _best(tmp_path, 'isic2017', 2)
+    assert E.main(['--ckpt', str(ckpt), '--input', str(src), '--out', str(out), '--no-progress']) == 1
+    err = capsys.readouterr().err
+    assert 'broken.png' in err and 'failed (1)' in err and 'Traceback' not in err
+    for stem, hw in (('rgb', (40, 70)), ('gray', (33, 21))):  # the good files are written at their sizes
+        mask = np.asarray(Image.open(out / f'{stem}_pred.png'))
+        assert mask.shape == hw and mask.max() <= 1
+        assert (out / f'{stem}_overlay.png').is_file()
+    assert json.loads((out / 'labels.json').read_text()) == {'0': 'background', '1': 'lesion'}
+    # one good file alone: exit code 0; --tta runs
+    assert E.main(['--ckpt', str(ckpt), '--input', str(src / 'rgb.png'), '--out', str(out / 'one'), '--tta',
+                   '--no-progress']) == 0
+    assert np.asarray(Image.open(out / 'one' / 'rgb_pred.png')).shape == (40, 70)
+
+
+def test_input_nifti_keeps_shape_and_affine(tmp_path):
+    nib = pytest.importorskip('nibabel')
+    affine = np.array([[0, -0.8, 0, 100], [0.7, 0, 0, -50], [0, 0, 2.5, 30], [0, 0, 0, 1]], dtype=np.float64)
+    hu = np.random.default_rng(0).normal(0, 300, (40, 36, 5)).astype(np.float32)  # (X,Y,Z) in HU
+    nib.save(nib.Nifti1Image(hu, affine), str(tmp_path / 'ct.nii.gz'))
+    ckpt = _best(tmp_path, 'synapse', 9)
+    out = tmp_path / 'out'
+    assert E.main(['--ckpt', str(ckpt), '--input', str(tmp_path / 'ct.nii.gz'), '--out', str(out),
+                   '--no-progress']) == 0
+    pred = nib.load(str(out / 'ct_pred.nii.gz'))
+    assert pred.shape == hu.shape and np.allclose(pred.affine, affine)
+    assert np.asarray(pred.dataobj).max() < 9
+    assert (out / 'labels.json').is_file()
+
+
+def test_predict_input_intensity_follows_the_checkpoint(tmp_path, monkeypatch):
+    # a raw CT volume gets the spec's 'ct' rule unless --intensity overrides it; RGB images are left to prepare_input
+    seen = []
+    monkeypatch.setattr(data, 'normalise', lambda image, intensity: seen.append(intensity) or image)
+    inp = data.Input('v', tmp_path, 'volume', np.zeros((2, 20, 24), np.float32), raw=True)
+    spec = data.SPECS['synapse']
+    labels = E.predict_input(Pointwise(), inp, spec, 16, torch.device('cpu'))
+    E.predict_input(Pointwise(), inp, spec, 16, torch.device('cpu'), intensity='mri')
+    assert labels.shape == (2, 20, 24) and seen == ['ct', 'mri']

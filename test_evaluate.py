@@ -541,3 +541,13 @@ def test_predict_input_intensity_follows_the_checkpoint(tmp_path, monkeypatch):
     labels = E.predict_input(Pointwise(), inp, spec, 16, torch.device('cpu'))
     E.predict_input(Pointwise(), inp, spec, 16, torch.device('cpu'), intensity='mri')
     assert labels.shape == (2, 20, 24) and seen == ['ct', 'mri']
+
+
+def test_channels_last_computes_the_same_function():
+    torch.manual_seed(0)
+    net = tiny_model(num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = net(x)[0]
+        fast = net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))[0]
+    assert torch.allclose(ref, fast, atol=1e-5, rtol=1e-4)

@@ -558,6 +558,7 @@ def train(args, ckpt, rank, world, device):
         # NOTE(impl): TF32 matmuls and convolutions on Ampere+, as the paper's PyTorch on an RTX 3090 did by default for convolutions.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if master:
+        out.mkdir(parents=True, exist_ok=True)
         print(f'init: {init_name(args)}', flush=True)
         if args.select_on_test:
             print("WARNING: --select-on-test chooses best.pth by its Dice on the TEST split (the peers' protocol); "

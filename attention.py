@@ -45,7 +45,7 @@ class ConvBlock(nn.Sequential):
 
 
 class ChannelAttention(nn.Module):
-    """A^c = sigma(MLP(P^s(h))): spatial pooling, then an MLP shared by the max and avg branches (Eq. 2)."""
+    """A^c = sigma(MLP(P^s)) on spatially pooled descriptors (..., C), the MLP shared by both branches (Eq. 2)."""
 
     def __init__(self, C, reduction=16):
         super().__init__()
@@ -53,22 +53,20 @@ class ChannelAttention(nn.Module):
         hidden = max(C // reduction, 1)
         self.mlp = nn.Sequential(nn.Linear(C, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, C))
 
-    def forward(self, x, pool):
-        p = x.amax(dim=(2, 3)) if pool == "max" else x.mean(dim=(2, 3))  # P^s: (B,C)
-        return torch.sigmoid(self.mlp(p))[:, :, None, None]  # A^c: (B,C) -> (B,C,1,1)
+    def forward(self, P_s):
+        return torch.sigmoid(self.mlp(P_s))  # A^c: one C-vector per pooled descriptor
 
 
 class SpatialAttention(nn.Module):
-    """A^s = sigma(Conv(P^c(m))): channel pooling, then a 1x1 convolution (Eq. 3)."""
+    """A^s = sigma(Conv(P^c)) on channel-pooled maps (N,1,H,W): a 1x1 convolution (Eq. 3)."""
 
     def __init__(self):
         super().__init__()
         # NOTE(impl): one 1x1 conv (1->1 channel) shared by the max and avg branches, as the channel MLP is shared.
         self.conv = nn.Conv2d(1, 1, 1)
 
-    def forward(self, x, pool):
-        p = x.amax(dim=1, keepdim=True) if pool == "max" else x.mean(dim=1, keepdim=True)  # P^c: (B,1,H,W)
-        return torch.sigmoid(self.conv(p))  # A^s: (B,1,H,W)
+    def forward(self, P_c):
+        return torch.sigmoid(self.conv(P_c))  # A^s: (N,1,H,W)
 
 
 class DynamicCalibration(nn.Module):
@@ -81,10 +79,10 @@ class DynamicCalibration(nn.Module):
         if learnable:
             self.w = nn.Parameter(w)
         else:
-            self.register_buffer("w", w)
+            self.register_buffer('w', w)
 
-    def forward(self, O_max, O_avg):
-        return self.w[0] * O_max + self.w[1] * O_avg  # Eq. (4)
+    def forward(self, O):
+        return (self.w[:, None] * O).sum(dim=1)  # Eq. (4): O (B,2,...) holds (O_max, O_avg) in dim 1
 
 
 class HAP(nn.Module):
@@ -93,12 +91,12 @@ class HAP(nn.Module):
     order='channel_first' is Eq. 2 then Eq. 3 (Table 6, B.3/B.4); 'spatial_first' swaps them (B.1/B.2).
     """
 
-    def __init__(self, C, order="channel_first", calibration=True, spatial_att=True, channel_att=True):
+    def __init__(self, C, order='channel_first', calibration=True, spatial_att=True, channel_att=True):
         super().__init__()
-        if order not in ("channel_first", "spatial_first"):
+        if order not in ('channel_first', 'spatial_first'):
             raise ValueError(f"HAP order must be 'channel_first' or 'spatial_first', got {order!r}")
         if not (spatial_att or channel_att):
-            raise ValueError("HAP needs channel or spatial attention (or both); to drop the stream use hap=False")
+            raise ValueError('HAP needs channel or spatial attention (or both); to drop the stream use hap=False')
         self.order = order
         self.channel = ChannelAttention(C) if channel_att else None
         self.spatial = SpatialAttention() if spatial_att else None
@@ -107,22 +105,45 @@ class HAP(nn.Module):
         self.c = nn.Linear(C, C)  # c* of Eq. 5
         self.block = ConvBlock(C, C)
 
-    def branch(self, h, pool):
-        """One pooling branch: m = A^c * h (Eq. 2), O = A^s * m (Eq. 3), in the configured order."""
-        stages = [self.channel, self.spatial] if self.order == "channel_first" else [self.spatial, self.channel]
-        x = h
-        for att in stages:
-            if att is not None:
-                x = att(x, pool) * x  # Eq. (2) for A^c (B,C,1,1), Eq. (3) for A^s (B,1,H,W)
-        return x
+    def channel_maps(self, P_max, P_avg):
+        """A^c of both branches through the shared MLP in one pass (Eq. 2): two (B,C) pools -> (B,2,C)."""
+        B, C = P_max.shape
+        return self.channel(torch.cat([P_max, P_avg], dim=1).view(2 * B, C)).view(B, 2, C)  # (B,2C) -> (2B,C)
+
+    def spatial_maps(self, P_max, P_avg):
+        """A^s of both branches through the shared 1x1 conv in one pass (Eq. 3): two (B,1,N) pools -> (B,2,N)."""
+        P_c = torch.cat([P_max, P_avg], dim=1)  # (B,2,N)
+        B, _, N = P_c.shape
+        return self.spatial(P_c.view(2 * B, 1, N, 1)).view(B, 2, N)  # the 1x1 conv sees each map alone
+
+    def pooled_O(self, h):
+        """The spatial means of O_max and O_avg (Eq. 2-3), (B,2,C), without forming O at full size."""
+        # NOTE(impl): only mean(O_d) over H x W reaches A_d and O = A^c * A^s * h, so mean(O)_c = A^c_c mean(A^s h_c) is taken from pooled maps: the same function without the two full-size O.
+        B, C, N = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
+        h_flat = h.flatten(2)  # (B,C,N), a view in NCHW and channels_last alike
+        if self.spatial is None:  # Table 5 A.3: O = A^c * h in either order
+            mean = h_flat.mean(dim=2)  # (B,C)
+            return self.channel_maps(h_flat.amax(dim=2), mean) * mean[:, None]  # (B,2,C) * (B,1,C)
+        h_T = h_flat.transpose(1, 2)  # (B,N,C)
+        if self.channel is None or self.order == 'spatial_first':
+            A_s = self.spatial_maps(h_flat.amax(dim=1, keepdim=True), h_flat.mean(dim=1, keepdim=True))  # Eq. (3) on h
+            G = torch.bmm(A_s, h_T) / N  # (B,2,N) @ (B,N,C) -> (B,2,C): mean(A^s h) per branch
+            if self.channel is None:  # Table 5 A.4: O = A^s * h
+                return G
+            m_max = A_s[:, :1] * h_flat  # m_max = A^s_max * h: (B,1,N) * (B,C,N)
+            A_c = self.channel_maps(m_max.amax(dim=2), G[:, 1])  # Eq. (2) on m; mean(m_avg) is G's avg row
+            return A_c * G  # (B,2,C)
+        A_c = self.channel_maps(h_flat.amax(dim=2), h_flat.mean(dim=2))  # Eq. (2) on h: (B,2,C)
+        m_max = A_c[:, 0, :, None] * h_flat  # m_max = A^c_max * h: (B,C,1) * (B,C,N)
+        mean_m_avg = torch.bmm(A_c[:, 1:], h_flat) / C  # (B,1,C) @ (B,C,N) -> (B,1,N): channel mean of m_avg
+        A_s = self.spatial_maps(m_max.amax(dim=1, keepdim=True), mean_m_avg)  # Eq. (3) on m: (B,2,N)
+        return A_c * torch.bmm(A_s, h_T) / N  # (B,2,N) @ (B,N,C) -> (B,2,C): A^c mean(A^s h)
 
     def forward(self, h):
-        O_max = self.branch(h, "max")
-        O_avg = self.branch(h, "avg")
-        O_d = self.calibration(O_max, O_avg)  # Eq. (4)
+        O_d = self.calibration(self.pooled_O(h))  # Eq. (4) on the spatial means: (B,2,C) -> (B,C)
         # NOTE(impl): A_d is C x 1 x 1 as the text says, so O_d is globally average-pooled before the 1x1 conv c*.
-        A_d = torch.sigmoid(self.c(O_d.mean(dim=(2, 3))))[:, :, None, None]  # (B,C) -> (B,C,1,1)
-        return self.block(A_d * h)  # Eq. (5)
+        A_d = torch.sigmoid(self.c(O_d))  # (B,C)
+        return self.block(A_d[:, :, None, None] * h)  # Eq. (5): (B,C,1,1) * (B,C,H,W)
 
 
 # -----------------------------------------------------------------------------

@@ -143,7 +143,7 @@ class HAP(nn.Module):
         O_d = self.calibration(self.pooled_O(h))  # Eq. (4) on the spatial means: (B,2,C) -> (B,C)
         # NOTE(impl): A_d is C x 1 x 1 as the text says, so O_d is globally average-pooled before the 1x1 conv c*.
         A_d = torch.sigmoid(self.c(O_d))  # (B,C)
-        return self.block(A_d[:, :, None, None] * h)  # Eq. (5): (B,C,1,1) * (B,C,H,W)
+        return self.block(A_d.view(*A_d.shape, 1, 1) * h)  # Eq. (5): (B,C,1,1) * (B,C,H,W)
 
 
 # -----------------------------------------------------------------------------
@@ -160,17 +160,20 @@ class ES(nn.Module):
     def forward(self, S_in):
         B, C, H, W = S_in.shape
         # NOTE(impl): the C x C energies of large maps overflow fp16, so ES runs in fp32 under autocast.
-        with torch.autocast(device_type="cuda" if S_in.is_cuda else "cpu", enabled=False):
+        with torch.autocast(device_type='cuda' if S_in.is_cuda else 'cpu', enabled=False):
             S = S_in.float()
-            S1 = S.reshape(B, C, H * W)  # (B,C,N)
+            S1 = S.flatten(2)  # (B,C,N), a view in NCHW and channels_last alike
             S2 = S1.transpose(1, 2)  # (B,N,C)
-            energy = S1 @ S2  # (B,C,N) @ (B,N,C) -> (B,C,C), symmetric
+            energy = torch.bmm(S1, S2)  # (B,C,N) @ (B,N,C) -> (B,C,C), symmetric
             # NOTE(impl): Eq. 6 as written, softmax over i of S1_i . S2_j (DANet's code instead uses max(energy) - energy).
             W_c = torch.softmax(energy, dim=1)  # Eq. (6): w[i,j], each column j sums to 1 over i
+            lam_W = self.lam * W_c  # lambda of Eq. 7 folded into the small C x C matrix
             S3 = S1  # S3 is S_in reshaped to (B,C,N) again
-            out = W_c.transpose(1, 2) @ S3  # (B,C,C) @ (B,C,N) -> (B,C,N): out_j = sum_i w[i,j] S3_i
-            es = self.lam * out.reshape(B, C, H, W) + S  # Eq. (7)
-        return es.to(S_in.dtype)
+            if S.is_contiguous() or not S.is_contiguous(memory_format=torch.channels_last):
+                es = torch.baddbmm(S3, lam_W.transpose(1, 2), S3)  # Eq. (7): (B,C,C) @ (B,C,N) + S3 -> (B,C,N)
+            else:  # the same sum in (B,N,C) order, so a channels_last input gives a channels_last output
+                es = torch.baddbmm(S2, S2, lam_W).transpose(1, 2)  # Eq. (7): (B,N,C) @ (B,C,C) + S2 -> (B,N,C)
+        return es.view(B, C, H, W).to(S_in.dtype)  # es_j = lam sum_i w[i,j] S3_i + S_in,j
 
 
 class EH(nn.Module):
@@ -187,7 +190,7 @@ class EH(nn.Module):
 
     def forward(self, H_in):
         B, C, H, W = H_in.shape
-        k = torch.softmax(self.c1(H_in).reshape(B, 1, H * W), dim=-1)  # F_r1, psi: (B,1,N)
-        A_g = H_in.reshape(B, C, H * W) @ k.transpose(1, 2)  # Eq. (8): (B,C,N) @ (B,N,1) -> (B,C,1)
-        W_g = torch.sigmoid(self.c2(F.gelu(self.ln(self.c1_int(A_g.squeeze(-1))))))  # (B,C)
-        return W_g[:, :, None, None] * H_in  # Eq. (9): (B,C) -> (B,C,1,1), broadcast over H x W
+        k = torch.softmax(self.c1(H_in).reshape(B, H * W, 1), dim=1)  # F_r1, psi: (B,1,H,W) -> (B,N,1)
+        A_g = torch.bmm(H_in.flatten(2), k)  # Eq. (8): (B,C,N) @ (B,N,1) -> (B,C,1)
+        W_g = torch.sigmoid(self.c2(F.gelu(self.ln(self.c1_int(A_g.view(B, C))))))  # (B,C)
+        return W_g.view(B, C, 1, 1) * H_in  # Eq. (9): (B,C) -> (B,C,1,1), broadcast over H x W

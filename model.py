@@ -235,7 +235,6 @@ class DANIE(nn.Module):
         self.jp = nn.ModuleList([JointPreservation(C[i], C[i + 1] if i < 3 else None, cfg.fusion, cfg.hap, cfg.sap)
                                  for i in range(4)])
         self.heads = nn.ModuleList([nn.Conv2d(c, cfg.num_classes, 1) for c in C])
-        self.register_buffer("alphas", torch.tensor(cfg.alphas), persistent=False)
 
     def forward_encoder(self, x):
         """Embeddings and the Dual Attention Encoder: SAP || HAP, four stages each."""
@@ -253,7 +252,10 @@ class DANIE(nn.Module):
     def forward_heads(self, js, size):
         p = [F.interpolate(head(j), size=size, mode="bilinear", align_corners=False)
              for head, j in zip(self.heads, js)]  # p_i: (B,K,H,W)
-        y = sum(a * p_i for a, p_i in zip(self.alphas, p))  # Eq. (12)
+        a = self.config.alphas
+        y = p[0] * a[0]
+        for a_i, p_i in zip(a[1:], p[1:]):
+            y = y.add(p_i, alpha=a_i)  # Eq. (12): one fused multiply-add per head
         return y, p
 
     def forward(self, x):

@@ -161,7 +161,7 @@ class ES(nn.Module):
         B, C, H, W = S_in.shape
         # NOTE(impl): the C x C energies of large maps overflow fp16, so ES runs in fp32 (fp64 stays fp64) under autocast.
         with torch.autocast(device_type='cuda' if S_in.is_cuda else 'cpu', enabled=False):
-            S = S_in.to(torch.promote_types(S_in.dtype, torch.float32))
+            S = S_in if S_in.dtype == torch.float64 else S_in.float()
             S1 = S.flatten(2)  # (B,C,N), a view in NCHW and channels_last alike
             S2 = S1.transpose(1, 2)  # (B,N,C)
             energy = torch.bmm(S1, S2)  # (B,C,N) @ (B,N,C) -> (B,C,C), symmetric

@@ -8,7 +8,7 @@ Image Segmentation"), Sec. 3.3 and 3.4:
   weights load unchanged. See `timm.models.maxxvit.AttentionCl` / `PartitionAttentionCl`; model.py
   builds the stream with `timm.create_model(..., features_only=True)`.
 - HAP, hierarchical-attentional perception (Sec. 3.3, Eq. 2-5): channel attention, spatial attention and
-  dynamic calibration on the convolutional stream.
+  dynamic calibration on the convolutional stream; the max and avg branches run together, batched.
 - ES, enhancing self-attentional perceptron (Sec. 3.4, Eq. 6-7): channel self-attention on SAP features.
 - EH, enhancing hierarchical-attentional perceptron (Sec. 3.4, Eq. 8-9): global context on HAP features.
 - ConvBlock: two 3x3 conv + BN + GELU (the definition under Eq. 11).
@@ -41,7 +41,7 @@ class ConvBlock(nn.Sequential):
 
 
 # -----------------------------------------------------------------------------
-# HAP: hierarchical-attentional perception (Sec. 3.3)
+# blocks: HAP, hierarchical-attentional perception (Sec. 3.3)
 
 
 class ChannelAttention(nn.Module):
@@ -70,7 +70,10 @@ class SpatialAttention(nn.Module):
 
 
 class DynamicCalibration(nn.Module):
-    """O_d = w_max O_max + w_avg O_avg with learnable scalars (Eq. 4); a fixed average when switched off."""
+    """O_d = w_max O_max + w_avg O_avg with learnable scalars (Eq. 4); a fixed average when switched off.
+
+    Eq. 4 is linear, so HAP applies it to the spatial means of O_max and O_avg, the only part A_d needs.
+    """
 
     def __init__(self, learnable=True):
         super().__init__()
@@ -147,7 +150,7 @@ class HAP(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Joint Preservation components (Sec. 3.4)
+# blocks: the Joint Preservation components ES and EH (Sec. 3.4)
 
 
 class ES(nn.Module):

@@ -50,7 +50,6 @@ FUSION_PARTS = {'jp': (True, True), 'add': (False, False), 'eh_add': (False, Tru
                 'concat_res': (False, False)}
 
 
-
 @dataclass(frozen=True)
 class DANIEConfig:
     size: str = 'S'
@@ -88,7 +87,6 @@ class DANIEConfig:
             raise ValueError('dims, depths and alphas need one entry per stage (4)')
 
 
-
 def make_config(size='S', **overrides):
     """A fresh config from the S or L preset; overrides are any DANIEConfig fields."""
     if size not in PRESETS:
@@ -97,7 +95,6 @@ def make_config(size='S', **overrides):
     if unknown:
         raise ValueError(f'unknown config fields {sorted(unknown)}; switches are {SWITCHES}')
     return DANIEConfig(**{**PRESETS[size], **overrides})
-
 
 
 # -----------------------------------------------------------------------------
@@ -156,7 +153,6 @@ def load_backbone_file(backbone, cfg, path):
           f"({len(head)} head.* tensors); missing in the file: {missing or 'none'}")
 
 
-
 def gmac(model, img_size, batch=1):
     """Multiply-accumulates of one forward pass in G (FlopCounterMode counts 2 FLOPs per MAC)."""
     x = torch.randn(batch, 3, img_size, img_size, device=next(model.parameters()).device)
@@ -184,7 +180,6 @@ def latencies(fns, x, warmup=2, runs=10):
                 if r >= warmup:
                     times[name].append(time.perf_counter() - t0)
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
-
 
 
 # -----------------------------------------------------------------------------
@@ -228,7 +223,6 @@ def sap_stream(cfg, pretrained=False, pretrained_file=None):
     return backbone
 
 
-
 class JointPreservation(nn.Module):
     """One decoding stage: e_i = ES(s_i) + EH(h_i) (Eq. 10), j_i = ConvBlock(Cat[e_i, up(j_{i+1})]) (Eq. 11)."""
 
@@ -259,7 +253,6 @@ class JointPreservation(nn.Module):
             return self.block(e)
         u = self.up(F.interpolate(j_deeper, size=e.shape[-2:], mode='bilinear', align_corners=False))
         return self.block(torch.cat([e, u], dim=1))  # Eq. (11)
-
 
 
 # -----------------------------------------------------------------------------
@@ -293,6 +286,7 @@ class DANIE(nn.Module):
         return js
 
     def forward_heads(self, js, size):
+        """Heads (Eq. 12): p_i = 1x1 conv of j_i, bilinearly brought to the input size; y = sum_i alpha_i p_i."""
         p = [F.interpolate(head(j), size=size, mode='bilinear', align_corners=False)
              for head, j in zip(self.heads, js)]  # p_i: (B,K,H,W)
         a = self.config.alphas

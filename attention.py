@@ -170,7 +170,7 @@ class ES(nn.Module):
             energy = torch.bmm(S1, S2)  # (B,C,N) @ (B,N,C) -> (B,C,C), symmetric
             # NOTE(impl): Eq. 6 as written, softmax over i of S1_i . S2_j (DANet's code instead uses max(energy) - energy).
             W_c = torch.softmax(energy, dim=1)  # Eq. (6): w[i,j], each column j sums to 1 over i
-            # NOTE(impl): in practice the energies are huge (random-init MaxViT-T, 224x224, ImageNet-normalised input, train mode: max |S1_i . S2_j| 6.4e4 / 2.4e4 / 1.7e4 / 8.6e3 in stages 1-4), so W_c is nearly one-hot (97-100% of columns have a weight > 0.99) and es_j ~ S_j + lambda S_i* with i* the channel best aligned with j: j itself in 72% / 28% / 22% / 6% of columns, so ES ~ (1 + lambda) S only in stage 1.
+            # NOTE(impl): in practice W_c is nearly one-hot (random-init MaxViT-T, 224x224: max |energy| 6.4e4/2.4e4/1.7e4/8.6e3 in stages 1-4, 97-100% of columns with a weight > 0.99), so es_j ~ S_j + lambda S_i*, i* the best-aligned channel: j itself in 72/28/22/6% of columns.
             lam_W = self.lam * W_c  # lambda of Eq. 7 folded into the small C x C matrix
             S3 = S1  # S3 is S_in reshaped to (B,C,N) again
             if S.is_contiguous() or not S.is_contiguous(memory_format=torch.channels_last):

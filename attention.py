@@ -8,7 +8,7 @@ Image Segmentation"), Sec. 3.3 and 3.4:
   weights load unchanged. See `timm.models.maxxvit.AttentionCl` / `PartitionAttentionCl`; model.py
   builds the stream with `timm.create_model(..., features_only=True)`.
 - HAP, hierarchical-attentional perception (Sec. 3.3, Eq. 2-5): channel attention, spatial attention and
-  dynamic calibration on the convolutional stream.
+  dynamic calibration on the convolutional stream; the max and avg branches run together, batched.
 - ES, enhancing self-attentional perceptron (Sec. 3.4, Eq. 6-7): channel self-attention on SAP features.
 - EH, enhancing hierarchical-attentional perceptron (Sec. 3.4, Eq. 8-9): global context on HAP features.
 - ConvBlock: two 3x3 conv + BN + GELU (the definition under Eq. 11).
@@ -41,11 +41,11 @@ class ConvBlock(nn.Sequential):
 
 
 # -----------------------------------------------------------------------------
-# HAP: hierarchical-attentional perception (Sec. 3.3)
+# blocks: HAP, hierarchical-attentional perception (Sec. 3.3)
 
 
 class ChannelAttention(nn.Module):
-    """A^c = sigma(MLP(P^s(h))): spatial pooling, then an MLP shared by the max and avg branches (Eq. 2)."""
+    """A^c = sigma(MLP(P^s)) on spatially pooled descriptors (..., C), the MLP shared by both branches (Eq. 2)."""
 
     def __init__(self, C, reduction=16):
         super().__init__()
@@ -53,26 +53,27 @@ class ChannelAttention(nn.Module):
         hidden = max(C // reduction, 1)
         self.mlp = nn.Sequential(nn.Linear(C, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, C))
 
-    def forward(self, x, pool):
-        p = x.amax(dim=(2, 3)) if pool == "max" else x.mean(dim=(2, 3))  # P^s: (B,C)
-        return torch.sigmoid(self.mlp(p))[:, :, None, None]  # A^c: (B,C) -> (B,C,1,1)
+    def forward(self, P_s):
+        return torch.sigmoid(self.mlp(P_s))  # A^c: one C-vector per pooled descriptor
 
 
 class SpatialAttention(nn.Module):
-    """A^s = sigma(Conv(P^c(m))): channel pooling, then a 1x1 convolution (Eq. 3)."""
+    """A^s = sigma(Conv(P^c)) on channel-pooled maps (N,1,H,W): a 1x1 convolution (Eq. 3)."""
 
     def __init__(self):
         super().__init__()
         # NOTE(impl): one 1x1 conv (1->1 channel) shared by the max and avg branches, as the channel MLP is shared.
         self.conv = nn.Conv2d(1, 1, 1)
 
-    def forward(self, x, pool):
-        p = x.amax(dim=1, keepdim=True) if pool == "max" else x.mean(dim=1, keepdim=True)  # P^c: (B,1,H,W)
-        return torch.sigmoid(self.conv(p))  # A^s: (B,1,H,W)
+    def forward(self, P_c):
+        return torch.sigmoid(self.conv(P_c))  # A^s: (N,1,H,W)
 
 
 class DynamicCalibration(nn.Module):
-    """O_d = w_max O_max + w_avg O_avg with learnable scalars (Eq. 4); a fixed average when switched off."""
+    """O_d = w_max O_max + w_avg O_avg with learnable scalars (Eq. 4); a fixed average when switched off.
+
+    Eq. 4 is linear, so HAP applies it to the spatial means of O_max and O_avg, the only part A_d needs.
+    """
 
     def __init__(self, learnable=True):
         super().__init__()
@@ -81,10 +82,10 @@ class DynamicCalibration(nn.Module):
         if learnable:
             self.w = nn.Parameter(w)
         else:
-            self.register_buffer("w", w)
+            self.register_buffer('w', w)
 
-    def forward(self, O_max, O_avg):
-        return self.w[0] * O_max + self.w[1] * O_avg  # Eq. (4)
+    def forward(self, O):
+        return (self.w[:, None] * O).sum(dim=1)  # Eq. (4): O (B,2,...) holds (O_max, O_avg) in dim 1
 
 
 class HAP(nn.Module):
@@ -93,12 +94,12 @@ class HAP(nn.Module):
     order='channel_first' is Eq. 2 then Eq. 3 (Table 6, B.3/B.4); 'spatial_first' swaps them (B.1/B.2).
     """
 
-    def __init__(self, C, order="channel_first", calibration=True, spatial_att=True, channel_att=True):
+    def __init__(self, C, order='channel_first', calibration=True, spatial_att=True, channel_att=True):
         super().__init__()
-        if order not in ("channel_first", "spatial_first"):
+        if order not in ('channel_first', 'spatial_first'):
             raise ValueError(f"HAP order must be 'channel_first' or 'spatial_first', got {order!r}")
         if not (spatial_att or channel_att):
-            raise ValueError("HAP needs channel or spatial attention (or both); to drop the stream use hap=False")
+            raise ValueError('HAP needs channel or spatial attention (or both); to drop the stream use hap=False')
         self.order = order
         self.channel = ChannelAttention(C) if channel_att else None
         self.spatial = SpatialAttention() if spatial_att else None
@@ -107,26 +108,49 @@ class HAP(nn.Module):
         self.c = nn.Linear(C, C)  # c* of Eq. 5
         self.block = ConvBlock(C, C)
 
-    def branch(self, h, pool):
-        """One pooling branch: m = A^c * h (Eq. 2), O = A^s * m (Eq. 3), in the configured order."""
-        stages = [self.channel, self.spatial] if self.order == "channel_first" else [self.spatial, self.channel]
-        x = h
-        for att in stages:
-            if att is not None:
-                x = att(x, pool) * x  # Eq. (2) for A^c (B,C,1,1), Eq. (3) for A^s (B,1,H,W)
-        return x
+    def channel_maps(self, P_max, P_avg):
+        """A^c of both branches through the shared MLP in one pass (Eq. 2): two (B,C) pools -> (B,2,C)."""
+        B, C = P_max.shape
+        return self.channel(torch.cat([P_max, P_avg], dim=1).view(2 * B, C)).view(B, 2, C)  # (B,2C) -> (2B,C)
+
+    def spatial_maps(self, P_max, P_avg):
+        """A^s of both branches through the shared 1x1 conv in one pass (Eq. 3): two (B,1,N) pools -> (B,2,N)."""
+        P_c = torch.cat([P_max, P_avg], dim=1)  # (B,2,N)
+        B, _, N = P_c.shape
+        return self.spatial(P_c.view(2 * B, 1, N, 1)).view(B, 2, N)  # the 1x1 conv sees each map alone
+
+    def pooled_O(self, h):
+        """The spatial means of O_max and O_avg (Eq. 2-3), (B,2,C), without forming O at full size."""
+        # NOTE(impl): only mean(O_d) over H x W reaches A_d and O = A^c * A^s * h, so mean(O)_c = A^c_c mean(A^s h_c) is taken from pooled maps: the same function without the two full-size O.
+        B, C, N = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
+        h_flat = h.flatten(2)  # (B,C,N), a view in NCHW and channels_last alike
+        if self.spatial is None:  # Table 5 A.3: O = A^c * h in either order
+            mean = h_flat.mean(dim=2)  # (B,C)
+            return self.channel_maps(h_flat.amax(dim=2), mean) * mean[:, None]  # (B,2,C) * (B,1,C)
+        h_T = h_flat.transpose(1, 2)  # (B,N,C)
+        if self.channel is None or self.order == 'spatial_first':
+            A_s = self.spatial_maps(h_flat.amax(dim=1, keepdim=True), h_flat.mean(dim=1, keepdim=True))  # Eq. (3) on h
+            G = torch.bmm(A_s, h_T) / N  # (B,2,N) @ (B,N,C) -> (B,2,C): mean(A^s h) per branch
+            if self.channel is None:  # Table 5 A.4: O = A^s * h
+                return G
+            m_max = A_s[:, :1] * h_flat  # m_max = A^s_max * h: (B,1,N) * (B,C,N)
+            A_c = self.channel_maps(m_max.amax(dim=2), G[:, 1])  # Eq. (2) on m; mean(m_avg) is G's avg row
+            return A_c * G  # (B,2,C)
+        A_c = self.channel_maps(h_flat.amax(dim=2), h_flat.mean(dim=2))  # Eq. (2) on h: (B,2,C)
+        m_max = A_c[:, 0, :, None] * h_flat  # m_max = A^c_max * h: (B,C,1) * (B,C,N)
+        mean_m_avg = torch.bmm(A_c[:, 1:], h_flat) / C  # (B,1,C) @ (B,C,N) -> (B,1,N): channel mean of m_avg
+        A_s = self.spatial_maps(m_max.amax(dim=1, keepdim=True), mean_m_avg)  # Eq. (3) on m: (B,2,N)
+        return A_c * torch.bmm(A_s, h_T) / N  # (B,2,N) @ (B,N,C) -> (B,2,C): A^c mean(A^s h)
 
     def forward(self, h):
-        O_max = self.branch(h, "max")
-        O_avg = self.branch(h, "avg")
-        O_d = self.calibration(O_max, O_avg)  # Eq. (4)
+        O_d = self.calibration(self.pooled_O(h))  # Eq. (4) on the spatial means: (B,2,C) -> (B,C)
         # NOTE(impl): A_d is C x 1 x 1 as the text says, so O_d is globally average-pooled before the 1x1 conv c*.
-        A_d = torch.sigmoid(self.c(O_d.mean(dim=(2, 3))))[:, :, None, None]  # (B,C) -> (B,C,1,1)
-        return self.block(A_d * h)  # Eq. (5)
+        A_d = torch.sigmoid(self.c(O_d))  # (B,C)
+        return self.block(A_d.view(*A_d.shape, 1, 1) * h)  # Eq. (5): (B,C,1,1) * (B,C,H,W)
 
 
 # -----------------------------------------------------------------------------
-# Joint Preservation components (Sec. 3.4)
+# blocks: the Joint Preservation components ES and EH (Sec. 3.4)
 
 
 class ES(nn.Module):
@@ -138,18 +162,22 @@ class ES(nn.Module):
 
     def forward(self, S_in):
         B, C, H, W = S_in.shape
-        # NOTE(impl): the C x C energies of large maps overflow fp16, so ES runs in fp32 under autocast.
-        with torch.autocast(device_type="cuda" if S_in.is_cuda else "cpu", enabled=False):
-            S = S_in.float()
-            S1 = S.reshape(B, C, H * W)  # (B,C,N)
+        # NOTE(impl): the C x C energies of large maps overflow fp16, so ES runs in fp32 (fp64 stays fp64) under autocast.
+        with torch.autocast(device_type='cuda' if S_in.is_cuda else 'cpu', enabled=False):
+            S = S_in if S_in.dtype == torch.float64 else S_in.float()
+            S1 = S.flatten(2)  # (B,C,N), a view in NCHW and channels_last alike
             S2 = S1.transpose(1, 2)  # (B,N,C)
-            energy = S1 @ S2  # (B,C,N) @ (B,N,C) -> (B,C,C), symmetric
+            energy = torch.bmm(S1, S2)  # (B,C,N) @ (B,N,C) -> (B,C,C), symmetric
             # NOTE(impl): Eq. 6 as written, softmax over i of S1_i . S2_j (DANet's code instead uses max(energy) - energy).
             W_c = torch.softmax(energy, dim=1)  # Eq. (6): w[i,j], each column j sums to 1 over i
+            # NOTE(impl): in practice W_c is nearly one-hot (random-init MaxViT-T, 224x224: max |energy| 6.4e4/2.4e4/1.7e4/8.6e3 in stages 1-4, 97-100% of columns with a weight > 0.99), so es_j ~ S_j + lambda S_i*, i* the best-aligned channel: j itself in 72/28/22/6% of columns.
+            lam_W = self.lam * W_c  # lambda of Eq. 7 folded into the small C x C matrix
             S3 = S1  # S3 is S_in reshaped to (B,C,N) again
-            out = W_c.transpose(1, 2) @ S3  # (B,C,C) @ (B,C,N) -> (B,C,N): out_j = sum_i w[i,j] S3_i
-            es = self.lam * out.reshape(B, C, H, W) + S  # Eq. (7)
-        return es.to(S_in.dtype)
+            if S.is_contiguous() or not S.is_contiguous(memory_format=torch.channels_last):
+                es = torch.baddbmm(S3, lam_W.transpose(1, 2), S3)  # Eq. (7): (B,C,C) @ (B,C,N) + S3 -> (B,C,N)
+            else:  # the same sum in (B,N,C) order, so a channels_last input gives a channels_last output
+                es = torch.baddbmm(S2, S2, lam_W).transpose(1, 2)  # Eq. (7): (B,N,C) @ (B,C,C) + S2 -> (B,N,C)
+        return es.view(B, C, H, W).to(S_in.dtype)  # es_j = lam sum_i w[i,j] S3_i + S_in,j
 
 
 class EH(nn.Module):
@@ -166,7 +194,7 @@ class EH(nn.Module):
 
     def forward(self, H_in):
         B, C, H, W = H_in.shape
-        k = torch.softmax(self.c1(H_in).reshape(B, 1, H * W), dim=-1)  # F_r1, psi: (B,1,N)
-        A_g = H_in.reshape(B, C, H * W) @ k.transpose(1, 2)  # Eq. (8): (B,C,N) @ (B,N,1) -> (B,C,1)
-        W_g = torch.sigmoid(self.c2(F.gelu(self.ln(self.c1_int(A_g.squeeze(-1))))))  # (B,C)
-        return W_g[:, :, None, None] * H_in  # Eq. (9): (B,C) -> (B,C,1,1), broadcast over H x W
+        k = torch.softmax(self.c1(H_in).reshape(B, H * W, 1), dim=1)  # F_r1, psi: (B,1,H,W) -> (B,N,1)
+        A_g = torch.bmm(H_in.flatten(2), k)  # Eq. (8): (B,C,N) @ (B,N,1) -> (B,C,1)
+        W_g = torch.sigmoid(self.c2(F.gelu(self.ln(self.c1_int(A_g.view(B, C))))))  # (B,C)
+        return W_g.view(B, C, 1, 1) * H_in  # Eq. (9): (B,C) -> (B,C,1,1), broadcast over H x W

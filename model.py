@@ -4,8 +4,17 @@ Segmentation", Sec. 3): embeddings (Sec. 3.2), the Dual Attention Encoder with a
 beside an HAP stream (Sec. 3.3), Joint Preservation decoding from the deepest stage (Sec. 3.4, Eq. 10-11)
 and four prediction heads summed into y (Eq. 12).
 
-The text alone gives ~8.4 / 18.1 GMAC; the calibrated reading of ../shared/DESIGN.md section 2 (full
-resolution HAP embedding, HAP depths mirroring MaxViT) lands on the paper's 13.29 / 26.55.
+Offers: `danie(size, num_classes, img_size, pretrained, pretrained_file, **switches)`, `DANIE`, `DANIEConfig`,
+`make_config`, `PRESETS`, `FUSIONS`, `ORDERS`, `PretrainedError`, `gmac`; `main()` is the CLI below.
+
+Why this architecture: the text alone (a light patch embedding to H/4 and one HAP block per stage) gives
+about 8.4-8.7 / 18.1-18.7 GMAC for S / L at 224x224, 9 classes, far below Table 1's 13.29 / 26.55 (its
+"GFLOPs" are multiply-accumulates: MaxViT-T is 5.6 G there). Two readings, both standard blocks, close the gap:
+a UNet-style HAP embedding that starts at full resolution (ConvBlock(3->64) at HxW, ConvBlock(64->C1) at H/2,
+each max-pooled; a 4x4 stride-4 conv embedding instead costs 2.9 / 3.7 GMAC less) and HAP depths that mirror
+the MaxViT stage beside each (2, 2, 5, 2; one block per stage costs 1.6 / 3.7 GMAC less). Together they give
+13.21 / 26.04 GMAC (FlopCounterMode FLOPs / 2), within 1% / 2% of the paper; the bare MaxViT-T / -S
+encoders are 5.55 / 11.59 of that.
 
     python model.py --size S            # parameters and GMAC at 224x224, 9 classes, beside the paper
     python model.py --size L --bench    # plus CPU latency of DANIE against its bare MaxViT backbone
@@ -26,72 +35,70 @@ from torch.utils.flop_counter import FlopCounterMode
 from attention import EH, ES, HAP, ConvBlock, conv_bn_gelu
 
 # -----------------------------------------------------------------------------
-# config and presets
+# constants and config (Sec. 4.2, Tables 1 and 5-7)
+
+PRESETS = {
+    'S': dict(size='S', backbone='maxvit_tiny_tf_224', dims=(64, 128, 256, 512), depths=(2, 2, 5, 2)),
+    'L': dict(size='L', backbone='maxvit_small_tf_224', dims=(96, 192, 384, 768), depths=(2, 2, 5, 2)),
+}
+PAPER_GMAC = {'S': 13.29, 'L': 26.55}  # Table 1, 224x224, 9 classes ("GFLOPs" there are multiply-accumulates)
+FUSIONS = ('jp', 'add', 'concat_res', 'eh_add', 'es_add')
+ORDERS = ('channel_first', 'spatial_first')
+SWITCHES = ('hap', 'sap', 'spatial_att', 'channel_att', 'order', 'calibration', 'fusion')
+# which Joint Preservation component acts on which stream, per Table 7 row
+FUSION_PARTS = {'jp': (True, True), 'add': (False, False), 'eh_add': (False, True), 'es_add': (True, False),
+                'concat_res': (False, False)}
 
 
 @dataclass(frozen=True)
 class DANIEConfig:
-    size: str = "S"
-    backbone: str = "maxvit_tiny_tf_224"  # SAP stream (Sec. 4.2)
+    size: str = 'S'
+    backbone: str = 'maxvit_tiny_tf_224'  # SAP stream (Sec. 4.2)
     dims: tuple = (64, 128, 256, 512)  # C_1..C_4 (Sec. 4.2)
     depths: tuple = (2, 2, 5, 2)  # HAP blocks per stage, mirroring the MaxViT stage beside it
     num_classes: int = 9
     img_size: int = 224
-    in_chans: int = 3
     alphas: tuple = (1.0, 1.0, 1.0, 1.0)  # Eq. 12: "we set all alpha values to 1.0"
     # ablation switches (Tables 5-7)
     hap: bool = True  # Table 5 A.1: no HAP stream
     sap: bool = True  # Table 5 A.2: no SAP stream
     spatial_att: bool = True  # Table 5 A.3
     channel_att: bool = True  # Table 5 A.4
-    order: str = "channel_first"  # Table 6: 'channel_first' or 'spatial_first'
+    order: str = 'channel_first'  # Table 6: 'channel_first' or 'spatial_first'
     calibration: bool = True  # Table 6: dynamic calibration (Eq. 4) or a plain average
-    fusion: str = "jp"  # Table 7: 'jp', 'add', 'concat_res', 'eh_add', 'es_add'
+    fusion: str = 'jp'  # Table 7: 'jp', 'add', 'concat_res', 'eh_add', 'es_add'
 
     def __post_init__(self):
         if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+            raise ValueError(f'fusion must be one of {FUSIONS}, got {self.fusion!r}')
         if self.order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+            raise ValueError(f'order must be one of {ORDERS}, got {self.order!r}')
         if not (self.hap or self.sap):
-            raise ValueError("at least one of the two streams (hap, sap) must be on")
-        if not (self.hap and self.sap) and self.fusion != "add":
+            raise ValueError('at least one of the two streams (hap, sap) must be on')
+        if not (self.hap and self.sap) and self.fusion != 'add':
             raise ValueError(f"with one stream off (Table 5) the fusion must be 'add', got {self.fusion!r}")
         if not (self.spatial_att or self.channel_att):
-            raise ValueError("HAP needs spatial or channel attention; to drop the whole stream set hap=False")
+            raise ValueError('HAP needs spatial or channel attention; to drop the whole stream set hap=False')
         if self.img_size % 32 or self.img_size < 32:
             raise ValueError(f"img_size must be a positive multiple of 32 (MaxViT's stride), got {self.img_size}")
         if self.num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2 (background + one class), got {self.num_classes}")
+            raise ValueError(f'num_classes must be at least 2 (background + one class), got {self.num_classes}')
         if len(self.dims) != 4 or len(self.depths) != 4 or len(self.alphas) != 4:
-            raise ValueError("dims, depths and alphas need one entry per stage (4)")
+            raise ValueError('dims, depths and alphas need one entry per stage (4)')
 
 
-PRESETS = {
-    "S": dict(size="S", backbone="maxvit_tiny_tf_224", dims=(64, 128, 256, 512), depths=(2, 2, 5, 2)),
-    "L": dict(size="L", backbone="maxvit_small_tf_224", dims=(96, 192, 384, 768), depths=(2, 2, 5, 2)),
-}
-PAPER_GMAC = {"S": 13.29, "L": 26.55}  # Table 1, 224x224, 9 classes ("GFLOPs" there are multiply-accumulates)
-FUSIONS = ("jp", "add", "concat_res", "eh_add", "es_add")
-ORDERS = ("channel_first", "spatial_first")
-SWITCHES = ("hap", "sap", "spatial_att", "channel_att", "order", "calibration", "fusion")
-# which Joint Preservation component acts on which stream, per Table 7 row
-FUSION_PARTS = {"jp": (True, True), "add": (False, False), "eh_add": (False, True), "es_add": (True, False),
-                "concat_res": (False, False)}
-
-
-def make_config(size="S", **overrides):
+def make_config(size='S', **overrides):
     """A fresh config from the S or L preset; overrides are any DANIEConfig fields."""
     if size not in PRESETS:
-        raise ValueError(f"size must be one of {sorted(PRESETS)}, got {size!r}")
+        raise ValueError(f'size must be one of {sorted(PRESETS)}, got {size!r}')
     unknown = set(overrides) - {f.name for f in fields(DANIEConfig)}
     if unknown:
-        raise ValueError(f"unknown config fields {sorted(unknown)}; switches are {SWITCHES}")
+        raise ValueError(f'unknown config fields {sorted(unknown)}; switches are {SWITCHES}')
     return DANIEConfig(**{**PRESETS[size], **overrides})
 
 
 # -----------------------------------------------------------------------------
-# pretrained MaxViT weights (Sec. 4.2)
+# helpers: pretrained MaxViT weights (Sec. 4.2), GMAC, parameters, CPU latency
 
 
 class PretrainedError(Exception):
@@ -101,21 +108,21 @@ class PretrainedError(Exception):
 def read_state_dict(path):
     """Tensors of a .pth/.bin/.safetensors file, unwrapping the usual {'state_dict'|'model': ...} containers."""
     if not os.path.isfile(path):
-        raise PretrainedError(f"pretrained file {path!r} does not exist")
+        raise PretrainedError(f'pretrained file {path!r} does not exist')
     try:
-        if path.endswith(".safetensors"):
+        if path.endswith('.safetensors'):
             from safetensors.torch import load_file
-            sd = load_file(path, device="cpu")
+            sd = load_file(path, device='cpu')
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise PretrainedError(f"cannot read pretrained file {path!r} ({type(e).__name__}: {e})") from None
-    for key in ("state_dict", "model", "state_dict_ema"):
+        raise PretrainedError(f'cannot read pretrained file {path!r} ({type(e).__name__}: {e})') from None
+    for key in ('state_dict', 'model', 'state_dict_ema'):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
             break
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise PretrainedError(f"pretrained file {path!r} holds no state dict of tensors")
+        raise PretrainedError(f'pretrained file {path!r} holds no state dict of tensors')
     return sd
 
 
@@ -126,158 +133,24 @@ def load_backbone_file(backbone, cfg, path):
     try:  # timm's own filter: resizes relative position tables for img_size != 224
         sd = timm.models.maxxvit.checkpoint_filter_fn(sd, full)
     except Exception as e:
-        raise PretrainedError(f"{path!r} is not a {cfg.backbone} checkpoint ({type(e).__name__}: {e})") from None
+        raise PretrainedError(f'{path!r} is not a {cfg.backbone} checkpoint ({type(e).__name__}: {e})') from None
     want = full.state_dict()
     missing = [k for k in want if k not in sd]
     unexpected = [k for k in sd if k not in want]
-    mismatched = [f"{k} {tuple(sd[k].shape)} vs {tuple(want[k].shape)}"
+    mismatched = [f'{k} {tuple(sd[k].shape)} vs {tuple(want[k].shape)}'
                   for k in want if k in sd and sd[k].shape != want[k].shape]
-    body_missing = [k for k in missing if not k.startswith("head.")]
+    body_missing = [k for k in missing if not k.startswith('head.')]
     if body_missing or unexpected or mismatched:
         raise PretrainedError(
-            f"{path!r} is not a {cfg.backbone} checkpoint (DANIE-{cfg.size} needs {cfg.backbone}): "
-            f"{len(body_missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} mismatched keys, "
-            f"e.g. {(body_missing + unexpected + mismatched)[:3]}")
+            f'{path!r} is not a {cfg.backbone} checkpoint (DANIE-{cfg.size} needs {cfg.backbone}): '
+            f'{len(body_missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} mismatched keys, '
+            f'e.g. {(body_missing + unexpected + mismatched)[:3]}')
     # the feature backbone is the model without its classifier; timm names stage n 'stages_n' there
-    body = {k.replace("stages.", "stages_", 1): v for k, v in sd.items() if not k.startswith("head.")}
+    body = {k.replace('stages.', 'stages_', 1): v for k, v in sd.items() if not k.startswith('head.')}
     backbone.load_state_dict(body, strict=True)
-    head = [k for k in sd if k.startswith("head.")]
-    print(f"loaded {len(body)} {cfg.backbone} tensors from {path}; ignored the ImageNet classifier "
+    head = [k for k in sd if k.startswith('head.')]
+    print(f'loaded {len(body)} {cfg.backbone} tensors from {path}; ignored the ImageNet classifier '
           f"({len(head)} head.* tensors); missing in the file: {missing or 'none'}")
-
-
-# -----------------------------------------------------------------------------
-# the two streams of the Dual Attention Encoder (Sec. 3.2-3.3)
-
-
-class HAPStream(nn.Module):
-    """Convolutional embedding to H/4 (Sec. 3.2), then four stages of stacked HAP blocks (Eq. 2-5)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        C = cfg.dims
-        # NOTE(impl): UNet-style embedding, ConvBlock(3->64) at HxW and ConvBlock(64->C1) at H/2, each then max-pooled (DESIGN.md 2: it lands the GMAC).
-        self.embed = nn.Sequential(ConvBlock(cfg.in_chans, 64), nn.MaxPool2d(2), ConvBlock(64, C[0]), nn.MaxPool2d(2))
-        hap = dict(order=cfg.order, calibration=cfg.calibration, spatial_att=cfg.spatial_att,
-                   channel_att=cfg.channel_att)
-        self.stages = nn.ModuleList()
-        for i, (c, depth) in enumerate(zip(C, cfg.depths)):
-            # NOTE(impl): a 3x3 stride-2 conv + BN + GELU halves the map before stages 2-4, as MaxViT's stages do.
-            down = [conv_bn_gelu(C[i - 1], c, stride=2)] if i > 0 else []
-            self.stages.append(nn.Sequential(*down, *[HAP(c, **hap) for _ in range(depth)]))
-
-    def forward(self, x):
-        h = self.embed(x)  # (B,C1,H/4,W/4)
-        out = []
-        for stage in self.stages:
-            h = stage(h)
-            out.append(h)
-        return out  # h_1..h_4 at H/4..H/32
-
-
-def sap_stream(cfg, pretrained=False, pretrained_file=None):
-    """SAP stream: timm's MaxViT stages (Eq. 1 attention) as a feature backbone; its stem + stage-1 stride is the H/4 embedding."""
-    backbone = timm.create_model(cfg.backbone, pretrained=pretrained and pretrained_file is None,
-                                 features_only=True, out_indices=(1, 2, 3, 4), img_size=cfg.img_size)
-    got = tuple(backbone.feature_info.channels())
-    if got != tuple(cfg.dims):
-        raise ValueError(f"{cfg.backbone} gives channels {got}, but dims is {cfg.dims}")
-    if pretrained_file is not None:
-        load_backbone_file(backbone, cfg, pretrained_file)
-    return backbone
-
-
-# -----------------------------------------------------------------------------
-# Joint Preservation (Sec. 3.4) and heads (Eq. 12)
-
-
-class JointPreservation(nn.Module):
-    """One decoding stage: e_i = ES(s_i) + EH(h_i) (Eq. 10), j_i = ConvBlock(Cat[e_i, up(j_{i+1})]) (Eq. 11)."""
-
-    def __init__(self, C, C_deeper, fusion="jp", hap=True, sap=True):
-        super().__init__()
-        use_es, use_eh = FUSION_PARTS[fusion]
-        self.es = ES() if (use_es and sap) else None
-        self.eh = EH(C) if (use_eh and hap) else None
-        self.cat_res = conv_bn_gelu(2 * C, C) if fusion == "concat_res" else None  # Table 7 C.1 only
-        if C_deeper is None:  # the deepest stage has no j_{i+1}
-            self.up, self.block = None, ConvBlock(C, C)
-        else:
-            # NOTE(impl): j_{i+1} is brought to stage i by bilinear x2 and a 3x3 conv C_{i+1}->C_i + BN + GELU before Cat (Eq. 11 is silent on it).
-            self.up, self.block = conv_bn_gelu(C_deeper, C), ConvBlock(2 * C, C)
-
-    def fuse(self, s, h):
-        if s is None or h is None:  # Table 5: one stream only
-            return h if s is None else s
-        if self.cat_res is not None:
-            return self.cat_res(torch.cat([s, h], dim=1)) + s + h  # Table 7 C.1: Concat + Res
-        es = self.es(s) if self.es is not None else s  # Eq. (6)-(7)
-        eh = self.eh(h) if self.eh is not None else h  # Eq. (8)-(9)
-        return es + eh  # Eq. (10)
-
-    def forward(self, s, h, j_deeper=None):
-        e = self.fuse(s, h)
-        if self.up is None:
-            return self.block(e)
-        u = self.up(F.interpolate(j_deeper, size=e.shape[-2:], mode="bilinear", align_corners=False))
-        return self.block(torch.cat([e, u], dim=1))  # Eq. (11)
-
-
-class DANIE(nn.Module):
-    """DANIE: returns y = sum_i alpha_i p_i (Eq. 12) and the four upsampled head maps [p_1..p_4]."""
-
-    def __init__(self, cfg, pretrained=False, pretrained_file=None):
-        super().__init__()
-        self.config = cfg
-        C = cfg.dims
-        self.sap = sap_stream(cfg, pretrained, pretrained_file) if cfg.sap else None
-        self.hap = HAPStream(cfg) if cfg.hap else None
-        self.jp = nn.ModuleList([JointPreservation(C[i], C[i + 1] if i < 3 else None, cfg.fusion, cfg.hap, cfg.sap)
-                                 for i in range(4)])
-        self.heads = nn.ModuleList([nn.Conv2d(c, cfg.num_classes, 1) for c in C])
-        self.register_buffer("alphas", torch.tensor(cfg.alphas), persistent=False)
-
-    def forward_encoder(self, x):
-        """Embeddings and the Dual Attention Encoder: SAP || HAP, four stages each."""
-        s = self.sap(x) if self.sap is not None else [None] * 4  # s_1..s_4
-        h = self.hap(x) if self.hap is not None else [None] * 4  # h_1..h_4
-        return s, h
-
-    def forward_decoder(self, s, h):
-        """Joint Preservation from the deepest stage up: j_4, j_3, j_2, j_1."""
-        j, js = None, [None] * 4
-        for i in (3, 2, 1, 0):
-            j = js[i] = self.jp[i](s[i], h[i], j)
-        return js
-
-    def forward_heads(self, js, size):
-        p = [F.interpolate(head(j), size=size, mode="bilinear", align_corners=False)
-             for head, j in zip(self.heads, js)]  # p_i: (B,K,H,W)
-        y = sum(a * p_i for a, p_i in zip(self.alphas, p))  # Eq. (12)
-        return y, p
-
-    def forward(self, x):
-        if x.ndim != 4 or x.shape[1] not in (1, self.config.in_chans):
-            raise ValueError(f"DANIE expects (B,{self.config.in_chans},H,W) or (B,1,H,W) input, got {tuple(x.shape)}")
-        if x.shape[-2:] != (self.config.img_size, self.config.img_size):
-            raise ValueError(f"DANIE was built for {self.config.img_size}x{self.config.img_size} input "
-                             f"(MaxViT windows are fixed by img_size), got {tuple(x.shape[-2:])}")
-        if x.shape[1] == 1:
-            # NOTE(impl): grayscale CT/MRI is repeated to 3 channels so the ImageNet stem applies unchanged.
-            x = x.expand(-1, 3, -1, -1)
-        s, h = self.forward_encoder(x)
-        js = self.forward_decoder(s, h)
-        return self.forward_heads(js, x.shape[-2:])
-
-
-def danie(size="S", num_classes=9, img_size=224, pretrained=False, pretrained_file=None, **switches):
-    """Build DANIE-S or DANIE-L; switches are the ablation fields of DANIEConfig (Tables 5-7)."""
-    cfg = make_config(size, num_classes=num_classes, img_size=img_size, **switches)
-    return DANIE(cfg, pretrained=pretrained, pretrained_file=pretrained_file)
-
-
-# -----------------------------------------------------------------------------
-# measurement: GMAC, parameters, CPU latency
 
 
 def gmac(model, img_size, batch=1):
@@ -309,14 +182,151 @@ def latencies(fns, x, warmup=2, runs=10):
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
+# -----------------------------------------------------------------------------
+# blocks: the two streams of the Dual Attention Encoder (Sec. 3.2-3.3), Joint Preservation (Sec. 3.4)
+
+
+class HAPStream(nn.Module):
+    """Convolutional embedding to H/4 (Sec. 3.2), then four stages of stacked HAP blocks (Eq. 2-5)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        C = cfg.dims
+        # NOTE(impl): UNet-style embedding, ConvBlock(3->64) at HxW and ConvBlock(64->C1) at H/2, each then max-pooled: the full-resolution block is what lands Table 1's GMAC (module docstring).
+        self.embed = nn.Sequential(ConvBlock(3, 64), nn.MaxPool2d(2), ConvBlock(64, C[0]), nn.MaxPool2d(2))
+        hap = dict(order=cfg.order, calibration=cfg.calibration, spatial_att=cfg.spatial_att,
+                   channel_att=cfg.channel_att)
+        self.stages = nn.ModuleList()
+        for i, (c, depth) in enumerate(zip(C, cfg.depths)):
+            # NOTE(impl): a 3x3 stride-2 conv + BN + GELU halves the map before stages 2-4, as MaxViT's stages do.
+            down = [conv_bn_gelu(C[i - 1], c, stride=2)] if i > 0 else []
+            self.stages.append(nn.Sequential(*down, *[HAP(c, **hap) for _ in range(depth)]))
+
+    def forward(self, x):
+        h = self.embed(x)  # (B,C1,H/4,W/4)
+        out = []
+        for stage in self.stages:
+            h = stage(h)
+            out.append(h)
+        return out  # h_1..h_4 at H/4..H/32
+
+
+def sap_stream(cfg, pretrained=False, pretrained_file=None):
+    """SAP stream: timm's MaxViT stages (Eq. 1 attention) as a feature backbone; its stem + stage-1 stride is the H/4 embedding."""
+    backbone = timm.create_model(cfg.backbone, pretrained=pretrained and pretrained_file is None,
+                                 features_only=True, out_indices=(1, 2, 3, 4), img_size=cfg.img_size)
+    got = tuple(backbone.feature_info.channels())
+    if got != tuple(cfg.dims):
+        raise ValueError(f'{cfg.backbone} gives channels {got}, but dims is {cfg.dims}')
+    if pretrained_file is not None:
+        load_backbone_file(backbone, cfg, pretrained_file)
+    return backbone
+
+
+class JointPreservation(nn.Module):
+    """One decoding stage: e_i = ES(s_i) + EH(h_i) (Eq. 10), j_i = ConvBlock(Cat[e_i, up(j_{i+1})]) (Eq. 11)."""
+
+    def __init__(self, C, C_deeper, fusion='jp', hap=True, sap=True):
+        super().__init__()
+        use_es, use_eh = FUSION_PARTS[fusion]
+        self.es = ES() if (use_es and sap) else None
+        self.eh = EH(C) if (use_eh and hap) else None
+        self.cat_res = conv_bn_gelu(2 * C, C) if fusion == 'concat_res' else None  # Table 7 C.1 only
+        if C_deeper is None:  # the deepest stage has no j_{i+1}
+            self.up, self.block = None, ConvBlock(C, C)
+        else:
+            # NOTE(impl): j_{i+1} is brought to stage i by bilinear x2 and a 3x3 conv C_{i+1}->C_i + BN + GELU before Cat (Eq. 11 is silent on it).
+            self.up, self.block = conv_bn_gelu(C_deeper, C), ConvBlock(2 * C, C)
+
+    def fuse(self, s, h):
+        if s is None or h is None:  # Table 5: one stream only
+            return h if s is None else s
+        if self.cat_res is not None:
+            return self.cat_res(torch.cat([s, h], dim=1)) + s + h  # Table 7 C.1: Concat + Res
+        es = self.es(s) if self.es is not None else s  # Eq. (6)-(7)
+        eh = self.eh(h) if self.eh is not None else h  # Eq. (8)-(9)
+        return es + eh  # Eq. (10)
+
+    def forward(self, s, h, j_deeper=None):
+        e = self.fuse(s, h)
+        if self.up is None:
+            return self.block(e)
+        u = self.up(F.interpolate(j_deeper, size=e.shape[-2:], mode='bilinear', align_corners=False))
+        return self.block(torch.cat([e, u], dim=1))  # Eq. (11)
+
+
+# -----------------------------------------------------------------------------
+# top level: DANIE and its heads (Eq. 12)
+
+
+class DANIE(nn.Module):
+    """DANIE: returns y = sum_i alpha_i p_i (Eq. 12) and the four upsampled head maps [p_1..p_4]."""
+
+    def __init__(self, cfg, pretrained=False, pretrained_file=None):
+        super().__init__()
+        self.config = cfg
+        C = cfg.dims
+        self.sap = sap_stream(cfg, pretrained, pretrained_file) if cfg.sap else None
+        self.hap = HAPStream(cfg) if cfg.hap else None
+        self.jp = nn.ModuleList([JointPreservation(C[i], C[i + 1] if i < 3 else None, cfg.fusion, cfg.hap, cfg.sap)
+                                 for i in range(4)])
+        self.heads = nn.ModuleList([nn.Conv2d(c, cfg.num_classes, 1) for c in C])
+
+    def forward_encoder(self, x):
+        """Embeddings and the Dual Attention Encoder: SAP || HAP, four stages each."""
+        s = self.sap(x) if self.sap is not None else [None] * 4  # s_1..s_4
+        h = self.hap(x) if self.hap is not None else [None] * 4  # h_1..h_4
+        return s, h
+
+    def forward_decoder(self, s, h):
+        """Joint Preservation from the deepest stage up: j_4, j_3, j_2, j_1."""
+        j, js = None, [None] * 4
+        for i in (3, 2, 1, 0):
+            j = js[i] = self.jp[i](s[i], h[i], j)
+        return js
+
+    def forward_heads(self, js, size):
+        """Heads (Eq. 12): p_i = 1x1 conv of j_i, bilinearly brought to the input size; y = sum_i alpha_i p_i."""
+        p = [F.interpolate(head(j), size=size, mode='bilinear', align_corners=False)
+             for head, j in zip(self.heads, js)]  # p_i: (B,K,H,W)
+        a = self.config.alphas
+        y = p[0] * a[0]
+        for a_i, p_i in zip(a[1:], p[1:]):
+            y = y.add(p_i, alpha=a_i)  # Eq. (12): one fused multiply-add per head
+        return y, p
+
+    def forward(self, x):
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f'DANIE expects (B,3,H,W) or (B,1,H,W) input, got {tuple(x.shape)}')
+        if x.shape[-2:] != (self.config.img_size, self.config.img_size):
+            raise ValueError(f'DANIE was built for {self.config.img_size}x{self.config.img_size} input '
+                             f'(MaxViT windows are fixed by img_size), got {tuple(x.shape[-2:])}')
+        if x.shape[1] == 1:
+            # NOTE(impl): grayscale CT/MRI is repeated to 3 channels so the ImageNet stem applies unchanged.
+            x = x.expand(-1, 3, -1, -1)
+        s, h = self.forward_encoder(x)
+        js = self.forward_decoder(s, h)
+        return self.forward_heads(js, x.shape[-2:])
+
+
+def danie(size='S', num_classes=9, img_size=224, pretrained=False, pretrained_file=None, **switches):
+    """Build DANIE-S or DANIE-L; switches are the ablation fields of DANIEConfig (Tables 5-7)."""
+    cfg = make_config(size, num_classes=num_classes, img_size=img_size, **switches)
+    return DANIE(cfg, pretrained=pretrained, pretrained_file=pretrained_file)
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="DANIE parameters, GMAC (Table 1) and CPU latency")
-    parser.add_argument("--size", choices=sorted(PRESETS), nargs="+", default=["S", "L"], help="presets (Sec. 4.2)")
-    parser.add_argument("--img-size", type=int, default=224, help="input size (Table 1 counts at 224)")
-    parser.add_argument("--num-classes", type=int, default=9, help="Synapse: 8 organs + background (Sec. 4.1)")
-    parser.add_argument("--bench", action="store_true", help="also time CPU forward latency against the bare backbone")
-    parser.add_argument("--runs", type=int, default=10, help="timed runs per model (median reported)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser = argparse.ArgumentParser(description='DANIE parameters, GMAC (Table 1) and CPU latency')
+    parser.add_argument('--size', choices=sorted(PRESETS), nargs='+', default=['S', 'L'], help='presets (Sec. 4.2)')
+    parser.add_argument('--img-size', type=int, default=224, help='input size (Table 1 counts at 224)')
+    parser.add_argument('--num-classes', type=int, default=9, help='Synapse: 8 organs + background (Sec. 4.1)')
+    parser.add_argument('--bench', action='store_true', help='also time CPU forward latency against the bare backbone')
+    parser.add_argument('--runs', type=int, default=10, help='timed runs per model (median reported)')
+    parser.add_argument('--threads', type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -329,16 +339,16 @@ def main(argv=None):
                    gmac_bb=gmac(backbone, args.img_size), paper=PAPER_GMAC[size])
         if args.bench:
             x = torch.randn(1, 3, args.img_size, args.img_size)
-            row.update(latencies({"ms": model, "ms_bb": backbone}, x, runs=args.runs))
+            row.update(latencies({'ms': model, 'ms_bb': backbone}, x, runs=args.runs))
         rows.append(row)
 
-    print(f"DANIE at {args.img_size}x{args.img_size}, {args.num_classes} classes "
+    print(f'DANIE at {args.img_size}x{args.img_size}, {args.num_classes} classes '
           f"(GMAC = FlopCounterMode FLOPs / 2; the paper's 'GFLOPs' count multiply-accumulates)")
     if args.bench:
-        print(f"CPU forward latency: batch 1, median of {args.runs} interleaved runs after warm-up, "
-              f"{torch.get_num_threads()} torch threads; backbone = the bare MaxViT feature extractor")
+        print(f'CPU forward latency: batch 1, median of {args.runs} interleaved runs after warm-up, '
+              f'{torch.get_num_threads()} torch threads; backbone = the bare MaxViT feature extractor')
     print(f"{'model':8} {'params (M)':>10} {'GMAC':>8} {'paper':>7} {'diff':>7} {'backbone GMAC':>13} {'GMAC ratio':>10}"
-          + (f" {'ms':>8} {'backbone ms':>11} {'ms ratio':>8}" if args.bench else ""))
+          + (f" {'ms':>8} {'backbone ms':>11} {'ms ratio':>8}" if args.bench else ''))
     for r in rows:
         line = (f"DANIE-{r['size']:2} {r['params']:10.2f} {r['gmac']:8.2f} {r['paper']:7.2f} "
                 f"{100 * (r['gmac'] / r['paper'] - 1):+6.1f}% {r['gmac_bb']:13.2f} {r['gmac'] / r['gmac_bb']:9.2f}x")
@@ -347,5 +357,5 @@ def main(argv=None):
         print(line)
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     main()

@@ -1,10 +1,13 @@
 """Tests of the DANIE network (attention.py, model.py): shapes, equations, ablations, GMAC, weight loading.
 CPU, offline; full-size shape and GMAC checks run on the meta device, which needs no memory or time."""
 
+import copy
+
 import pytest
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from attention import EH, ES, HAP, ChannelAttention, ConvBlock, SpatialAttention
 from model import FUSIONS, PAPER_GMAC, DANIE, PretrainedError, danie, gmac, make_config
@@ -137,8 +140,8 @@ def test_eh_matches_eq8_eq9():
 
 def test_attention_maps_have_the_papers_shapes():
     x = torch.randn(2, 32, 7, 7)
-    assert ChannelAttention(32)(x, "max").shape == (2, 32, 1, 1)  # A^c in R^{C x 1 x 1}
-    assert SpatialAttention()(x, "avg").shape == (2, 1, 7, 7)  # A^s in R^{1 x H x W}
+    assert ChannelAttention(32)(x.amax(dim=(2, 3))).shape == (2, 32)  # A^c in R^{C x 1 x 1}, one per image
+    assert SpatialAttention()(x.mean(dim=1, keepdim=True)).shape == (2, 1, 7, 7)  # A^s in R^{1 x H x W}
     for block in (HAP(32), HAP(32, order="spatial_first", calibration=False), ES(), EH(32)):
         assert block.eval()(x).shape == x.shape
 
@@ -249,3 +252,207 @@ def test_data_normalisation_matches_the_backbones_pretrained_config():
     for size in ("S", "L"):
         cfg = timm.get_pretrained_cfg(make_config(size).backbone).to_dict()
         assert tuple(cfg["mean"]) == data.MEAN and tuple(cfg["std"]) == data.STD
+
+
+# -----------------------------------------------------------------------------
+# the batched blocks compute the functions of the per-branch code they replaced (same weights, same keys)
+
+
+class RefChannelAttention(nn.Module):
+    """The per-branch Eq. 2 before the two branches were batched."""
+
+    def __init__(self, C, reduction=16):
+        super().__init__()
+        hidden = max(C // reduction, 1)
+        self.mlp = nn.Sequential(nn.Linear(C, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, C))
+
+    def forward(self, x, pool):
+        p = x.amax(dim=(2, 3)) if pool == 'max' else x.mean(dim=(2, 3))
+        return torch.sigmoid(self.mlp(p))[:, :, None, None]
+
+
+class RefSpatialAttention(nn.Module):
+    """The per-branch Eq. 3."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1)
+
+    def forward(self, x, pool):
+        p = x.amax(dim=1, keepdim=True) if pool == 'max' else x.mean(dim=1, keepdim=True)
+        return torch.sigmoid(self.conv(p))
+
+
+class RefHAP(nn.Module):
+    """HAP as first written: both branches at full size, one after the other, O_d formed, then pooled."""
+
+    def __init__(self, C, order='channel_first', calibration=True, spatial_att=True, channel_att=True):
+        super().__init__()
+        self.order = order
+        self.channel = RefChannelAttention(C) if channel_att else None
+        self.spatial = RefSpatialAttention() if spatial_att else None
+        self.calibration = nn.Module()
+        if calibration:
+            self.calibration.w = nn.Parameter(torch.full((2,), 0.5))
+        else:
+            self.calibration.register_buffer('w', torch.full((2,), 0.5))
+        self.c = nn.Linear(C, C)
+        self.block = ConvBlock(C, C)
+
+    def branch(self, h, pool):
+        stages = [self.channel, self.spatial] if self.order == 'channel_first' else [self.spatial, self.channel]
+        x = h
+        for att in stages:
+            if att is not None:
+                x = att(x, pool) * x
+        return x
+
+    def forward(self, h):
+        O_d = self.calibration.w[0] * self.branch(h, 'max') + self.calibration.w[1] * self.branch(h, 'avg')
+        A_d = torch.sigmoid(self.c(O_d.mean(dim=(2, 3))))[:, :, None, None]
+        return self.block(A_d * h)
+
+
+class RefES(nn.Module):
+    """ES through matmul, lambda applied after the product."""
+
+    def __init__(self):
+        super().__init__()
+        self.lam = nn.Parameter(torch.zeros(1))
+
+    def forward(self, S):
+        B, C, H, W = S.shape
+        S1 = S.reshape(B, C, H * W)
+        W_c = torch.softmax(S1 @ S1.transpose(1, 2), dim=1)
+        return self.lam * (W_c.transpose(1, 2) @ S1).reshape(B, C, H, W) + S
+
+
+class RefEH(EH):
+    """EH through matmul and reshape."""
+
+    def forward(self, H_in):
+        B, C, H, W = H_in.shape
+        k = torch.softmax(self.c1(H_in).reshape(B, 1, H * W), dim=-1)
+        A_g = H_in.reshape(B, C, H * W) @ k.transpose(1, 2)
+        W_g = torch.sigmoid(self.c2(F.gelu(self.ln(self.c1_int(A_g.squeeze(-1))))))
+        return W_g[:, :, None, None] * H_in
+
+
+def ref_forward_heads(model, js, size):
+    """Eq. 12 as first written: alpha_i * p_i summed from 0."""
+    p = [F.interpolate(head(j), size=size, mode='bilinear', align_corners=False) for head, j in zip(model.heads, js)]
+    return sum(a * p_i for a, p_i in zip(torch.tensor(model.config.alphas, dtype=p[0].dtype), p)), p
+
+
+def reference_of(model):
+    """A copy of model whose HAP, ES, EH and heads run the reference code, loaded with strict state dicts."""
+    ref = copy.deepcopy(model)
+    for name, m in list(ref.named_modules()):
+        if isinstance(m, (HAP, ES, EH)):
+            if isinstance(m, HAP):
+                new = RefHAP(m.c.in_features, m.order, isinstance(m.calibration.w, nn.Parameter),
+                             m.spatial is not None, m.channel is not None)
+            else:
+                new = RefES() if isinstance(m, ES) else RefEH(m.c1.in_channels)
+            new = new.to(next(m.parameters()).dtype)
+            new.load_state_dict(m.state_dict(), strict=True)
+            parent, _, leaf = name.rpartition('.')
+            setattr(ref.get_submodule(parent), leaf, new)
+    ref.forward_heads = lambda js, size: ref_forward_heads(ref, js, size)
+    return ref
+
+
+def randomise(model):
+    """Non-trivial weights: lambda != 0, uneven calibration, every parameter moved off its initial value."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def grads_of(model, x, seed=0):
+    """Outputs, input gradient and parameter gradients of one loss that weighs every output differently."""
+    x = x.clone().requires_grad_()
+    y, heads = model(x)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in (y, *heads))
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return [y, *heads, x.grad] + [p.grad for p in model.parameters()]
+
+
+HAP_VARIANTS = [dict(order=o, calibration=c) for o in ('channel_first', 'spatial_first') for c in (True, False)] + [
+    dict(spatial_att=False), dict(channel_att=False), dict(spatial_att=False, order='spatial_first', calibration=False),
+    dict(channel_att=False, order='spatial_first', calibration=False)]
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('variant', HAP_VARIANTS, ids=str)
+def test_batched_hap_equals_the_per_branch_hap(variant, channels_last):
+    ref = RefHAP(16, **variant).double().train()
+    randomise(ref)
+    hap = HAP(16, **variant).double().train()
+    hap.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 16, 6, 7, dtype=torch.float64)
+    if channels_last:
+        hap, x = hap.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    outs = []
+    for block in (hap, ref):
+        xi = x.clone().requires_grad_()
+        y = block(xi)
+        (y * torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape).sin()).sum().backward()
+        outs.append([y, xi.grad] + [p.grad for p in block.parameters()])
+    assert len(outs[0]) == len(outs[1]) == 2 + len(list(ref.parameters()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert not channels_last or outs[0][0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_es_eh_equal_the_reference(channels_last):
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    es, eh = randomise(ES().double()), randomise(EH(8).double())
+    ref_es, ref_eh = RefES().double(), RefEH(8).double()
+    ref_es.load_state_dict(es.state_dict(), strict=True)
+    ref_eh.load_state_dict(eh.state_dict(), strict=True)
+    for new, ref in ((es, ref_es), (eh, ref_eh)):
+        out = new(x)
+        torch.testing.assert_close(out, ref(x), rtol=1e-10, atol=1e-12)
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_danie_s_equals_the_reference_model():
+    # 64x64, not 32: at 32 the deepest BN sees 2 values per channel and amplifies rounding without bound
+    torch.manual_seed(0)
+    model = randomise(danie('S', num_classes=3, img_size=64).double().train())
+    ref = reference_of(model)
+    assert sum(isinstance(m, RefHAP) for m in ref.modules()) == sum(model.config.depths)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    new_out, ref_out = grads_of(model, x), grads_of(ref, x)  # train mode: BN uses batch statistics in both
+    assert len(new_out) == len(ref_out) == 6 + len(list(model.parameters()))
+    for a, b in zip(new_out[:5], ref_out[:5]):  # y and the four heads
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    scale = max(g.abs().max() for g in ref_out[5:])  # biases before BN have gradients of pure rounding noise
+    for a, b in zip(new_out[5:], ref_out[5:]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12 * scale)
+
+
+def test_channels_last_model_computes_the_same_and_stays_channels_last():
+    torch.manual_seed(0)
+    model = tiny(img_size=64).eval()  # eval: batch statistics of tiny maps would amplify rounding
+    with torch.no_grad():
+        for jp in model.jp:
+            jp.es.lam.fill_(0.1)  # let ES act
+    x = torch.randn(2, 3, 64, 64)
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    layouts = []
+    hooks = [m.register_forward_hook(lambda m, i, o: layouts.append(o.is_contiguous(memory_format=torch.channels_last)))
+             for m in cl_model.modules() if isinstance(m, (HAP, ES, EH, ConvBlock))]
+    y_cl, heads_cl = cl_model(x.contiguous(memory_format=torch.channels_last))
+    for h in hooks:
+        h.remove()
+    y, heads = model(x)
+    assert layouts and all(layouts)
+    torch.testing.assert_close(y_cl, y, rtol=1e-4, atol=1e-4 * y.abs().max().item())

@@ -66,23 +66,22 @@ BF16_PEAK_TFLOPS = {'H100 80GB HBM3': 989.0, 'H100 PCIe': 756.0, 'H100 NVL': 835
 def dice_loss(logits, target, num_classes=None, smooth=1e-5, reduce=None):
     """Soft Dice loss of logits (B,K,H,W), or of M stacked outputs (M,B,K,H,W) -> (M,), against target (B,H,W)."""
     # NOTE(impl): TransUNet/CASCADE's DiceLoss, where the 0.7/0.3 weights come from: every class including background, one Dice per class over the whole batch, squared terms in the denominator, smooth 1e-5.
-    lead, (B, K, H, W) = logits.shape[:-4], logits.shape[-4:]
-    prob = logits.float().reshape(-1, B, K, H, W).softmax(dim=2)  # (M,B,K,H,W)
-    onehot = F.one_hot(target, num_classes or K).permute(0, 3, 1, 2).to(prob.dtype)  # (B,H,W,K) -> (B,K,H,W)
-    M = prob.shape[0]
-    inter = (prob * onehot).sum((1, 3, 4))  # (M,K)
-    sums = torch.cat([inter, (prob * prob).sum((1, 3, 4)), onehot.sum((0, 2, 3))[None]])  # (2M+1,K)
+    B, K, H, W = logits.shape[-4:]
+    prob = logits.float().view(-1, B, K, H, W).softmax(dim=2)  # (M,B,K,H,W)
+    classes = torch.arange(num_classes or K, device=target.device).view(-1, 1, 1)
+    onehot = (target.unsqueeze(1) == classes).to(prob.dtype)  # (B,K,H,W); unlike F.one_hot, no host sync
+    inter, p2 = torch.stack([prob * onehot, prob * prob]).sum((2, 4, 5))  # (2,M,B,K,H,W) -> (2,M,K)
+    g = onehot.sum((0, 2, 3))  # (K,); onehot * onehot == onehot
     if reduce is not None:  # DDP: the batch Dice of Eq. 13 over the global batch, not each GPU's share
-        sums = reduce(sums)
-    inter, p2, g = sums[:M], sums[M:2 * M], sums[2 * M]  # onehot * onehot == onehot
-    return (1 - (2 * inter + smooth) / (p2 + g + smooth)).mean(dim=1).reshape(lead)  # (M,) -> lead
+        inter, p2, g = reduce(torch.cat([inter, p2, g[None]])).split([len(inter), len(p2), 1])
+    return (1 - (2 * inter + smooth) / (p2 + g + smooth)).mean(dim=-1).view(logits.shape[:-4])  # (M,) -> lead
 
 
 def seg_loss(logits, target, num_classes=None, reduce=None):
     """Eq. 13, lambda_1 Dice + (1 - lambda_1) CE in float32, of logits (B,K,H,W) or summed over (M,B,K,H,W)."""
     B, K, H, W = logits.shape[-4:]
-    M = logits[..., 0, 0, 0, 0].numel()  # 1 for a single output
-    ce = F.cross_entropy(logits.float().reshape(M * B, K, H, W), target.repeat(M, 1, 1))  # the mean of M means
+    M = logits.numel() // (B * K * H * W)  # 1 for a single output
+    ce = F.cross_entropy(logits.float().view(M * B, K, H, W), target.repeat(M, 1, 1))  # the mean of M means
     return LAMBDA_DICE * dice_loss(logits, target, num_classes, reduce=reduce).sum() + (1 - LAMBDA_DICE) * M * ce
 
 

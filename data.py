@@ -78,7 +78,8 @@ class DatasetSpec:
     batch_size: int        # Sec. 4.2
     where: str             # where the data is published
     layout: str            # the on-disk layout we read
-    img_size: int = 224    # default model input size (Sec. 4.2: 224)
+    # NOTE(impl): 224x224 inputs: the paper does not state the input size; 224 is the ImageNet MaxViT's and the peers' (TransUNet, CASCADE).
+    img_size: int = 224    # default model input size
     lr: float = 1e-4       # AdamW learning rate (Sec. 4.2)
     intensity: str = 'none'  # how a RAW input is normalised (normalise()): 'ct', 'mri', 'zscore', 'rgb'
 
@@ -154,7 +155,7 @@ class DataError(Exception):
     """A dataset on disk is missing, incomplete or not in the expected format."""
 
 # -----------------------------------------------------------------------------
-# reading files (every failure names the file)
+# helpers: reading files (every failure names the file)
 
 
 def _missing_root(spec, root):
@@ -322,7 +323,7 @@ def _save_atomic(path, a):
     os.replace(tmp, path)  # loader workers racing on one volume each write it whole; the last rename wins
 
 # -----------------------------------------------------------------------------
-# listing the datasets: training samples (grouped by case) and evaluation cases
+# blocks: listing the datasets: training samples (grouped by case) and evaluation cases
 
 
 @dataclass(frozen=True)
@@ -784,7 +785,7 @@ def _source(spec, root, label_map):
         raise _missing_root(spec, root)
     if name in ('synapse', 'demo'):
         if not (root / 'train_npz').is_dir() and not (root / 'test_vol_h5').is_dir():
-            raise DataError(f"{root}: no train_npz/ or test_vol_h5/ folder; expected {spec.layout}; "
+            raise DataError(f'{root}: no train_npz/ or test_vol_h5/ folder; expected {spec.layout}; '
                             + ('run `python data.py --make-demo ROOT`' if name == 'demo'
                                else f'Synapse is published at {spec.where}'))
         return _Synapse(root, spec, label_map)
@@ -839,7 +840,7 @@ def _held_out(source, samples, val_cases, seed):
     return {cases[i] for i in perm[:k]}
 
 # -----------------------------------------------------------------------------
-# resizing, augmentation and normalisation: the same functions for training and evaluation
+# blocks: resizing, augmentation and normalisation: the same functions for training and evaluation
 
 
 def _resize_gray(img, size):
@@ -950,7 +951,7 @@ def normalise(image, intensity):
     return (a - a.mean()) / max(float(a.std()), 1e-8)
 
 # -----------------------------------------------------------------------------
-# the training dataset
+# blocks: the training dataset
 
 
 class _ResizedCache:
@@ -1050,7 +1051,7 @@ class TrainSet(Dataset):
         return _to_input(img, self.mean, self.std), torch.from_numpy(lab.astype(np.int64))
 
 # -----------------------------------------------------------------------------
-# the public functions
+# top level: the public functions
 
 
 def default_root(name):
@@ -1128,7 +1129,7 @@ def make_loader(dataset, batch_size, *, shuffle, workers, sampler=None, drop_las
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
 # -----------------------------------------------------------------------------
-# prediction I/O: files without labels in, label maps and overlays out
+# top level: prediction I/O, files without labels in, label maps and overlays out
 
 
 @dataclass
@@ -1242,7 +1243,7 @@ def write_prediction(out_dir, case_id, image, labels, spec, geometry=None, label
 
 
 # -----------------------------------------------------------------------------
-# the synthetic demo set
+# top level: the synthetic demo set
 
 
 def _blob(yy, xx, cy, cx, ry, rx, theta, harm):
@@ -1317,7 +1318,7 @@ def make_demo(root, seed=0):
     return root
 
 # -----------------------------------------------------------------------------
-# command line: benchmark, demo set, summary
+# CLI: benchmark, demo set, summary
 
 
 def _bench(args):
@@ -1373,9 +1374,9 @@ def main(argv=None):
     p.add_argument('--val-cases', type=parse_val_cases, help='training cases held out for validation: a count or a fraction '
                    '(default: the official split, else 10%%)')
     p.add_argument('--seed', type=int, default=0, help='seed of the validation split and the benchmark')
-    p.add_argument('--num-classes', type=int, help="classes of --data folder without a classes.txt (background included)")
+    p.add_argument('--num-classes', type=int, help='classes of --data folder without a classes.txt (background included)')
     # loading
-    p.add_argument('--img-size', type=int, default=224, help='model input size (Sec. 4.2: 224)')
+    p.add_argument('--img-size', type=int, default=224, help="model input size (default 224, the ImageNet MaxViT's; the paper does not state it)")
     p.add_argument('--workers', type=int, default=2, help='DataLoader worker processes')
     p.add_argument('--batch-size', type=int, default=24, help='batch size of the benchmark (Sec. 4.2: Synapse 24)')
     p.add_argument('--batches', type=int, default=20, help='batches per benchmark pass')

@@ -129,7 +129,7 @@ def _bare(model):
 
 
 # -----------------------------------------------------------------------------
-# metrics
+# blocks: metrics
 
 def _surface_distances(a, b):
     """Distances from a's surface voxels to b's surface and back (medpy's __surface_distances, both ways)."""
@@ -241,7 +241,7 @@ def table_resize(masks, size=TABLE3_SIZE):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints
+# blocks: checkpoints
 
 def make_checkpoint(model, data_info, args, init, epoch, step, metric, train_state=None):
     """The checkpoint layout (its one home): what evaluate.py needs, plus train.py's state for last.pth only."""
@@ -309,7 +309,7 @@ def model_from_checkpoint(ckpt):
 
 
 # -----------------------------------------------------------------------------
-# prediction: batched forward pass, argmax and the resize back, all on the model's device
+# blocks: prediction, batched forward pass, argmax and the resize back, all on the model's device
 
 def _forward(model, x, tta=False):
     """Class scores of x (n,3,S,S): the logits, or with tta the mean softmax over the flips."""
@@ -356,7 +356,7 @@ def predict_case(model, case, spec, img_size, device, batch_size=16, amp='none',
 
 
 # -----------------------------------------------------------------------------
-# protocol
+# top level: the protocol
 
 def _image_rows(case_id, pred, gt, spec, legacy, distances):
     """Rows of an image case from its confusion counts, computed where pred lives: native size and 256x256."""
@@ -467,7 +467,7 @@ def evaluate(model, cases, spec, img_size, *, device=None, batch_size=16, amp='n
 
 
 # -----------------------------------------------------------------------------
-# outputs: table, CSV, JSON
+# top level: outputs, table, CSV, JSON
 
 def format_table(summary, spec):
     """The paper's table layout: per-class rows in report order, then the one-line Table 1/2/3/4 summary."""
@@ -518,7 +518,7 @@ def write_results(summary, out_dir, extra=None):
 
 
 # -----------------------------------------------------------------------------
-# prediction on files without labels (--input)
+# top level: prediction on files without labels (--input)
 
 def predict_input(model, inp, spec, img_size, device, batch_size=16, amp='none', tta=False, intensity=None):
     """Label map (numpy, the input's size) of one data.Input: normalised as the training data, segmented, resized back."""
@@ -567,7 +567,7 @@ def predict_files(args, ckpt, spec, net, device):
 
 
 # -----------------------------------------------------------------------------
-# benchmark: the real code paths on synthetic data
+# top level: the benchmark, the real code paths on synthetic data
 
 def _ellipsoid(shape, centre, radii):
     grid = np.ogrid[tuple(slice(0, s) for s in shape)]
@@ -631,7 +631,7 @@ def bench(img_size=224, slices=16, images=8, device=None, batch_size=16):
 
 
 # -----------------------------------------------------------------------------
-# command line
+# CLI
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Evaluate a DANIE checkpoint with the protocol of Sec. 4.3, '
@@ -664,7 +664,7 @@ def parse_args(argv=None):
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     # benchmark
     parser.add_argument('--bench', action='store_true', help='time metrics, inference and ISIC evaluation, then exit')
-    parser.add_argument('--img-size', type=int, default=224, help='--bench: model input size (Sec. 4.2: 224)')
+    parser.add_argument('--img-size', type=int, default=224, help='--bench: model input size (default 224, see data.DatasetSpec)')
     parser.add_argument('--slices', type=int, default=16, help='--bench: slices in the timed volume')
     parser.add_argument('--images', type=int, default=8, help='--bench: synthetic full-resolution ISIC images')
     args = parser.parse_args(argv)

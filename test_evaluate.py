@@ -373,7 +373,7 @@ def test_make_checkpoint_best_and_last(tmp_path):
     assert 'train' not in ck and ck['format'] == 'danie-ckpt-v2' and ck['init'] == 'scratch'
     assert data.spec_from_dict(ck['data']['spec']) == data.SPECS['demo']
     E.model_from_checkpoint(ck)  # evaluation needs no training state
-    with pytest.raises(E.CheckpointError, match="best.pth: no training state.*last.pth"):
+    with pytest.raises(E.CheckpointError, match='best.pth: no training state.*last.pth'):
         E.load_checkpoint(best, resume=True)
     assert E.load_checkpoint(last, resume=True)['train']['epoch_step'] == 0
 

@@ -60,49 +60,6 @@ BF16_PEAK_TFLOPS = {'H100 80GB HBM3': 989.0, 'H100 PCIe': 756.0, 'H100 NVL': 835
                     'A100': 312.0, 'RTX 3090': 71.0, 'RTX 4090': 165.0, 'L40S': 362.0}
 
 # -----------------------------------------------------------------------------
-# loss (Eq. 13)
-
-
-def dice_loss(logits, target, num_classes=None, smooth=1e-5, reduce=None):
-    """Soft Dice loss of logits (B,K,H,W), or of M stacked outputs (M,B,K,H,W) -> (M,), against target (B,H,W)."""
-    # NOTE(impl): TransUNet/CASCADE's DiceLoss, where the 0.7/0.3 weights come from: every class including background, one Dice per class over the whole batch, squared terms in the denominator, smooth 1e-5.
-    B, K, H, W = logits.shape[-4:]
-    prob = logits.float().view(-1, B, K, H, W).softmax(dim=2)  # (M,B,K,H,W)
-    classes = torch.arange(num_classes or K, device=target.device).view(-1, 1, 1)
-    onehot = (target.unsqueeze(1) == classes).to(prob.dtype)  # (B,K,H,W); unlike F.one_hot, no host sync
-    inter, p2 = torch.stack([prob * onehot, prob * prob]).sum((2, 4, 5))  # (2,M,B,K,H,W) -> (2,M,K)
-    g = onehot.sum((0, 2, 3))  # (K,); onehot * onehot == onehot
-    if reduce is not None:  # DDP: the batch Dice of Eq. 13 over the global batch, not each GPU's share
-        inter, p2, g = reduce(torch.cat([inter, p2, g[None]])).split([len(inter), len(p2), 1])
-    return (1 - (2 * inter + smooth) / (p2 + g + smooth)).mean(dim=-1).view(logits.shape[:-4])  # (M,) -> lead
-
-
-def seg_loss(logits, target, num_classes=None, reduce=None):
-    """Eq. 13, lambda_1 Dice + (1 - lambda_1) CE in float32, of logits (B,K,H,W) or summed over (M,B,K,H,W)."""
-    B, K, H, W = logits.shape[-4:]
-    M = logits.numel() // (B * K * H * W)  # 1 for a single output
-    ce = F.cross_entropy(logits.float().view(M * B, K, H, W), target.repeat(M, 1, 1))  # the mean of M means
-    return LAMBDA_DICE * dice_loss(logits, target, num_classes, reduce=reduce).sum() + (1 - LAMBDA_DICE) * M * ce
-
-
-def criterion(y, heads, target, mode='deep', num_classes=None, reduce=None):
-    """Eq. 13 on DANIE's outputs (y, [p1..p4]) under a supervision mode; reduce sums the Dice terms over GPUs."""
-    k = num_classes or y.shape[1]
-    if mode == 'final':  # Eq. 13 on y = sum_i alpha_i p_i (Eq. 12) only
-        outputs = y
-    elif mode == 'deep':  # CASCADE: Eq. 13 on every head, here plus y
-        outputs = torch.stack([*heads, y])  # (5,B,K,H,W)
-    elif mode == 'mutation':  # MERIT: Eq. 13 on the summed logits of each non-empty subset of heads (15 for 4)
-        n = len(heads)
-        subsets = [s for r in range(1, n + 1) for s in itertools.combinations(range(n), r)]
-        member = torch.tensor([[float(i in s) for i in range(n)] for s in subsets], device=y.device)  # (15,4)
-        outputs = torch.einsum('sm,mbkhw->sbkhw', member.to(y.dtype), torch.stack(heads))  # (15,4)@(4,...)
-    else:
-        raise ValueError(f'supervision must be one of {SUPERVISION}, got {mode!r}')
-    return seg_loss(outputs, target, k, reduce)
-
-
-# -----------------------------------------------------------------------------
 # helpers
 
 
@@ -158,11 +115,6 @@ def switches(args):
     return dict(hap=not args.no_hap, sap=not args.no_sap, spatial_att=not args.no_spatial_att,
                 channel_att=not args.no_channel_att, order=args.order, calibration=not args.no_calibration,
                 fusion=args.fusion)
-
-
-def memory_format(device):
-    # NOTE(impl): channels-last on CUDA, where cuDNN's convolutions and BatchNorm run NHWC natively; the default layout on a CPU.
-    return torch.channels_last if device.type == 'cuda' else torch.contiguous_format
 
 
 def make_optimizer(model, args, device):
@@ -313,7 +265,50 @@ def write_log(path, rows):
 
 
 # -----------------------------------------------------------------------------
-# steps: one optimiser step, one epoch, validation, checkpoints
+# steps: the loss of Eq. 13
+
+
+def dice_loss(logits, target, num_classes=None, smooth=1e-5, reduce=None):
+    """Soft Dice loss of logits (B,K,H,W), or of M stacked outputs (M,B,K,H,W) -> (M,), against target (B,H,W)."""
+    # NOTE(impl): TransUNet/CASCADE's DiceLoss, where the 0.7/0.3 weights come from: every class including background, one Dice per class over the whole batch, squared terms in the denominator, smooth 1e-5.
+    B, K, H, W = logits.shape[-4:]
+    prob = logits.float().view(-1, B, K, H, W).softmax(dim=2)  # (M,B,K,H,W)
+    classes = torch.arange(num_classes or K, device=target.device).view(-1, 1, 1)
+    onehot = (target.unsqueeze(1) == classes).to(prob.dtype)  # (B,K,H,W); unlike F.one_hot, no host sync
+    inter, p2 = torch.stack([prob * onehot, prob * prob]).sum((2, 4, 5))  # (2,M,B,K,H,W) -> (2,M,K)
+    g = onehot.sum((0, 2, 3))  # (K,); onehot * onehot == onehot
+    if reduce is not None:  # DDP: the batch Dice of Eq. 13 over the global batch, not each GPU's share
+        inter, p2, g = reduce(torch.cat([inter, p2, g[None]])).split([len(inter), len(p2), 1])
+    return (1 - (2 * inter + smooth) / (p2 + g + smooth)).mean(dim=-1).view(logits.shape[:-4])  # (M,) -> lead
+
+
+def seg_loss(logits, target, num_classes=None, reduce=None):
+    """Eq. 13, lambda_1 Dice + (1 - lambda_1) CE in float32, of logits (B,K,H,W) or summed over (M,B,K,H,W)."""
+    B, K, H, W = logits.shape[-4:]
+    M = logits.numel() // (B * K * H * W)  # 1 for a single output
+    ce = F.cross_entropy(logits.float().view(M * B, K, H, W), target.repeat(M, 1, 1))  # the mean of M means
+    return LAMBDA_DICE * dice_loss(logits, target, num_classes, reduce=reduce).sum() + (1 - LAMBDA_DICE) * M * ce
+
+
+def criterion(y, heads, target, mode='deep', num_classes=None, reduce=None):
+    """Eq. 13 on DANIE's outputs (y, [p1..p4]) under a supervision mode; reduce sums the Dice terms over GPUs."""
+    k = num_classes or y.shape[1]
+    if mode == 'final':  # Eq. 13 on y = sum_i alpha_i p_i (Eq. 12) only
+        outputs = y
+    elif mode == 'deep':  # CASCADE: Eq. 13 on every head, here plus y
+        outputs = torch.stack([*heads, y])  # (5,B,K,H,W)
+    elif mode == 'mutation':  # MERIT: Eq. 13 on the summed logits of each non-empty subset of heads (15 for 4)
+        n = len(heads)
+        subsets = [s for r in range(1, n + 1) for s in itertools.combinations(range(n), r)]
+        member = torch.tensor([[float(i in s) for i in range(n)] for s in subsets], device=y.device)  # (15,4)
+        outputs = torch.einsum('sm,mbkhw->sbkhw', member.to(y.dtype), torch.stack(heads))  # (15,4)@(4,...)
+    else:
+        raise ValueError(f'supervision must be one of {SUPERVISION}, got {mode!r}')
+    return seg_loss(outputs, target, k, reduce)
+
+
+# -----------------------------------------------------------------------------
+# steps: one optimiser step, one epoch, validation
 
 
 def train_step(net, opt, scaler, x, target, args, num_classes, reduce=None):
@@ -330,14 +325,14 @@ def train_step(net, opt, scaler, x, target, args, num_classes, reduce=None):
 
 def train_one_epoch(net, opt, scaler, loader, args, k, run, world, device, master):
     """One pass over the loader (from a resume's position on); returns (mean loss, steps)."""
-    reduce, fmt = global_sum(world), memory_format(device)
+    reduce = global_sum(world)
     loss_sum, first_bad, bad_loss = (torch.zeros((), device=device), torch.full((), -1.0, device=device),
                                      torch.zeros((), device=device))
     bar = tqdm(total=run.epoch_step + len(loader), initial=run.epoch_step, desc=f'epoch {run.epoch + 1}/{args.epochs}',
                leave=False, dynamic_ncols=True, disable=not master)
     n = 0
     for x, target in loader:
-        x = x.to(device, non_blocking=True, memory_format=fmt)
+        x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
         target = target.to(device, non_blocking=True)
         loss = train_step(net, opt, scaler, x, target, args, k, reduce)  # batch, Eq. 13, step
         n += 1
@@ -372,7 +367,7 @@ def validate(model, val_cases, spec, args, device):
 
 
 # -----------------------------------------------------------------------------
-# benchmark: the real train_step, timed
+# top level: the benchmark, the real train_step timed
 
 
 def count_ops(fn):
@@ -407,16 +402,16 @@ def step_flops(fn):
     return counter.get_total_flops()
 
 
-def bench_row(size, amp, batch, graph, args, device):
-    """One bench configuration: a fresh DANIE, timed with train_step on random data."""
+def bench_row(size, amp, batch, graph, args, device, flops):
+    """One bench configuration: a fresh DANIE, timed with train_step on random data; flops: {(size, batch): FLOP}."""
     cuda = device.type == 'cuda'
     torch.manual_seed(args.seed)
     k = data.SPECS['synapse'].num_classes
-    net = danie_model.danie(size, num_classes=k, img_size=args.img_size).to(device, memory_format=memory_format(device))
+    net = danie_model.danie(size, num_classes=k, img_size=args.img_size).to(device, memory_format=torch.channels_last)
     opt = make_optimizer(net, args, device)
     scaler = torch.amp.GradScaler('cuda', enabled=amp == 'fp16')
     run_args = argparse.Namespace(**{**vars(args), 'amp': amp})
-    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device).to(memory_format=memory_format(device))
+    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device).to(memory_format=torch.channels_last)
     t = torch.randint(0, k, (batch, args.img_size, args.img_size), device=device)
     t0 = time.perf_counter()
     if graph:
@@ -437,10 +432,12 @@ def bench_row(size, amp, batch, graph, args, device):
     row = dict(model=f'DANIE-{size}', amp=amp, batch=batch, mode='graph' if graph else 'eager',
                images_per_s=batch / dt, ms_per_step=1e3 * dt, ready_s=ready,
                peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None)
-    row['kernels' if cuda else 'operators'] = count_kernels(step) if cuda else count_ops(step)
+    if not graph:  # counted on the eager step: dispatch modes and compiled regions do not mix
+        row['kernels' if cuda else 'operators'] = count_kernels(step) if cuda else count_ops(step)
+        flops.setdefault((size, batch), step_flops(step) if cuda else None)
     peak = next((v for name, v in BF16_PEAK_TFLOPS.items() if cuda and name in torch.cuda.get_device_name(device)),
                 None)
-    row['bf16_peak_share'] = step_flops(step) / dt / 1e12 / peak if peak else None
+    row['bf16_peak_share'] = flops[size, batch] / dt / 1e12 / peak if peak and flops.get((size, batch)) else None
     return row
 
 
@@ -455,16 +452,16 @@ def bench(args):
     sizes = [args.size] if args.size else (['S', 'L'] if cuda else ['S'])
     amps = [args.amp] if args.amp else (['none', 'bf16'] if cuda else ['none'])
     batches = [args.batch_size] if args.batch_size else ([24, 8] if cuda else [2])
-    graphs = [args.compile] if not cuda else [False, True]
+    graphs = [False, True] if cuda else [args.compile]  # compiling on a CPU takes many minutes
     name = torch.cuda.get_device_name(device) if cuda else f'CPU, {torch.get_num_threads()} threads'
     print(f'train_step on {name}: {args.img_size}x{args.img_size}, 9 classes, AdamW, --supervision '
           f'{args.supervision}; {args.warmup} warm-up + {args.steps} timed steps; share = FLOP/s / dense bf16 peak')
     print(f"{'model':8} {'amp':5} {'batch':>5} {'mode':6} {'img/s':>8} {'ms/step':>8} {'ready s':>7} "
           f"{'peak GiB':>8} {'kernels' if cuda else 'ops':>8} {'share':>6}")
-    rows = []
+    rows, flops = [], {}
     for size, amp, batch, graph in itertools.product(sizes, amps, batches, graphs):
         try:
-            r = bench_row(size, amp, batch, graph, args, device)
+            r = bench_row(size, amp, batch, graph, args, device, flops)
         except torch.cuda.OutOfMemoryError:
             print(f'DANIE-{size} {amp:5} {batch:5} out of memory', flush=True)
             continue
@@ -472,7 +469,7 @@ def bench(args):
         gib = '-' if r['peak_gib'] is None else f"{r['peak_gib']:.2f}"
         share = '-' if r['bf16_peak_share'] is None else f"{100 * r['bf16_peak_share']:.1f}%"
         print(f"{r['model']:8} {amp:5} {batch:5} {r['mode']:6} {r['images_per_s']:8.1f} {r['ms_per_step']:8.1f} "
-              f"{r['ready_s']:7.1f} {gib:>8} {r.get('kernels', r.get('operators')):8} {share:>6}", flush=True)
+              f"{r['ready_s']:7.1f} {gib:>8} {r.get('kernels', r.get('operators', '-')):>8} {share:>6}", flush=True)
         if cuda:
             torch.cuda.empty_cache()
     if not cuda:  # what DANIE adds to its backbone's operators (issue 9's CPU measure)
@@ -497,7 +494,7 @@ def bench_backbone_ops(args, batch):
 
 
 # -----------------------------------------------------------------------------
-# the training run
+# top level: the training run
 
 
 @dataclass
@@ -539,7 +536,8 @@ def setup(args, ckpt, rank, world, device):
     if world > 1 and device.type == 'cuda':
         # NOTE(impl): SyncBatchNorm under DDP on GPUs, so BN sees the global batch as on one GPU (timm's converter keeps MaxViT's BatchNormAct2d). gloo on CPUs has none: there BN sees each process's share.
         net = danie_model.timm.layers.convert_sync_batchnorm(net)
-    net = net.to(device, memory_format=memory_format(device))
+    # NOTE(impl): channels-last weights and inputs: cuDNN's convolutions and BatchNorm run NHWC natively, and oneDNN on a CPU is 5-10% faster too (same function, tested).
+    net = net.to(device, memory_format=torch.channels_last)
     opt = make_optimizer(net, args, device)
     scaler = torch.amp.GradScaler('cuda', enabled=args.amp == 'fp16')
     if ckpt is not None:
@@ -656,7 +654,7 @@ def finish(run, args, out, selected_on):
 
 
 # -----------------------------------------------------------------------------
-# command line
+# CLI
 
 
 def build_parser():

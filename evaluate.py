@@ -557,7 +557,8 @@ def predict_files(args, ckpt, spec, net, device):
             data.write_prediction(args.out, inp.id, inp.image, labels, spec, geometry=inp.geometry, label=inp.label)
         except (data.DataError, ValueError, OSError) as e:
             failed.append(path)
-            tqdm.write(f'error: {path}: {e}', file=sys.stderr)
+            reason = str(e) if str(path) in str(e) else f'{path}: {e}'  # data.py's errors already name the file
+            tqdm.write(f'error: {reason} (skipped)', file=sys.stderr)
     print(f'wrote {len(files) - len(failed)} of {len(files)} label maps and labels.json to {args.out}'
           + (' (flip TTA)' if args.tta else ''))
     if failed:

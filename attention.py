@@ -85,7 +85,8 @@ class DynamicCalibration(nn.Module):
             self.register_buffer('w', w)
 
     def forward(self, O):
-        return (self.w[:, None] * O).sum(dim=1)  # Eq. (4): O (B,2,...) holds (O_max, O_avg) in dim 1
+        # the weighted sum of the two branches is a 1x1 convolution from 2 channels to 1: one op, one op back
+        return F.conv1d(O, self.w.view(1, 2, 1)).squeeze(1)  # Eq. (4): O (B,2,C) holds (O_max, O_avg) -> (B,C)
 
 
 class HAP(nn.Module):
@@ -109,9 +110,9 @@ class HAP(nn.Module):
         self.block = ConvBlock(C, C)
 
     def channel_maps(self, P_max, P_avg):
-        """A^c of both branches through the shared MLP in one pass (Eq. 2): two (B,C) pools -> (B,2,C)."""
-        B, C = P_max.shape
-        return self.channel(torch.cat([P_max, P_avg], dim=1).view(2 * B, C)).view(B, 2, C)  # (B,2C) -> (2B,C)
+        """A^c of both branches through the shared MLP in one pass (Eq. 2): two (B,C) or (B,C,1,1) pools -> (B,2,C)."""
+        B, C = P_max.shape[:2]
+        return self.channel(torch.cat([P_max, P_avg], dim=1).view(2 * B, C)).view(B, 2, C)  # (B,2C,...) -> (2B,C)
 
     def spatial_maps(self, P_max, P_avg):
         """A^s of both branches through the shared 1x1 conv in one pass (Eq. 3): two (B,1,N) pools -> (B,2,N)."""
@@ -122,7 +123,7 @@ class HAP(nn.Module):
     def pooled_O(self, h):
         """The spatial means of O_max and O_avg (Eq. 2-3), (B,2,C), without forming O at full size."""
         # NOTE(impl): only mean(O_d) over H x W reaches A_d and O = A^c * A^s * h, so mean(O)_c = A^c_c mean(A^s h_c) is taken from pooled maps: the same function without the two full-size O.
-        B, C, N = h.shape[0], h.shape[1], h.shape[2] * h.shape[3]
+        N = h.shape[2] * h.shape[3]
         h_flat = h.flatten(2)  # (B,C,N), a view in NCHW and channels_last alike
         if self.spatial is None:  # Table 5 A.3: O = A^c * h in either order
             mean = h_flat.mean(dim=2)  # (B,C)
@@ -136,10 +137,10 @@ class HAP(nn.Module):
             m_max = A_s[:, :1] * h_flat  # m_max = A^s_max * h: (B,1,N) * (B,C,N)
             A_c = self.channel_maps(m_max.amax(dim=2), G[:, 1])  # Eq. (2) on m; mean(m_avg) is G's avg row
             return A_c * G  # (B,2,C)
-        A_c = self.channel_maps(h_flat.amax(dim=2), h_flat.mean(dim=2))  # Eq. (2) on h: (B,2,C)
-        m_max = A_c[:, 0, :, None] * h_flat  # m_max = A^c_max * h: (B,C,1) * (B,C,N)
-        mean_m_avg = torch.bmm(A_c[:, 1:], h_flat) / C  # (B,1,C) @ (B,C,N) -> (B,1,N): channel mean of m_avg
-        A_s = self.spatial_maps(m_max.amax(dim=1, keepdim=True), mean_m_avg)  # Eq. (3) on m: (B,2,N)
+        # the global average pool is CBAM's avg_pool2d over the whole map: one op back, where mean takes three
+        A_c = self.channel_maps(h.amax(dim=(2, 3), keepdim=True), F.avg_pool2d(h, h.shape[2:]))  # Eq. (2) on h: (B,2,C)
+        m = A_c[:, :, :, None] * h_flat[:, None]  # m = A^c * h of both branches: (B,2,C,1) * (B,1,C,N) -> (B,2,C,N)
+        A_s = self.spatial_maps(m[:, 0].amax(dim=1, keepdim=True), m[:, 1].mean(dim=1, keepdim=True))  # Eq. (3) on m
         return A_c * torch.bmm(A_s, h_T) / N  # (B,2,N) @ (B,N,C) -> (B,2,C): A^c mean(A^s h)
 
     def forward(self, h):
@@ -169,14 +170,15 @@ class ES(nn.Module):
             S2 = S1.transpose(1, 2)  # (B,N,C)
             energy = torch.bmm(S1, S2)  # (B,C,N) @ (B,N,C) -> (B,C,C), symmetric
             # NOTE(impl): Eq. 6 as written, softmax over i of S1_i . S2_j (DANet's code instead uses max(energy) - energy).
-            W_c = torch.softmax(energy, dim=1)  # Eq. (6): w[i,j], each column j sums to 1 over i
             # NOTE(impl): in practice W_c is nearly one-hot (random-init MaxViT-T, 224x224: max |energy| 6.4e4/2.4e4/1.7e4/8.6e3 in stages 1-4, 97-100% of columns with a weight > 0.99), so es_j ~ S_j + lambda S_i*, i* the best-aligned channel: j itself in 72/28/22/6% of columns.
-            lam_W = self.lam * W_c  # lambda of Eq. 7 folded into the small C x C matrix
             S3 = S1  # S3 is S_in reshaped to (B,C,N) again
             if S.is_contiguous() or not S.is_contiguous(memory_format=torch.channels_last):
-                es = torch.baddbmm(S3, lam_W.transpose(1, 2), S3)  # Eq. (7): (B,C,C) @ (B,C,N) + S3 -> (B,C,N)
+                # NOTE(impl): the energy is symmetric, so the softmax over its rows is W_c transposed (w[i,j] at [j,i]) and Eq. 7 needs no transpose.
+                W_c_T = torch.softmax(energy, dim=2)  # Eq. (6): row j holds w[i,j], summing to 1 over i
+                es = torch.baddbmm(S3, self.lam * W_c_T, S3)  # Eq. (7): (B,C,C) @ (B,C,N) + S3 -> (B,C,N), lambda on the small matrix
             else:  # the same sum in (B,N,C) order, so a channels_last input gives a channels_last output
-                es = torch.baddbmm(S2, S2, lam_W).transpose(1, 2)  # Eq. (7): (B,N,C) @ (B,C,C) + S2 -> (B,N,C)
+                W_c = torch.softmax(energy, dim=1)  # Eq. (6): w[i,j], each column j sums to 1 over i
+                es = torch.baddbmm(S2, S2, self.lam * W_c).transpose(1, 2)  # Eq. (7): (B,N,C) @ (B,C,C) + S2 -> (B,N,C)
         return es.view(B, C, H, W).to(S_in.dtype)  # es_j = lam sum_i w[i,j] S3_i + S_in,j
 
 

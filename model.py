@@ -290,7 +290,7 @@ class DANIE(nn.Module):
         p = [F.interpolate(head(j), size=size, mode='bilinear', align_corners=False)
              for head, j in zip(self.heads, js)]  # p_i: (B,K,H,W)
         a = self.config.alphas
-        y = p[0] * a[0]
+        y = p[0] if a[0] == 1 else p[0] * a[0]  # the paper's alpha_1 = 1 needs no multiply
         for a_i, p_i in zip(a[1:], p[1:]):
             y = y.add(p_i, alpha=a_i)  # Eq. (12): one fused multiply-add per head
         return y, p

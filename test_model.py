@@ -456,3 +456,14 @@ def test_channels_last_model_computes_the_same_and_stays_channels_last():
     y, heads = model(x)
     assert layouts and all(layouts)
     torch.testing.assert_close(y_cl, y, rtol=1e-4, atol=1e-4 * y.abs().max().item())
+
+
+def test_eq12_with_other_alphas_equals_the_reference():
+    torch.manual_seed(0)
+    model = tiny(img_size=64).eval()
+    model.config = make_config('S', num_classes=3, img_size=64, alphas=(0.5, 1.0, 2.0, 0.25), **TINY)
+    js = [torch.randn(2, c, 64 // r, 64 // r) for c, r in zip(model.config.dims, (4, 8, 16, 32))]
+    y, p = model.forward_heads(js, (64, 64))
+    y_ref, p_ref = ref_forward_heads(model, js, (64, 64))
+    torch.testing.assert_close(y, y_ref)
+    assert all(torch.equal(a, b) for a, b in zip(p, p_ref))

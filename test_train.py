@@ -389,6 +389,24 @@ def test_end_to_end_demo_then_evaluate(tmp_path, demo_root):
     assert (tmp_path / 'eval' / 'summary.json').exists()
 
 
+@pytest.mark.parametrize('layout', ['folder', 'nnunet'])
+def test_your_own_data_trains_two_steps_and_evaluates(tmp_path, layout):
+    """The real DANIE-S on a tiny folder / nnU-Net dataset: train, then evaluate.py scores it by class name."""
+    import test_data
+    root = test_data.write_folder(tmp_path / 'd', n=6) if layout == 'folder' else \
+        test_data.write_nnunet(tmp_path / 'd', n=4, ts=1, shape=(32, 32, 4))
+    summary = train.main(['--data', layout, '--root', str(root), '--out', str(tmp_path / 'run'), '--img-size', '32',
+                          '--batch-size', '2', '--max-steps', '2', '--no-pretrained', '--val-cases', '1'])
+    assert summary['steps'] == 2 and summary['best_val_dice'] is not None
+    ck = evaluate.load_checkpoint(tmp_path / 'run' / 'best.pth')
+    assert ck['data']['spec']['name'] == layout and ck['config']['num_classes'] == 3
+    assert evaluate.main(['--ckpt', str(tmp_path / 'run' / 'best.pth'), '--out', str(tmp_path / 'eval'),
+                          '--no-progress']) == 0
+    result = json.loads((tmp_path / 'eval' / 'summary.json').read_text())
+    names = ('cell', 'nucleus') if layout == 'folder' else ('liver', 'tumour')
+    assert set(names) <= set(result['per_class']) and result['n_cases'] >= 1
+
+
 def test_bench_times_the_real_step_and_counts_operators(tmp_path):
     rows = train.main(['--bench', '--size', 'S', '--img-size', '32', '--batch-size', '2', '--warmup', '1',
                        '--steps', '1', '--out', str(tmp_path)])

@@ -175,7 +175,8 @@ class ES(nn.Module):
             if S.is_contiguous() or not S.is_contiguous(memory_format=torch.channels_last):
                 # NOTE(impl): the energy is symmetric, so the softmax over its rows is W_c transposed (w[i,j] at [j,i]) and Eq. 7 needs no transpose.
                 W_c_T = torch.softmax(energy, dim=2)  # Eq. (6): row j holds w[i,j], summing to 1 over i
-                es = torch.baddbmm(S3, self.lam * W_c_T, S3)  # Eq. (7): (B,C,C) @ (B,C,N) + S3 -> (B,C,N), lambda on the small matrix
+                # lambda multiplies the small (C,C) matrix, not the (C,N) product
+                es = torch.baddbmm(S3, self.lam * W_c_T, S3)  # Eq. (7): (B,C,C) @ (B,C,N) + S3 -> (B,C,N)
             else:  # the same sum in (B,N,C) order, so a channels_last input gives a channels_last output
                 W_c = torch.softmax(energy, dim=1)  # Eq. (6): w[i,j], each column j sums to 1 over i
                 es = torch.baddbmm(S2, S2, self.lam * W_c).transpose(1, 2)  # Eq. (7): (B,N,C) @ (B,C,C) + S2 -> (B,N,C)

@@ -123,7 +123,8 @@ SPECS = {
 FOLDER_LAYOUT = ('ROOT/images/<stem>.png|jpg|jpeg|tif|tiff|bmp + ROOT/masks/<stem>.<same kinds> (class ids, or 0/255 '
                  'for two classes); ROOT/classes.txt (one name per line, line i = id i) or --num-classes; optional '
                  'ROOT/{train,val,test}.txt (one stem per line)')
-NNUNET_LAYOUT = ('nnU-Net v2 raw: ROOT/dataset.json (channel_names, labels, file_ending), ROOT/imagesTr/CASE_0000<ending>, '
+NNUNET_LAYOUT = ('nnU-Net v2 raw: ROOT/dataset.json (channel_names, labels, file_ending), '
+                 'ROOT/imagesTr/CASE_0000<ending>, '
                  'ROOT/labelsTr/CASE<ending>, optional ROOT/imagesTs + ROOT/labelsTs')
 DATASETS = tuple(SPECS) + ('folder', 'nnunet')  # the names --data accepts: the fixed sets, then the user's own
 
@@ -1371,12 +1372,15 @@ def main(argv=None):
     p.add_argument('--root', help='dataset folder (default: data/<name>)')
     p.add_argument('--label-map', default='transunet', choices=LABEL_MAPS,
                    help="Synapse labels: TransUNet's 9 ids, or CASCADE's 13 BTCV labels remapped")
-    p.add_argument('--val-cases', type=parse_val_cases, help='training cases held out for validation: a count or a fraction '
+    p.add_argument('--val-cases', type=parse_val_cases,
+                   help='training cases held out for validation: a count or a fraction '
                    '(default: the official split, else 10%%)')
     p.add_argument('--seed', type=int, default=0, help='seed of the validation split and the benchmark')
-    p.add_argument('--num-classes', type=int, help='classes of --data folder without a classes.txt (background included)')
+    p.add_argument('--num-classes', type=int,
+                   help='classes of --data folder without a classes.txt (background included)')
     # loading
-    p.add_argument('--img-size', type=int, default=224, help="model input size (default 224, the ImageNet MaxViT's; the paper does not state it)")
+    p.add_argument('--img-size', type=int, default=224,
+                   help="model input size (default 224, the ImageNet MaxViT's; the paper does not state it)")
     p.add_argument('--workers', type=int, default=2, help='DataLoader worker processes')
     p.add_argument('--batch-size', type=int, default=24, help='batch size of the benchmark (Sec. 4.2: Synapse 24)')
     p.add_argument('--batches', type=int, default=20, help='batches per benchmark pass')

@@ -521,7 +521,7 @@ def write_results(summary, out_dir, extra=None):
 # top level: prediction on files without labels (--input)
 
 def predict_input(model, inp, spec, img_size, device, batch_size=16, amp='none', tta=False, intensity=None):
-    """Label map (numpy, the input's size) of one data.Input: normalised as the training data, segmented, resized back."""
+    """Label map (numpy, the input's size) of one data.Input: normalised as in training, segmented, resized back."""
     image = inp.image
     if inp.raw and inp.kind == 'volume':  # RGB images are normalised by prepare_input itself
         image = data.normalise(image, intensity or spec.intensity)
@@ -665,7 +665,8 @@ def parse_args(argv=None):
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     # benchmark
     parser.add_argument('--bench', action='store_true', help='time metrics, inference and ISIC evaluation, then exit')
-    parser.add_argument('--img-size', type=int, default=224, help='--bench: model input size (default 224, see data.DatasetSpec)')
+    parser.add_argument('--img-size', type=int, default=224,
+                        help='--bench: model input size (default 224, see data.DatasetSpec)')
     parser.add_argument('--slices', type=int, default=16, help='--bench: slices in the timed volume')
     parser.add_argument('--images', type=int, default=8, help='--bench: synthetic full-resolution ISIC images')
     args = parser.parse_args(argv)

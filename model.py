@@ -212,7 +212,7 @@ class HAPStream(nn.Module):
 
 
 def sap_stream(cfg, pretrained=False, pretrained_file=None):
-    """SAP stream: timm's MaxViT stages (Eq. 1 attention) as a feature backbone; its stem + stage-1 stride is the H/4 embedding."""
+    """SAP stream: timm's MaxViT stages (Eq. 1) as a feature backbone; stem + stage-1 stride = the H/4 embedding."""
     backbone = timm.create_model(cfg.backbone, pretrained=pretrained and pretrained_file is None,
                                  features_only=True, out_indices=(1, 2, 3, 4), img_size=cfg.img_size)
     got = tuple(backbone.feature_info.channels())
@@ -347,7 +347,8 @@ def main(argv=None):
     if args.bench:
         print(f'CPU forward latency: batch 1, median of {args.runs} interleaved runs after warm-up, '
               f'{torch.get_num_threads()} torch threads; backbone = the bare MaxViT feature extractor')
-    print(f"{'model':8} {'params (M)':>10} {'GMAC':>8} {'paper':>7} {'diff':>7} {'backbone GMAC':>13} {'GMAC ratio':>10}"
+    print(f"{'model':8} {'params (M)':>10} {'GMAC':>8} {'paper':>7} {'diff':>7} {'backbone GMAC':>13} "
+          f"{'GMAC ratio':>10}"
           + (f" {'ms':>8} {'backbone ms':>11} {'ms ratio':>8}" if args.bench else ''))
     for r in rows:
         line = (f"DANIE-{r['size']:2} {r['params']:10.2f} {r['gmac']:8.2f} {r['paper']:7.2f} "

@@ -298,9 +298,9 @@ def criterion(y, heads, target, mode='deep', num_classes=None, reduce=None):
     elif mode == 'deep':  # CASCADE: Eq. 13 on every head, here plus y
         outputs = torch.stack([*heads, y])  # (5,B,K,H,W)
     elif mode == 'mutation':  # MERIT: Eq. 13 on the summed logits of each non-empty subset of heads (15 for 4)
-        n = len(heads)
-        subsets = [s for r in range(1, n + 1) for s in itertools.combinations(range(n), r)]
-        member = torch.tensor([[float(i in s) for i in range(n)] for s in subsets], device=y.device)  # (15,4)
+        bit = torch.arange(len(heads), device=y.device)
+        subsets = torch.arange(1, 2 ** len(heads), device=y.device)  # bit m of s: head m is in subset s
+        member = (subsets[:, None] >> bit) & 1  # (15,1) >> (4,) -> (15,4)
         outputs = torch.einsum('sm,mbkhw->sbkhw', member.to(y.dtype), torch.stack(heads))  # (15,4)@(4,...)
     else:
         raise ValueError(f'supervision must be one of {SUPERVISION}, got {mode!r}')

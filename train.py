@@ -128,6 +128,10 @@ def compile_blocks(net):
     """Regional compilation: each repeated block compiled in place, so torch.compile reuses one graph per block kind."""
     kinds = (danie_model.HAP, danie_model.JointPreservation, danie_model.timm.models.maxxvit.MaxxVitBlock)
     blocks = [m for m in net.modules() if isinstance(m, kinds)]
+    # each block kind sees 4 stages x first/other block x train/inference mode: more graphs than dynamo's default 8
+    cfg = torch._dynamo.config
+    limit = 'recompile_limit' if hasattr(cfg, 'recompile_limit') else 'cache_size_limit'  # torch < 2.6
+    setattr(cfg, limit, max(getattr(cfg, limit), 64))
     for m in blocks:
         m.compile()
     return len(blocks)
@@ -225,12 +229,26 @@ def on_all_ranks(world, fn, *a):
     return result
 
 
+class GlobalSum(torch.autograd.Function):
+    """Sum over the ranks whose backward sums the gradients too: with DDP's 1/world average, the gradient of a
+    loss computed from global-batch sums (Eq. 13's Dice) is exactly that of one process on the whole batch."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def global_sum(world):
-    """The reduce of dice_loss under DDP: a sum over the ranks that gradients flow back through."""
-    if world == 1:
-        return None
-    from torch.distributed.nn.functional import all_reduce  # differentiable, unlike dist.all_reduce
-    return all_reduce
+    """The reduce of dice_loss: None on one process, GlobalSum under DDP."""
+    return None if world == 1 else GlobalSum.apply
 
 
 def read_log(path):
@@ -332,7 +350,7 @@ def train_one_epoch(net, opt, scaler, loader, args, k, run, world, device, maste
                leave=False, dynamic_ncols=True, disable=not master)
     n = 0
     for x, target in loader:
-        x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+        x = x.to(device, non_blocking=True, memory_format=danie_model.MEMORY_FORMAT)
         target = target.to(device, non_blocking=True)
         loss = train_step(net, opt, scaler, x, target, args, k, reduce)  # batch, Eq. 13, step
         n += 1
@@ -341,16 +359,20 @@ def train_one_epoch(net, opt, scaler, loader, args, k, run, world, device, maste
         first_bad, bad_loss = torch.where(new_bad, run.step + n, first_bad), torch.where(new_bad, loss, bad_loss)
         loss_sum += loss
         bar.update()
-        if n % LOG_EVERY == 0:
+        if master and n % LOG_EVERY == 0:
             bar.set_postfix(loss=f'{loss_sum.item() / n:.4f}', refresh=False)
         if args.max_steps is not None and run.step + n >= args.max_steps:
             break
     bar.close()
-    stats = torch.stack([loss_sum / world, first_bad, bad_loss])
+    # the last step's loss predates its update: the weights themselves must be finite too before any checkpoint
+    weights_ok = torch.stack(torch._foreach_norm(list(net.parameters()))).isfinite().all()
+    stats = torch.stack([loss_sum / world, first_bad, bad_loss, (~weights_ok).float()])
     if world > 1:  # every rank sees the same loss and the same verdict, so all stop together
         dist.all_reduce(stats[:1])
         dist.all_reduce(stats[1:2], op=dist.ReduceOp.MAX)
-    loss, bad, bad_loss = stats.tolist()  # the epoch's one host sync
+    loss, bad, bad_loss, bad_weights = stats.tolist()  # the epoch's one host sync
+    if bad < 0 and bad_weights:
+        bad, bad_loss = run.step + n, float('nan')  # the last step's update made the weights non-finite
     if bad >= 0:
         last = Path(args.out) / 'last.pth'
         kept = f'the last good checkpoint is {last}' if last.exists() else 'no checkpoint was written'
@@ -407,14 +429,17 @@ def bench_row(size, amp, batch, graph, args, device, flops):
     cuda = device.type == 'cuda'
     torch.manual_seed(args.seed)
     k = data.SPECS['synapse'].num_classes
-    net = danie_model.danie(size, num_classes=k, img_size=args.img_size).to(device, memory_format=torch.channels_last)
+    net = danie_model.danie(size, num_classes=k, img_size=args.img_size)
+    net = net.to(device, memory_format=danie_model.MEMORY_FORMAT)
     opt = make_optimizer(net, args, device)
     scaler = torch.amp.GradScaler('cuda', enabled=amp == 'fp16')
     run_args = argparse.Namespace(**{**vars(args), 'amp': amp})
-    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
+    x = x.contiguous(memory_format=danie_model.MEMORY_FORMAT)
     t = torch.randint(0, k, (batch, args.img_size, args.img_size), device=device)
     t0 = time.perf_counter()
     if graph:
+        torch._dynamo.reset()  # compile from scratch, so ready_s includes this row's compilation
         compile_blocks(net)
     step = lambda: train_step(net, opt, scaler, x, t, run_args, k)  # noqa: E731
     for _ in range(args.warmup):
@@ -434,7 +459,8 @@ def bench_row(size, amp, batch, graph, args, device, flops):
                peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None)
     if not graph:  # counted on the eager step: dispatch modes and compiled regions do not mix
         row['kernels' if cuda else 'operators'] = count_kernels(step) if cuda else count_ops(step)
-        flops.setdefault((size, batch), step_flops(step) if cuda else None)
+        if (size, batch) not in flops:
+            flops[size, batch] = step_flops(step) if cuda else None
     peak = next((v for name, v in BF16_PEAK_TFLOPS.items() if cuda and name in torch.cuda.get_device_name(device)),
                 None)
     row['bf16_peak_share'] = flops[size, batch] / dt / 1e12 / peak if peak and flops.get((size, batch)) else None
@@ -483,8 +509,8 @@ def bench(args):
 def bench_added_ops(args, batch):
     """Operators of forward + loss + backward: DANIE-S, its bare MaxViT-T backbone, and what DANIE adds."""
     k = data.SPECS['synapse'].num_classes
-    net = danie_model.danie('S', num_classes=k, img_size=args.img_size).to(memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, args.img_size, args.img_size).to(memory_format=torch.channels_last)
+    net = danie_model.danie('S', num_classes=k, img_size=args.img_size).to(memory_format=danie_model.MEMORY_FORMAT)
+    x = torch.randn(batch, 3, args.img_size, args.img_size).to(memory_format=danie_model.MEMORY_FORMAT)
     t = torch.randint(0, k, (batch, args.img_size, args.img_size))
 
     def danie_step():
@@ -544,8 +570,7 @@ def setup(args, ckpt, rank, world, device):
     if world > 1 and device.type == 'cuda':
         # NOTE(impl): SyncBatchNorm under DDP on GPUs, so BN sees the global batch as on one GPU (timm's converter keeps MaxViT's BatchNormAct2d). gloo on CPUs has none: there BN sees each process's share.
         net = danie_model.timm.layers.convert_sync_batchnorm(net)
-    # NOTE(impl): channels-last weights and inputs: cuDNN's convolutions and BatchNorm run NHWC natively, and oneDNN on a CPU is 5-10% faster too (same function, tested).
-    net = net.to(device, memory_format=torch.channels_last)
+    net = net.to(device, memory_format=danie_model.MEMORY_FORMAT)
     opt = make_optimizer(net, args, device)
     scaler = torch.amp.GradScaler('cuda', enabled=args.amp == 'fp16')
     if ckpt is not None:
@@ -581,8 +606,8 @@ def train(args, ckpt, rank, world, device):
     if args.compile:
         compile_blocks(raw)
     data_info = dict(name=args.data, root=os.path.abspath(args.root), label_map=args.label_map,
-                     val_cases=args.val_cases, seed=args.seed, spec=data.spec_to_dict(spec),
-                     selected_on='test' if args.select_on_test else 'val')
+                     val_cases=0 if args.select_on_test else args.val_cases, seed=args.seed,
+                     spec=data.spec_to_dict(spec), selected_on='test' if args.select_on_test else 'val')
     run = Progress(ckpt['epoch'], ckpt['step'], **{k: ckpt['train'][k] for k in TRAIN_STATE}) if ckpt else Progress()
     if master:
         print(f'DANIE-{args.size} ({sum(p.numel() for p in raw.parameters()) / 1e6:.1f} M parameters) on {device} '

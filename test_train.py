@@ -1,6 +1,8 @@
 """Tests of train.py: the loss of Eq. 13 (Sec. 4.2) by hand, the loop, exact resume, DDP on gloo, the NaN guard,
 bad flags, and an end-to-end run on the demo set scored by evaluate.py. CPU, tiny, offline."""
 
+import argparse
+import copy
 import csv
 import dataclasses
 import json
@@ -413,6 +415,24 @@ def test_end_to_end_demo_then_evaluate(tmp_path, demo_root):
     assert evaluate.main(['--ckpt', str(tmp_path / 'best.pth'), '--out', str(tmp_path / 'eval'),
                           '--no-progress']) == 0
     assert (tmp_path / 'eval' / 'summary.json').exists()
+
+
+def test_graph_mode_compiles_the_repeated_blocks_and_computes_the_same_steps():
+    """--compile's regional compilation (dynamo with the eager backend here: inductor takes minutes on a CPU)."""
+    torch.manual_seed(0)
+    plain = danie_model.danie('S', num_classes=3, img_size=32)
+    graph = copy.deepcopy(plain)
+    assert train.compile_blocks(graph, backend='eager') == 11 + 4 + 11  # HAP blocks, JP stages, MaxViT blocks
+    args = argparse.Namespace(amp='none', supervision='deep', lr=1e-3, weight_decay=1e-4)
+    x, t = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    opts = [train.make_optimizer(m, args, x.device) for m in (plain, graph)]
+    scaler = torch.amp.GradScaler('cuda', enabled=False)
+    for _ in range(2):  # two steps, then inference mode: the graphs follow the weights and the mode
+        losses = [train.train_step(m, o, scaler, x, t, args, 3).item() for m, o in zip((plain, graph), opts)]
+        assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    with torch.inference_mode():
+        assert torch.allclose(plain.eval()(x)[0], graph.eval()(x)[0], atol=1e-5)
+    assert graph.state_dict().keys() == plain.state_dict().keys()  # checkpoints hold the plain names
 
 
 @pytest.mark.parametrize('layout', ['folder', 'nnunet'])

@@ -124,7 +124,7 @@ def make_optimizer(model, args, device):
                              fused=device.type in ('cuda', 'cpu'))
 
 
-def compile_blocks(net):
+def compile_blocks(net, **compile_kw):
     """Regional compilation: each repeated block compiled in place, so torch.compile reuses one graph per block kind."""
     kinds = (danie_model.HAP, danie_model.JointPreservation, danie_model.timm.models.maxxvit.MaxxVitBlock)
     blocks = [m for m in net.modules() if isinstance(m, kinds)]
@@ -133,7 +133,7 @@ def compile_blocks(net):
     limit = 'recompile_limit' if hasattr(cfg, 'recompile_limit') else 'cache_size_limit'  # torch < 2.6
     setattr(cfg, limit, max(getattr(cfg, limit), 64))
     for m in blocks:
-        m.compile()
+        m.compile(**compile_kw)
     return len(blocks)
 
 

@@ -155,15 +155,22 @@ def load_backbone_file(backbone, cfg, path):
           f"({len(head)} head.* tensors); missing in the file: {missing or 'none'}")
 
 
+def flops(fn):
+    """FLOPs of one call of fn (FlopCounterMode: 2 per multiply-accumulate); also train.py --bench's."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def gmac(model, img_size, batch=1):
-    """Multiply-accumulates of one forward pass in G (FlopCounterMode counts 2 FLOPs per MAC)."""
+    """Multiply-accumulates of one forward pass in G."""
     x = torch.randn(batch, 3, img_size, img_size, device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
+    with torch.no_grad():
+        total = flops(lambda: model(x))
     model.train(was_training)
-    return counter.get_total_flops() / 2 / 1e9
+    return total / 2 / 1e9
 
 
 def n_params(model):

@@ -417,13 +417,6 @@ def count_kernels(fn):
     return sum(1 for e in prof.events() if e.device_type.name == 'CUDA')
 
 
-def step_flops(fn):
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def bench_row(size, amp, batch, graph, args, device, flops):
     """One bench configuration: a fresh DANIE, timed with train_step on random data; flops: {(size, batch): FLOP}."""
     cuda = device.type == 'cuda'
@@ -460,7 +453,7 @@ def bench_row(size, amp, batch, graph, args, device, flops):
     if not graph:  # counted on the eager step: dispatch modes and compiled regions do not mix
         row['kernels' if cuda else 'operators'] = count_kernels(step) if cuda else count_ops(step)
         if (size, batch) not in flops:
-            flops[size, batch] = step_flops(step) if cuda else None
+            flops[size, batch] = danie_model.flops(step) if cuda else None
     peak = next((v for name, v in BF16_PEAK_TFLOPS.items() if cuda and name in torch.cuda.get_device_name(device)),
                 None)
     row['bf16_peak_share'] = flops[size, batch] / dt / 1e12 / peak if peak and flops.get((size, batch)) else None

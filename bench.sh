@@ -10,7 +10,7 @@ OUT=${OUT:-bench-out}
 ISIC=${ISIC:-data/isic2017}
 mkdir -p "$OUT"
 log() { echo "== $* ($(date +%T))" | tee -a "$OUT/bench.log"; }
-run() { /usr/bin/time -f '%e s wall' "$@" 2>&1 | tee -a "$OUT/bench.log"; }
+run() { local t0=$SECONDS; "$@" 2>&1 | tee -a "$OUT/bench.log"; echo "$((SECONDS - t0)) s wall" | tee -a "$OUT/bench.log"; }
 
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/bench.log"
 log "1. train_step table: S and L, fp32 and bf16, eager and graph mode, batch 24 and 8"

@@ -259,14 +259,17 @@ def read_log(path):
 
 
 def write_log(path, rows):
-    """log.csv (one row per epoch) and progress.png beside it: loss and validation Dice against epoch."""
+    """log.csv (one row per epoch) and progress.png beside it (loss and validation Dice against epoch)."""
     with open(path, 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    import matplotlib
-    matplotlib.use('Agg')  # files only, no display
-    import matplotlib.pyplot as plt
+    try:
+        import matplotlib
+        matplotlib.use('Agg')  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:  # requirements.txt has it; a bare GPU image may not: the run goes on without the plot
+        return
     epochs = [int(r['epoch']) for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(epochs, [float(r['loss']) for r in rows], color='tab:blue', label='training loss (Eq. 13)')

@@ -360,12 +360,17 @@ def test_prepare_input_equals_the_unaugmented_training_input(tmp_path):
         data.prepare_input(np.zeros((4, 4, 3), np.uint8), 8)
 
 
-def test_loader_workers_draw_different_augmentations(tmp_path):
-    (tmp_path / 'train_npz').mkdir()
+def write_identical_slices(root, n):
+    """n identical Synapse training slices of one case: any difference between items comes from augmentation."""
+    (root / 'train_npz').mkdir()
     lab = np.zeros((16, 16), np.float32)
     lab[2:9, 3:14] = 1
-    for k in range(16):  # identical slices: any difference between items comes from the augmentation
-        np.savez(tmp_path / 'train_npz' / f'case0001_slice{k:03d}.npz', image=slice_image(lab), label=lab)
+    for k in range(n):
+        np.savez(root / 'train_npz' / f'case0001_slice{k:03d}.npz', image=slice_image(lab), label=lab)
+
+
+def test_loader_workers_draw_different_augmentations(tmp_path):
+    write_identical_slices(tmp_path, 16)
     ds = data.train_set('synapse', tmp_path, 16, val_cases=0)
     loader = data.make_loader(ds, 1, shuffle=False, workers=2, drop_last=False)
     assert loader.persistent_workers and loader.pin_memory == torch.cuda.is_available()
@@ -545,11 +550,7 @@ def test_restore_size_equals_scipy_zoom_order0(kind):
 
 
 def test_train_items_are_seeded_by_epoch_and_index_the_same_in_any_worker(tmp_path):
-    (tmp_path / 'train_npz').mkdir()
-    lab = np.zeros((16, 16), np.float32)
-    lab[2:9, 3:14] = 1
-    for k in range(6):  # identical slices: any difference between items comes from the augmentation
-        np.savez(tmp_path / 'train_npz' / f'case0001_slice{k:03d}.npz', image=slice_image(lab), label=lab)
+    write_identical_slices(tmp_path, 6)
     ds = data.train_set('synapse', tmp_path, 16, val_cases=0, seed=3)
     state = np.random.get_state(), torch.get_rng_state()
     a = [ds[(e, i)][1] for e in range(3) for i in range(6)]

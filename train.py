@@ -164,17 +164,20 @@ class CheckpointWriter:
     def __init__(self):
         self.thread, self.error = None, None
 
-    def save(self, obj, path):
+    def save(self, files):
+        """files: {path: checkpoint}, written in order; tensors they share (best's and last's weights) copied once."""
         self.wait()
-        obj = _to_host(obj)  # a copy: training goes on changing the live tensors
-        self.thread = threading.Thread(target=self._write, args=(obj, Path(path)))
+        memo = {}
+        files = {Path(p): _to_host(obj, memo) for p, obj in files.items()}  # copies: training changes the live tensors
+        self.thread = threading.Thread(target=self._write, args=(files,))
         self.thread.start()
 
-    def _write(self, obj, path):
+    def _write(self, files):
         try:
-            tmp = path.with_name(path.name + '.tmp')
-            torch.save(obj, tmp)
-            os.replace(tmp, path)
+            for path, obj in files.items():
+                tmp = path.with_name(path.name + '.tmp')
+                torch.save(obj, tmp)
+                os.replace(tmp, path)
         except Exception as e:  # re-raised in the training thread by wait()
             self.error = e
 
@@ -187,13 +190,18 @@ class CheckpointWriter:
             raise error
 
 
-def _to_host(obj):
+def _to_host(obj, memo):
+    """A host copy of a checkpoint's nested dicts/lists of tensors; memo holds the copies by the memory they view
+    (each state_dict() call returns new tensor objects over the same parameters)."""
     if torch.is_tensor(obj):
-        return obj.detach().to('cpu', copy=True)
+        key = (obj.device, obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.stride())
+        if key not in memo:
+            memo[key] = obj.detach().to('cpu', copy=True)
+        return memo[key]
     if isinstance(obj, dict):
-        return {k: _to_host(v) for k, v in obj.items()}
+        return {k: _to_host(v, memo) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_host(v) for v in obj)
+        return type(obj)(_to_host(v, memo) for v in obj)
     return obj
 
 
@@ -625,13 +633,15 @@ def train(args, ckpt, rank, world, device):
                 t0 = time.perf_counter()
                 metric = validate(raw, val_cases, spec, args, device) if due(run, args, val_cases) else None
                 net.train()
+                files = {}
                 if metric is not None and math.isfinite(metric) and (run.best_metric is None or
                                                                      metric > run.best_metric):
                     run.best_metric, run.best_epoch = metric, epoch + 1
-                    writer.save(checkpoint(raw, run, args, data_info, init_name(args), metric), out / 'best.pth')
+                    files[out / 'best.pth'] = checkpoint(raw, run, args, data_info, init_name(args), metric)
                 run.elapsed += time.perf_counter() - t0
                 state = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), world_size=world)
-                writer.save(checkpoint(raw, run, args, data_info, init_name(args), metric, state), out / 'last.pth')
+                files[out / 'last.pth'] = checkpoint(raw, run, args, data_info, init_name(args), metric, state)
+                writer.save(files)  # one host copy and one background write for both
                 log.append(log_row(epoch + 1, run, loss, metric, n * args.batch_size / train_s, train_s))
                 write_log(out / 'log.csv', log)
                 print_epoch(log[-1], run, args, data_info['selected_on'])

@@ -812,3 +812,44 @@ def test_normalise_intensity_rules():
     assert data.normalise(rgb, 'rgb') is rgb
     with pytest.raises(DataError, match="intensity 'pet' \\(--intensity\\)"):
         data.normalise(mri, 'pet')
+
+
+# -----------------------------------------------------------------------------
+# the numbers a resize or a rule could change silently
+
+def centre_nearest(a, S):
+    """Pixel-centre nearest neighbour to S x S, written out: source row floor((i + 0.5) H / S)."""
+    iy = np.floor((np.arange(S) + 0.5) * a.shape[0] / S).astype(int)
+    ix = np.floor((np.arange(S) + 0.5) * a.shape[1] / S).astype(int)
+    return a[iy][:, ix]
+
+
+def test_training_labels_are_resized_nearest_never_interpolated(tmp_path):
+    from scipy import ndimage
+    (tmp_path / 'syn' / 'train_npz').mkdir(parents=True)
+    lab = np.zeros((20, 20), np.float32)
+    lab[3:9, 2:15], lab[11:18, 5:12] = 3, 8  # 3 and 8 touch 0 only: linear would paint 1, 2, 4..7 on the edges
+    np.savez(tmp_path / 'syn' / 'train_npz' / 'case0001_slice000.npz', image=slice_image(lab), label=lab)
+    y = data.train_set('synapse', tmp_path / 'syn', 32, val_cases=0, augment=False)[0][1].numpy()
+    assert set(np.unique(y)) == {0, 3, 8}
+    np.testing.assert_array_equal(y, ndimage.zoom(lab.astype(np.uint8), 32 / 20, order=0))  # TransUNet's zoom
+    root = write_folder(tmp_path / 'f', n=2)  # RGB path: a 20x24 mask of ids 0, 1, 2 to 16x16
+    (root / 'test.txt').write_text('img1\n')
+    mask = np.array(Image.open(root / 'masks' / 'img0.png'))
+    y = data.train_set('folder', root, 16, val_cases=0, augment=False)[(0, 0)][1].numpy()
+    assert set(np.unique(y)) <= {0, 1, 2}
+    np.testing.assert_array_equal(y, centre_nearest(mask, 16))
+
+
+def test_mri_and_zscore_normalise_per_volume_not_per_slice():
+    vol = np.stack([np.full((4, 5), 10.0), np.full((4, 5), 20.0), np.linspace(30, 50, 20).reshape(4, 5)])
+    np.testing.assert_allclose(data.normalise(vol, 'mri'), (vol - 10) / 40, atol=1e-6)
+    np.testing.assert_allclose(data.normalise(vol, 'zscore'), (vol - vol.mean()) / vol.std(), atol=1e-5)
+
+
+def test_isic_foreground_is_128_and_above(tmp_path):
+    root = write_isic2017(tmp_path, splits=('Test_v2',), n=1, img_hw=(4, 8), mask_hw=(4, 8))
+    mask = np.repeat(np.array([[0, 126, 127, 128, 129, 200, 254, 255]], np.uint8), 4, axis=0)
+    Image.fromarray(mask).save(root / 'ISIC-2017_Test_v2_Part1_GroundTruth' / 'ISIC_0000000_segmentation.png')
+    label = data.eval_cases('isic2017', root, 'test')[0].label
+    np.testing.assert_array_equal(label[0], [0, 0, 0, 1, 1, 1, 1, 1])

@@ -551,3 +551,19 @@ def test_channels_last_computes_the_same_function():
         ref = net(x)[0]
         fast = net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))[0]
     assert torch.allclose(ref, fast, atol=1e-5, rtol=1e-4)
+
+
+def test_volumes_are_scored_whole_not_slice_by_slice():
+    # the left-half model on a 3-slice volume: slice 0 found exactly, slice 1 half wrong, slice 2 empty in
+    # the ground truth. In 3-D: Dice 2 * 48 / (96 + 48) = 2/3; a mean over slices would give (1 + 2/3 + 0) / 3.
+    mb = pytest.importorskip('medpy.metric.binary')
+    gt = np.zeros((3, 8, 8), np.int64)
+    gt[0, :, :4], gt[1, :, :2] = 1, 1
+    pred = np.zeros_like(gt)
+    pred[:, :, :4] = 1
+    case = data.Case('v', np.zeros((3, 8, 8), np.float32), gt)
+    s = E.evaluate(Constant(), [case], _spec(classes=('background', 'x')), 32, device='cpu', progress=False)
+    x = s['per_class']['x']
+    assert x['dice'] == pytest.approx(2 / 3) and x['iou'] == pytest.approx(0.5)
+    assert x['hd95'] == pytest.approx(mb.hd95(pred, gt)) and x['asd'] == pytest.approx(mb.assd(pred, gt))
+    assert x['hd95'] == pytest.approx(2.0) and s['n_cases'] == 1

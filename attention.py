@@ -49,7 +49,7 @@ class ChannelAttention(nn.Module):
 
     def __init__(self, C, reduction=16):
         super().__init__()
-        # NOTE(impl): MLP = C->C/16, ReLU, C/16->C, shared by both branches (CBAM's), as the paper gives no width.
+        # NOTE(impl): MLP = C->C/16, ReLU, C/16->C, shared by both branches (CBAM's): the paper gives no width.
         hidden = max(C // reduction, 1)
         self.mlp = nn.Sequential(nn.Linear(C, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, C))
 
@@ -77,7 +77,8 @@ class DynamicCalibration(nn.Module):
 
     def __init__(self, learnable=True):
         super().__init__()
-        # NOTE(impl): w_max and w_avg start at 0.5, so the calibrated block begins as the plain average (Table 6 'Dcal off').
+        # NOTE(impl): w_max and w_avg start at 0.5: the calibrated block begins as the plain average (Table 6's
+        # 'Dcal off').
         w = torch.full((2,), 0.5)
         if learnable:
             self.w = nn.Parameter(w)
@@ -105,7 +106,8 @@ class HAP(nn.Module):
         self.channel = ChannelAttention(C) if channel_att else None
         self.spatial = SpatialAttention() if spatial_att else None
         self.calibration = DynamicCalibration(learnable=calibration)
-        # NOTE(impl): 1x1 convs that act on pooled C x 1 x 1 maps (here, the MLPs, EH's c1_int/c2) are nn.Linear: the same map, without the slow conv path.
+        # NOTE(impl): 1x1 convs on pooled C x 1 x 1 maps (the MLPs, c*, EH's c1_int/c2) are nn.Linear: the same map
+        # without the slow conv path.
         self.c = nn.Linear(C, C)  # c* of Eq. 5
         self.block = ConvBlock(C, C)
 
@@ -122,7 +124,8 @@ class HAP(nn.Module):
 
     def pooled_O(self, h):
         """The spatial means of O_max and O_avg (Eq. 2-3), (B,2,C), without forming O at full size."""
-        # NOTE(impl): only mean(O_d) over H x W reaches A_d and O = A^c * A^s * h, so mean(O)_c = A^c_c mean(A^s h_c) is taken from pooled maps: the same function without the two full-size O.
+        # NOTE(impl): only mean(O_d) over H x W reaches A_d, and O = A^c * A^s * h, so mean(O)_c = A^c_c mean(A^s h_c)
+        # is taken from pooled maps: the same function without forming the two full-size O.
         N = h.shape[2] * h.shape[3]
         h_flat = h.flatten(2)  # (B,C,N), a view in NCHW and channels_last alike
         if self.spatial is None:  # Table 5 A.3: O = A^c * h in either order
@@ -145,7 +148,7 @@ class HAP(nn.Module):
 
     def forward(self, h):
         O_d = self.calibration(self.pooled_O(h))  # Eq. (4) on the spatial means: (B,2,C) -> (B,C)
-        # NOTE(impl): A_d is C x 1 x 1 as the text says, so O_d is globally average-pooled before the 1x1 conv c*.
+        # NOTE(impl): A_d is C x 1 x 1 as the text says, so O_d is average-pooled before the 1x1 conv c*.
         A_d = torch.sigmoid(self.c(O_d))  # (B,C)
         return self.block(A_d.view(*A_d.shape, 1, 1) * h)  # Eq. (5): (B,C,1,1) * (B,C,H,W)
 
@@ -163,24 +166,26 @@ class ES(nn.Module):
 
     def forward(self, S_in):
         B, C, H, W = S_in.shape
-        # NOTE(impl): the C x C energies of large maps overflow fp16, so ES runs in fp32 (fp64 stays fp64) under autocast.
+        # NOTE(impl): the C x C energies reach 2e5 and overflow fp16, so ES runs in fp32 under autocast (fp64 stays
+        # fp64); train.py leaves TF32 matmuls off, so training and evaluation form them alike, in IEEE fp32.
         with torch.autocast(device_type='cuda' if S_in.is_cuda else 'cpu', enabled=False):
             S = S_in if S_in.dtype == torch.float64 else S_in.float()
             S1 = S.flatten(2)  # (B,C,N), a view in NCHW and channels_last alike
             S2 = S1.transpose(1, 2)  # (B,N,C)
             energy = torch.bmm(S1, S2)  # (B,C,N) @ (B,N,C) -> (B,C,C), symmetric
-            # NOTE(impl): Eq. 6 as written, softmax over i of S1_i . S2_j (DANet's code instead uses max(energy) - energy).
-            # NOTE(impl): in practice W_c is nearly one-hot (random-init MaxViT-T, 224x224: max |energy| 6.4e4/2.4e4/1.7e4/8.6e3 in stages 1-4, 97-100% of columns with a weight > 0.99), so es_j ~ S_j + lambda S_i*, i* the best-aligned channel: j itself in 72/28/22/6% of columns.
+            # NOTE(impl): Eq. 6 as written, softmax over i of S1_i . S2_j (DANet's code uses max(energy) - energy).
             S3 = S1  # S3 is S_in reshaped to (B,C,N) again
+            # NOTE(impl): Eq. 7 as printed sums w_ij S_{3,j}, which collapses to (1 + lambda) S_j; we sum w_ij S_{3,i},
+            # DANet's reading, where channel i's weight on channel j mixes the channels.
             if S.is_contiguous() or not S.is_contiguous(memory_format=torch.channels_last):
-                # NOTE(impl): the energy is symmetric, so the softmax over its rows is W_c transposed (w[i,j] at [j,i]) and Eq. 7 needs no transpose.
+                # the energy is symmetric, so the softmax over its rows is W_c transposed (w[i,j] at [j,i])
                 W_c_T = torch.softmax(energy, dim=2)  # Eq. (6): row j holds w[i,j], summing to 1 over i
                 # lambda multiplies the small (C,C) matrix, not the (C,N) product
                 es = torch.baddbmm(S3, self.lam * W_c_T, S3)  # Eq. (7): (B,C,C) @ (B,C,N) + S3 -> (B,C,N)
             else:  # the same sum in (B,N,C) order, so a channels_last input gives a channels_last output
                 W_c = torch.softmax(energy, dim=1)  # Eq. (6): w[i,j], each column j sums to 1 over i
-                es = torch.baddbmm(S2, S2, self.lam * W_c).transpose(1, 2)  # Eq. (7): (B,N,C) @ (B,C,C) + S2 -> (B,N,C)
-        return es.view(B, C, H, W).to(S_in.dtype)  # es_j = lam sum_i w[i,j] S3_i + S_in,j
+                es = torch.baddbmm(S2, S2, self.lam * W_c).transpose(1, 2)  # Eq. (7): (B,N,C) @ (B,C,C) + S2
+        return es.view(B, C, H, W).to(S_in.dtype)  # (B,C,N) -> (B,C,H,W): es_j = lam sum_i w[i,j] S3_i + S_in,j
 
 
 class EH(nn.Module):
@@ -190,7 +195,7 @@ class EH(nn.Module):
         super().__init__()
         hidden = max(C // reduction, 1)
         self.c1 = nn.Conv2d(C, 1, 1)  # c1 of Eq. 8: one attention logit per position
-        # NOTE(impl): Eq. 9 reuses the name c1 for a second conv; here c1_int (C->C/4, GCNet's ratio) and c2 (C/4->C).
+        # NOTE(impl): Eq. 9 reuses the name c1 for a second conv: here c1_int (C->C/4, GCNet's ratio), c2 (C/4->C).
         self.c1_int = nn.Linear(C, hidden)
         self.ln = nn.LayerNorm(hidden)  # GCNet's LayerNorm over the C/4 x 1 x 1 bottleneck
         self.c2 = nn.Linear(hidden, C)

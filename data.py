@@ -1,31 +1,27 @@
 """
-The data of DANIE (paper Sec. 4.1): the five benchmarks in the on-disk layouts people download, the user's own
-data (an image folder, nnU-Net v2's raw layout), the per-dataset defaults of Sec. 4.2, TransUNet's augmentation,
-the model's input path and its inverse, prediction I/O, and a synthetic demo set.
+The data of DANIE (Sec. 4.1-4.2): the five benchmarks in the layouts people download and the user's own (an image
+folder, nnU-Net v2's raw layout), each one row of LAYOUTS; their splits; the Sec. 4.2 recipe per dataset (SPECS);
+TransUNet's augmentation; the resize to the model's input and its inverse; a synthetic demo set.
 
-Offers: DATASETS, SPECS, DatasetSpec (classes, kind, intensity, recipe), get_spec, spec_to_dict / spec_from_dict;
-train_set -> TrainSet (item (epoch, index): image float32 (3,S,S), label int64 (S,S)); eval_cases -> CaseList of
-Case(id, image as stored, label at its native size); make_loader; prepare_input (slices or RGB images -> (N,3,S,S))
-and restore_size (its inverse for label maps, in torch); normalise (raw intensities); read_input and
-write_prediction (files without labels in, NIfTI/PNG label maps and overlays out); make_demo; DataError.
-`python data.py` summarises a dataset; `--bench` measures training samples/s; `--make-demo DIR` writes the demo set.
+Offers: SPECS, get_spec, spec_from_dict; Item; train_set -> TrainSet ((epoch, index) -> image (3,S,S), label (S,S));
+eval_cases -> Cases (whole cases as stored); make_loader; prepare_input, restore_size; normalise; read_image,
+read_nifti, read_arrays, voxel_order; output_dir; make_demo (also `python data.py --make-demo DIR`); DataError.
 """
 
 import argparse
+import itertools
 import json
-import math
 import os
 import re
 import shutil
 import sys
 import tempfile
-import time
 import warnings
 import weakref
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
 
 import h5py
 import nibabel as nib
@@ -33,850 +29,482 @@ import numpy as np
 import torch
 from PIL import Image
 from scipy import ndimage
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 # -----------------------------------------------------------------------------
-# constants
+# constants and the Sec. 4.2 recipe per dataset
 
-# NOTE(impl): mean/std of timm's maxvit_*_tf_224 weights (ImageNet's), repeated here: data.py does not import model.py.
+# NOTE(impl): mean/std of timm's maxvit_*_tf_224 weights (ImageNet's), repeated: data.py does not import model.py.
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-ROT_DEGREES = 20.0      # TransUNet's small rotation range, [-20, 20] degrees
-# NOTE(impl): default held-out validation = 10% of the training cases (at least 1); the paper has none.
-VAL_FRACTION = 0.1
-ISIC2018_SPLIT = (1815, 259, 520)  # the paper's train/val/test (Azad et al.), over the 2594 training images
-CACHE_MAX_BYTES = 8 << 30          # largest shared cache of resized RGB training pairs
-# NOTE(impl): without a test list, 20% of the user's cases (at least 1) are held out for test, seeded with 0 so the test set never moves.
+ROT_DEGREES = 20.0                 # TransUNet's rotation range, [-20, 20] degrees
+VAL_FRACTION = 0.1                 # NOTE(impl): held-out validation, 10% of the training cases; the paper has none
+# NOTE(impl): without a test list, 20% of the user's cases are the test split, seeded with 0: it never moves.
 TEST_FRACTION, TEST_SEED = 0.2, 0
+ISIC2018_SPLIT = (1815, 259, 520)  # the paper's train/val/test (Azad et al.) of the 2594 images
+ISIC_FG = 128                      # NOTE(impl): ISIC masks are 0/255: foreground >= 128, as for resampled masks
 CT_WINDOW = (-125.0, 275.0)        # Synapse/TransUNet: clip HU to this window, then scale to [0, 1]
 INTENSITIES = ('ct', 'mri', 'zscore', 'rgb', 'none')
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
-NIFTI_SUFFIXES = ('.nii.gz', '.nii')
-MASK_SUFFIXES_UPPER = tuple(x.upper() for x in IMAGE_SUFFIXES)  # masks named img1.PNG are found too
-OVERLAY_SLICES = 3                 # PNG overlays written per predicted volume
-PALETTE = np.array([[0, 0, 0], [255, 0, 0], [0, 160, 255], [255, 200, 0], [0, 200, 0], [200, 0, 255],
-                    [0, 255, 200], [255, 120, 0], [120, 120, 255]], dtype=np.uint8)  # class id -> overlay colour
-
-SYNAPSE_CLASSES = ('background', 'spleen', 'kidney_r', 'kidney_l', 'gallbladder', 'liver', 'stomach',
-                   'aorta', 'pancreas')  # the label ids of TransUNet's files
+NIFTI_SUFFIXES, ARRAY_SUFFIXES = ('.nii.gz', '.nii'), ('.npy.h5', '.h5', '.npz')
+CACHE_MAX_BYTES = 8 << 30          # the largest disk cache of resized RGB training pairs
+SYNAPSE_CLASSES = ('background', 'spleen', 'kidney_r', 'kidney_l', 'gallbladder', 'liver', 'stomach', 'aorta',
+                   'pancreas')     # the ids of TransUNet's files
 SYNAPSE_TABLE1 = (7, 4, 3, 2, 5, 8, 1, 6)  # Table 1: Aorta, GB, KL, KR, Liver, PC, SP, SM
-# CASCADE's files keep BTCV's 13 raw labels: 1 spleen, 2 r. kidney, 3 l. kidney, 4 gallbladder, 5 esophagus,
-# 6 liver, 7 stomach, 8 aorta, 9 IVC, 10 portal/splenic vein, 11 pancreas, 12/13 adrenal glands.
-# NOTE(impl): 'cascade' maps CASCADE's 8 organs to TransUNet's ids (not its 11->5 order): one class table for both maps.
+# CASCADE's files keep BTCV's 13 labels: 1-4 as TransUNet's, 5 esophagus, 6 liver, 7 stomach, 8 aorta, 9 IVC,
+# 10 veins, 11 pancreas, 12/13 adrenals. NOTE(impl): 'cascade' maps them to TransUNet's ids (CASCADE: 11->5).
 CASCADE_LUT = np.array([0, 1, 2, 3, 4, 0, 5, 6, 7, 0, 0, 8, 0, 0], np.int64)
 LABEL_MAPS = ('transunet', 'cascade')
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """What the code needs to know about one benchmark: classes, table order, Sec. 4.2 defaults, layout."""
-    name: str
-    num_classes: int
-    class_names: tuple     # index = label id; 'background' at 0
-    kind: str              # 'volume' (evaluated per 3-D case) or 'image'
-    report_order: tuple    # class ids in the order of the paper's table
-    epochs: int            # Sec. 4.2
-    batch_size: int        # Sec. 4.2
-    where: str             # where the data is published
-    layout: str            # the on-disk layout we read
-    # NOTE(impl): 224x224 inputs: the paper does not state the input size; 224 is the ImageNet MaxViT's and the peers' (TransUNet, CASCADE).
-    img_size: int = 224    # default model input size
-    lr: float = 1e-4       # AdamW learning rate (Sec. 4.2)
-    intensity: str = 'none'  # how a RAW input is normalised (normalise()): 'ct', 'mri', 'zscore', 'rgb'
-
-
-_SYNAPSE_LAYOUT = ('ROOT/train_npz/caseXXXX_sliceNNN.npz (image, label), ROOT/test_vol_h5/caseXXXX.npy.h5 '
-                   '(image, label: D x H x W), lists ROOT/lists_Synapse/{train,test_vol}.txt (optional)')
-SPECS = {
-    'synapse': DatasetSpec(
-        'synapse', 9, SYNAPSE_CLASSES, 'volume', SYNAPSE_TABLE1, 300, 24,
-        "TransUNet's preprocessed Synapse/BTCV (https://github.com/Beckschen/TransUNet, datasets/README.md); "
-        'raw CT: https://www.synapse.org/#!Synapse:syn3193805', _SYNAPSE_LAYOUT, intensity='ct'),
-    'acdc': DatasetSpec(
-        'acdc', 4, ('background', 'RV', 'Myo', 'LV'), 'volume', (1, 2, 3), 400, 12,
-        'https://www.creatis.insa-lyon.fr/Challenge/acdc/ ; preprocessed by MT-UNet '
-        '(https://github.com/Dootmaan/MT-UNet) or SSL4MIS (https://github.com/HiLab-git/SSL4MIS, data/ACDC)',
-        'MT-UNet/CASCADE: ROOT/{train,valid}/case_XXX_slice{ED,ES}_N.npz, ROOT/test/case_XXX_volume_{ED,ES}.npz '
-        '(img, label), ROOT/lists_ACDC/{train,valid,test}.txt; or SSL4MIS: ROOT/data/slices/*.h5, ROOT/data/*.h5 '
-        '(image, label), ROOT/{train_slices,val,test}.list', intensity='mri'),
-    'isic2017': DatasetSpec(
-        'isic2017', 2, ('background', 'lesion'), 'image', (1,), 200, 8,
-        'https://challenge.isic-archive.com/data/#2017 (Part 1)',
-        'ROOT/ISIC-2017_{Training,Validation,Test_v2}_Data/ISIC_<id>.jpg + '
-        'ROOT/ISIC-2017_{Training,Validation,Test_v2}_Part1_GroundTruth/ISIC_<id>_segmentation.png', intensity='rgb'),
-    'isic2018': DatasetSpec(
-        'isic2018', 2, ('background', 'lesion'), 'image', (1,), 200, 8,
-        'https://challenge.isic-archive.com/data/#2018 (Task 1)',
-        'ROOT/ISIC2018_Task1-2_Training_Input/ISIC_<id>.jpg + '
-        'ROOT/ISIC2018_Task1_Training_GroundTruth/ISIC_<id>_segmentation.png', intensity='rgb'),
-    # NOTE(impl): GlaS batch size 8: Sec. 4.2 gives only the epochs; 8 as for the other 2-D sets.
-    'glas': DatasetSpec(
-        'glas', 2, ('background', 'gland'), 'image', (1,), 100, 8,
-        'https://warwick.ac.uk/fac/cross_fac/tia/data/glascontest/ (Warwick QU dataset)',
-        'ROOT/{train,testA,testB}_N.bmp + ROOT/{train,testA,testB}_N_anno.bmp '
-        "(ROOT may also be the folder holding 'Warwick QU Dataset (Released 2016_07_08)')", intensity='rgb'),
-    # NOTE(impl): demo defaults (10 epochs, batch 4, 64 px, lr 3e-4: from scratch, no pretrained weights offline) are ours, sized for a 2-core CPU.
-    'demo': DatasetSpec(
-        'demo', 9, SYNAPSE_CLASSES, 'volume', SYNAPSE_TABLE1, 10, 4,
-        'synthetic, written by `python data.py --make-demo ROOT` (no download)', _SYNAPSE_LAYOUT, img_size=64,
-        lr=3e-4, intensity='ct'),
-}
-FOLDER_LAYOUT = ('ROOT/images/<stem>.png|jpg|jpeg|tif|tiff|bmp + ROOT/masks/<stem>.<same kinds> (class ids, or 0/255 '
-                 'for two classes); ROOT/classes.txt (one name per line, line i = id i) or --num-classes; optional '
-                 'ROOT/{train,val,test}.txt (one stem per line)')
-NNUNET_LAYOUT = ('nnU-Net v2 raw: ROOT/dataset.json (channel_names, labels, file_ending), '
-                 'ROOT/imagesTr/CASE_0000<ending>, '
-                 'ROOT/labelsTr/CASE<ending>, optional ROOT/imagesTs + ROOT/labelsTs')
-DATASETS = tuple(SPECS) + ('folder', 'nnunet')  # the names --data accepts: the fixed sets, then the user's own
-
-# the synthetic demo set: Synapse's layout and class ids, small slices, organ-like blobs
-DEMO_SIZE = 96            # slice side in pixels
-DEMO_SLICES = 12          # slices per volume
-DEMO_TRAIN_CASES = 15     # training volumes (VAL_FRACTION holds 2 of them out)
-DEMO_TEST_CASES = 3       # test volumes (test_vol_h5)
-DEMO_NOISE = 0.03         # white noise std, in the [0,1] scale of Synapse's clipped CT
-DEMO_JITTER = 0.04        # per-case shift of the anatomy and per-organ jitter (fraction of the slice)
-# tissue -> (centre y, centre x, radius y, radius x: fractions of the slice; z centre, z half-extent:
-#            fractions of the volume; intensity; texture amplitude). Ids 1-8 are Synapse's organs; 9 body and
-# 10 spine are background for the labels but give the image anatomy (the spine is about as bright as the aorta).
-DEMO_TISSUES = {
-    9: (0.50, 0.50, 0.42, 0.46, 0.5, 9.0, 0.30, 0.03),     # body (soft tissue)
-    10: (0.82, 0.50, 0.065, 0.07, 0.5, 9.0, 1.15, 0.10),   # spine: bright bone, coarse texture
-    5: (0.42, 0.30, 0.20, 0.17, 0.45, 0.70, 0.63, 0.03),   # liver: large, patient's right
-    4: (0.55, 0.43, 0.085, 0.075, 0.35, 0.35, 0.10, 0.01),  # gallbladder: dark (bile)
-    6: (0.37, 0.64, 0.13, 0.13, 0.55, 0.45, 0.41, 0.07),   # stomach: mottled contents
-    1: (0.50, 0.82, 0.11, 0.08, 0.55, 0.40, 0.74, 0.02),   # spleen
-    2: (0.70, 0.27, 0.09, 0.07, 0.45, 0.40, 0.85, 0.02),   # right kidney
-    3: (0.70, 0.73, 0.09, 0.07, 0.50, 0.40, 0.96, 0.02),   # left kidney
-    8: (0.52, 0.55, 0.055, 0.15, 0.45, 0.35, 0.52, 0.05),  # pancreas: elongated, lobulated
-    7: (0.66, 0.50, 0.065, 0.065, 0.5, 9.0, 1.08, 0.01),   # aorta: round, contrast-bright, every slice
-}
 
 
 class DataError(Exception):
     """A dataset on disk is missing, incomplete or not in the expected format."""
 
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset: classes, the table's order, the Sec. 4.2 recipe, where it is published and how it lies."""
+    name: str
+    num_classes: int
+    class_names: tuple     # by label id; 'background' at 0
+    kind: str              # 'volume' (scored per 3-D case) or 'image'
+    report_order: tuple    # class ids in the paper's table order
+    epochs: int            # Sec. 4.2
+    batch_size: int        # Sec. 4.2
+    where: str             # where it is published
+    layout: str            # its files, in words
+    img_size: int = 224    # NOTE(impl): the paper gives no size; 224 is the ImageNet MaxViT's and the peers'
+    lr: float = 1e-4       # AdamW (Sec. 4.2)
+    intensity: str = 'none'  # normalise()'s rule for raw inputs: 'ct', 'mri', 'zscore', 'rgb'
+    figure: str = 'mean'   # the table's figure, which picks best.pth: case means, or 'pooled_256' (Table 3)
+
+
+_SYNAPSE = 'ROOT/train_npz/*.npz, ROOT/test_vol_h5/*.npy.h5, optional ROOT/lists_Synapse/*.txt'
+_ISIC = dict(kind='image', report_order=(1,), epochs=200, batch_size=8, intensity='rgb', figure='pooled_256')
+SPECS = {
+    'synapse': DatasetSpec('synapse', 9, SYNAPSE_CLASSES, 'volume', SYNAPSE_TABLE1, 300, 24,
+                           'github.com/Beckschen/TransUNet', _SYNAPSE, intensity='ct'),
+    'acdc': DatasetSpec('acdc', 4, ('background', 'RV', 'Myo', 'LV'), 'volume', (1, 2, 3), 400, 12,
+                        'MT-UNet and SSL4MIS on GitHub', "MT-UNet's ROOT/{train,valid,test}/*.npz, ROOT/lists_ACDC, "
+                        "or SSL4MIS's ROOT/data/slices/*.h5, ROOT/data/*.h5, ROOT/*.list", intensity='mri'),
+    'isic2017': DatasetSpec('isic2017', 2, ('background', 'lesion'), where='challenge.isic-archive.com', **_ISIC,
+                            layout='ROOT/ISIC-2017_{Training,Validation,Test_v2}_{Data,Part1_GroundTruth}'),
+    'isic2018': DatasetSpec('isic2018', 2, ('background', 'lesion'), where='challenge.isic-archive.com', **_ISIC,
+                            layout='ROOT/ISIC2018_Task1-2_Training_Input, ROOT/ISIC2018_Task1_Training_GroundTruth'),
+    # NOTE(impl): GlaS batch size 8: Sec. 4.2 gives only the epochs; 8 as for the other 2-D sets.
+    'glas': DatasetSpec('glas', 2, ('background', 'gland'), 'image', (1,), 100, 8, 'warwick.ac.uk (GlaS)',
+                        'ROOT/{train,testA,testB}_N.bmp, _N_anno.bmp', intensity='rgb'),
+    # NOTE(impl): the demo's recipe (10 epochs, batch 4, 64 px, lr 3e-4, from scratch) is ours, for a 2-core CPU.
+    'demo': DatasetSpec('demo', 9, SYNAPSE_CLASSES, 'volume', SYNAPSE_TABLE1, 10, 4, 'python data.py --make-demo',
+                        _SYNAPSE, img_size=64, lr=3e-4, intensity='ct'),
+}
+FOLDER = 'ROOT/images/*, ROOT/masks/* (same stems), ROOT/classes.txt or --num-classes, optional ROOT/*.txt'
+NNUNET = 'ROOT/dataset.json, ROOT/imagesTr/CASE_0000.*, ROOT/labelsTr/CASE.*, optional imagesTs/, labelsTs/'
+DATASETS = tuple(SPECS) + ('folder', 'nnunet')  # what --data accepts: the fixed sets, then the user's own
+
 # -----------------------------------------------------------------------------
-# helpers: reading files (every failure names the file)
+# the layouts: each dataset one row of folders, name patterns, array keys and splits (ROOT-relative)
 
 
-def _missing_root(spec, root):
-    how = (f'write it with `python data.py --make-demo {root}`' if spec.name == 'demo'
-           else f'{spec.name} is published at {spec.where}')
-    return DataError(f"dataset root '{root}' (--root) not found: expected {spec.name} as {spec.layout}; {how}")
+@dataclass(frozen=True)
+class Split:
+    """One split's files: a folder, their names, their masks, an optional list."""
+    folder: str              # '' = ROOT
+    name: str                # regex on a file's stem; groups: id (volume or image), case (patient), index (slice)
+    suffix: tuple            # the file endings
+    masks: str = None        # image + mask layouts: the masks' folder, and
+    mask: tuple = ()         # a mask's names ('{id}' replaced; the first that exists)
+    list: tuple = ()         # list files of names: the split's order and subset
+    id: str = None           # the volume id from the groups, where slices name it otherwise (ACDC)
+    optional: bool = False   # without its folder or list the split is absent, not an error
 
 
-def _read_arrays(path, keys=None):
-    """The named arrays of an .npz or .h5 file (keys=None: all of them, as a dict); failures name the file."""
+@dataclass(frozen=True)
+class Layout:
+    """One on-disk layout: how its files are read and where each split lies."""
+    reader: str              # 'arrays' (.npz/.h5 slices and volumes), 'pair' (image + mask), 'nifti'
+    train: Split
+    val: Split = None        # None: held out of train, by whole case
+    test: Split = None
+    keys: tuple = ('image', 'label')  # 'arrays': the image and label arrays
+    fg: int = 0              # 'pair': binary masks, foreground = value >= fg; 0: masks hold class ids
+    aspect: bool = True      # 'pair': a mask has its image's aspect ratio (else: a mis-paired mask)
+    carve: str = None        # 'seeded': without a test split, 20% of train is test; 'isic2018': the paper's counts
+
+
+def _isic2017(part):
+    return Split(f'ISIC-2017_{part}_Data', r'ISIC_\d+', ('.jpg', '.jpeg', '.png'), f'ISIC-2017_{part}_Part1_GroundTruth',
+                 ('{id}_segmentation.png',))
+
+
+_TRANSUNET = Layout('arrays', Split('train_npz', r'(?P<id>.+)_slice(?P<index>\d+)', ('.npz',),
+                                    list=('lists_Synapse/train.txt',)),
+                    test=Split('test_vol_h5', '.+', ('.npy.h5',), list=('lists_Synapse/test_vol.txt',)))
+_MTUNET = dict(name=r'(?P<case>case_\d+)_slice(?P<phase>ED|ES)_(?P<index>\d+)', suffix=('.npz',),
+               id='{case}_volume_{phase}')
+_MASKS = tuple('{id}' + x for x in IMAGE_SUFFIXES + tuple(map(str.upper, IMAGE_SUFFIXES)))
+# NOTE(impl): ACDC is held out by patient (ED and ES together), GlaS by image: its names carry no patient id.
+LAYOUTS = {
+    'synapse': (_TRANSUNET,),
+    'demo': (_TRANSUNET,),
+    'acdc': (Layout('arrays', Split('data/slices', r'(?P<id>(?P<case>patient\d+)_frame\d+)_slice_(?P<index>\d+)',
+                                    ('.h5',), list=('train_slices.list',)),
+                    *(Split('data', '.+', ('.h5',), list=(f'{k}.list',), optional=True) for k in ('val', 'test'))),
+             Layout('arrays', *(Split(k, list=(f'lists_ACDC/{k}.txt',), **_MTUNET) for k in ('train', 'valid')),
+                    Split('test', '.+', ('.npz',), list=('lists_ACDC/test.txt',)), keys=('img', 'label'))),
+    'isic2017': (Layout('pair', *map(_isic2017, ('Training', 'Validation', 'Test_v2')), fg=ISIC_FG, aspect=False),),
+    'isic2018': (Layout('pair', Split('ISIC2018_Task1-2_Training_Input', r'ISIC_\d+', ('.jpg', '.jpeg'),
+                                      'ISIC2018_Task1_Training_GroundTruth', ('{id}_segmentation.png',)),
+                        fg=ISIC_FG, aspect=False, carve='isic2018'),),
+    'glas': (Layout('pair', Split('', r'train_\d+', ('.bmp',), '', ('{id}_anno.bmp',)),  # instance ids: fg = > 0
+                    test=Split('', r'test[AB]_\d+', ('.bmp',), '', ('{id}_anno.bmp',)), fg=1),),
+    'folder': (Layout('pair', *(Split('images', '.+', IMAGE_SUFFIXES, 'masks', _MASKS, (f'{k}.txt',), optional=k != 'train')
+                                for k in ('train', 'val', 'test')), carve='seeded'),),
+}
+
+
+def _nnunet_layout(ending):
+    """nnU-Net v2 raw: imagesTr/CASE_0000<ending> + labelsTr/CASE<ending>; imagesTs/labelsTs the test split."""
+    tr, ts = (Split(f'images{k}', '.+', ('_0000' + ending,), f'labels{k}', ('{id}' + ending,), optional=k == 'Ts')
+              for k in ('Tr', 'Ts'))
+    return Layout('nifti' if ending in NIFTI_SUFFIXES else 'pair', tr, test=ts, carve='seeded')
+
+# -----------------------------------------------------------------------------
+# helpers: one reader per kind of file (arrays, image + mask, NIfTI); every failure names the file
+
+
+def _fail(path, what, e):
+    return DataError(f'{path}: file not found' if isinstance(e, FileNotFoundError) else
+                     f'{path}: unreadable or corrupt {what} ({type(e).__name__}: {e})')
+
+
+def read_arrays(path, keys=None):
+    """The named arrays of an .npz or .h5 file (keys=None: all of them, as a dict)."""
     h5 = not str(path).endswith('.npz')
     try:
         with (h5py.File(path, 'r') if h5 else np.load(path)) as f:
             have = list(f.keys()) if h5 else f.files
-            if keys is None:
-                return {k: f[k][()] for k in have}
-            if any(k not in have for k in keys):
+            if keys is not None and any(k not in have for k in keys):
                 raise DataError(f'{path}: expected {"datasets" if h5 else "arrays"} {list(keys)}, found {have}')
-            return [f[k][()] for k in keys]
+            return {k: f[k][()] for k in have} if keys is None else [f[k][()] for k in keys]
     except DataError:
         raise
-    except FileNotFoundError:
-        raise DataError(f'{path}: file not found') from None
-    except Exception as e:  # zipfile, pickle, HDF5 and OS errors all mean the same: a corrupt file
-        raise DataError(f'{path}: unreadable or corrupt {"h5" if h5 else "npz"} ({type(e).__name__}: {e})') from None
+    except Exception as e:  # zipfile, pickle, HDF5 and OS errors all mean a corrupt file
+        raise _fail(path, 'h5' if h5 else 'npz', e) from None
 
 
-def _read_image(path, mode):
+def _read_pil(path):
     try:
         with Image.open(path) as im:
-            return np.array(im.convert(mode) if mode else im)
-    except FileNotFoundError:
-        raise DataError(f'{path}: file not found') from None
+            return np.array(im.convert('RGB') if im.mode not in ('1', 'L', 'I', 'I;16', 'I;16B', 'F') else im)
     except Exception as e:
-        raise DataError(f'{path}: unreadable or corrupt image ({type(e).__name__}: {e})') from None
+        raise _fail(path, 'image', e) from None
+
+
+def read_image(path):
+    """An image -> uint8 RGB (H,W,3) from its real bit depth: 16-bit by its full range (65535 -> 255, as
+    scikit-image's img_as_ubyte), float from [0, 1]; other ranges are refused, never clipped."""
+    a = _read_pil(path)
+    if a.ndim == 2 and a.dtype not in (np.uint8, bool):
+        hi = 1 if a.dtype.kind == 'f' else 65535
+        if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= hi):
+            raise DataError(f'{path}: {a.dtype} image with values in [{a.min()}, {a.max()}]; expected [0, {hi}]')
+        a = np.rint(a * 255.0) if hi == 1 else a.astype(np.int64) >> 8  # (H,W) in 0..255
+    return np.repeat(a.astype(np.uint8)[..., None] * (255 if a.dtype == bool else 1), 3, axis=2) if a.ndim == 2 else a
+
+
+def _check_cascade(labels, name):
+    """label_map='cascade' on TransUNet's 9-class files would make liver background."""
+    if np.asarray(labels).max() <= 8:
+        raise DataError(f'{name}: label_map=cascade expects the 13 BTCV labels, but no label above 8 in the whole '
+                        "case: TransUNet's 9-class files? Use --label-map transunet")
 
 
 def _labels(a, path, num_classes, lut=None):
-    """Stored labels (often float) -> int64 class ids, refusing non-integers and ids outside the classes."""
+    """Stored labels (often float) -> int64 class ids; non-integers and ids outside the classes are refused."""
     a = np.asarray(a)
     if a.dtype.kind == 'f' and not np.array_equal(a, np.round(a)):  # NaN also fails here
-        bad = a[a != np.round(a)].flat[0]
-        raise DataError(f'{path}: labels must be integers, found {bad}')
-    a = a.astype(np.int64)
+        raise DataError(f'{path}: labels must be integers, found {a[a != np.round(a)].flat[0]}')
     if not a.size:
         raise DataError(f'{path}: empty label array')
+    a = a.astype(np.int64)
     if lut is not None:
         if a.min() < 0 or a.max() >= len(lut):
-            raise DataError(f'{path}: raw label {a.min() if a.min() < 0 else a.max()} outside the 13 BTCV '
-                            f'labels 0..{len(lut) - 1} of label_map=cascade')
+            raise DataError(f'{path}: raw label {a.min() if a.min() < 0 else a.max()} outside the 13 BTCV labels '
+                            'of label_map=cascade')
         if a.ndim == 3:  # a whole volume
             _check_cascade(a, path)
         a = lut[a]
     if a.min() < 0 or a.max() >= num_classes:
-        hint = ("; 13-label (CASCADE) files need label_map='cascade'" if num_classes == 9 and a.max() <= 13
-                else '')
-        raise DataError(f'{path}: label {a.min() if a.min() < 0 else a.max()} outside the {num_classes} '
-                        f'classes 0..{num_classes - 1}{hint}')
+        hint = "; 13-label (CASCADE) files need label_map='cascade'" if num_classes == 9 and a.max() <= 13 else ''
+        raise DataError(f'{path}: label {a.min() if a.min() < 0 else a.max()} outside the {num_classes} classes '
+                        f'0..{num_classes - 1}{hint}')
     return a
 
 
-def _npz_pair(path, keys, num_classes, lut=None):
-    """One slice or volume from an npz: (image float32, label int64) of the same shape."""
-    img, lab = _read_arrays(path, keys)
-    return _pair(img, lab, path, num_classes, lut)
-
-
-def _h5_pair(path, num_classes, lut=None):
-    img, lab = _read_arrays(path, ('image', 'label'))
-    return _pair(img, lab, path, num_classes, lut)
-
-
-def _pair(img, lab, path, num_classes, lut):
-    img, lab = np.asarray(img), np.asarray(lab)
+def _arrays_pair(path, keys, num_classes, lut=None):
+    """A slice or volume of an .npz/.h5 file: (image float32, label int64) of one 2-D or 3-D shape."""
+    img, lab = (np.asarray(a) for a in read_arrays(path, keys))
     if img.shape != lab.shape or img.ndim not in (2, 3):
         raise DataError(f'{path}: image {img.shape} and label {lab.shape} must be equal 2-D or 3-D shapes')
     return img.astype(np.float32), _labels(lab, path, num_classes, lut)
 
 
-def _stack(loads, name):
-    """A volume (D,H,W) from its slices' loaders, in slice order (for cases held out of the training slices)."""
-    pairs = [load() for load in loads]
+def _image_pair(img_path, mask_path, fg, num_classes, aspect):
+    """An RGB image as stored, and its labels at the mask's size: binary (>= fg) or class ids."""
+    image, mask = read_image(img_path), _read_pil(mask_path)
+    mask = mask * 255 if mask.dtype == bool else mask.max(axis=2) if mask.ndim == 3 else mask  # 1-bit, RGB(A)
+    (hi, wi), (hm, wm) = image.shape[:2], mask.shape
+    if aspect and abs(hi * wm - hm * wi) > max(hi, wi, hm, wm):  # beyond a pixel of rounding
+        raise DataError(f'{mask_path}: a {hm}x{wm} mask of the {hi}x{wi} image {img_path}: another aspect ratio')
+    if fg:
+        return image, (mask >= fg).astype(np.int64)
+    return image, _labels(np.where(mask == 255, 1, mask) if num_classes == 2 else mask, mask_path, num_classes)
+
+
+def read_nifti(path, voxels=True):
+    """A NIfTI file -> (its voxels as stored, squeezed to (X,Y,Z), the nibabel image: affine and header);
+    voxels=False: the shape instead of the voxels, from the header alone."""
+    try:
+        img = nib.load(str(path))
+        shape = tuple(img.shape[:3]) + tuple(d for d in img.shape[3:] if d != 1)  # (X,Y,Z,1) -> (X,Y,Z)
+        shape += (1,) * (3 - len(shape))
+        a = np.asanyarray(img.dataobj).reshape(shape) if voxels and len(shape) == 3 else shape
+    except Exception as e:
+        raise _fail(path, 'NIfTI', e) from None
+    if len(shape) > 3:
+        raise DataError(f'{path}: expected a 3-D volume, found shape {img.shape}')
+    return a, img
+
+
+# NOTE(impl): volumes are sliced along the 3rd voxel axis (rows the 2nd, columns the 1st), without reorientation,
+# as the public Synapse conversion (SAMed's preprocess_data.py) and SSL4MIS's ACDC script do.
+def voxel_order(a):
+    """(X,Y,Z) voxels <-> (Z,Y,X) slices; the transpose is its own inverse."""
+    return np.ascontiguousarray(np.transpose(a, (2, 1, 0)))
+
+
+def _nifti_pair(img_path, lab_path, intensity, num_classes):
+    """A raw NIfTI volume and its labels -> (image float32 (D,H,W) normalised, label int64 (D,H,W))."""
+    (img, _), (lab, _) = read_nifti(img_path), read_nifti(lab_path)
+    if img.shape != lab.shape:
+        raise DataError(f'{lab_path}: label shape {lab.shape} differs from its image {img_path} {img.shape}')
+    return normalise(voxel_order(img), intensity), _labels(voxel_order(lab), lab_path, num_classes)
+
+
+def _stack(reads, name):
+    """A volume (D,H,W) from its slices' readers, in slice order."""
+    pairs = [read() for read in reads]
     if len({p[0].shape for p in pairs}) != 1:
         raise DataError(f'volume {name}: its slices have different shapes {sorted({p[0].shape for p in pairs})}')
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def _read_mask(path):
-    """A mask file -> 2-D integer array; 1-bit files read as 0/255, RGB(A) annotations by their largest channel."""
-    mask = _read_image(path, None)
-    if mask.dtype == bool:
-        mask = mask.astype(np.uint8) * 255
-    return mask[..., :3].max(axis=2) if mask.ndim == 3 else mask
-
-
-def _rgb_pair(img_path, mask_path, fg_threshold):
-    """An RGB image as stored and its binary mask (foreground = value >= fg_threshold) at the mask's own size."""
-    return _read_image(img_path, 'RGB'), (_read_mask(mask_path) >= fg_threshold).astype(np.int64)
-
-
-def _class_pair(img_path, mask_path, num_classes):
-    """An RGB image as stored (grayscale -> RGB) and its mask of class ids; for two classes 0/255 reads as 0/1."""
-    mask = _read_mask(mask_path)
-    if num_classes == 2:
-        mask = np.where(mask == 255, 1, mask)
-    return _read_image(img_path, 'RGB'), _labels(mask, mask_path, num_classes)
-
-
-def _read_nifti(path):
-    """A NIfTI file -> (its voxels as stored, squeezed to 3-D (X,Y,Z), the nibabel image for affine and header)."""
-    try:
-        img = nib.load(str(path))
-        a = np.asanyarray(img.dataobj)
-    except FileNotFoundError:
-        raise DataError(f'{path}: file not found') from None
-    except Exception as e:
-        raise DataError(f'{path}: unreadable or corrupt NIfTI ({type(e).__name__}: {e})') from None
-    a = a.reshape(a.shape[:3] + tuple(d for d in a.shape[3:] if d != 1))  # (X,Y,Z,1) -> (X,Y,Z)
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.ndim != 3:
-        raise DataError(f'{path}: expected a 3-D volume, found shape {img.shape}')
-    return a, img
-
-
-# NOTE(impl): volume slices are cut along the 3rd voxel axis, rows = 2nd, columns = 1st: nibabel's (X,Y,Z) -> (Z,Y,X),
-# NOTE(impl): no reorientation: the public Synapse conversion (SAMed's preprocess_data.py) and SSL4MIS's ACDC script do the same.
-def _voxel_order(a):
-    """(X,Y,Z) voxels <-> (Z,Y,X) slices; the transpose is its own inverse."""
-    return np.ascontiguousarray(np.transpose(a, (2, 1, 0)))
-
-
-def _check_cascade(labels, name):
-    """label_map='cascade' on data that cannot be 13-label BTCV data is refused (issue: liver read as background)."""
-    if np.asarray(labels).max() <= 8:
-        raise DataError(f'{name}: label_map=cascade expects the 13 BTCV labels, but no label above 8 in the whole '
-                        "case: these look like TransUNet's 9-class files; use --label-map transunet")
-
-def _nifti_pair(img_path, lab_path, intensity, num_classes):
-    """A raw NIfTI volume and its label map -> (image float32 (D,H,W) normalised, label int64 (D,H,W))."""
-    (img, _), (lab, _) = _read_nifti(img_path), _read_nifti(lab_path)
-    if img.shape != lab.shape:
-        raise DataError(f'{lab_path}: label shape {lab.shape} differs from its image {img_path} {img.shape}')
-    return normalise(_voxel_order(img), intensity), _labels(_voxel_order(lab), lab_path, num_classes)
-
-
-def _depth(path):
-    """Slices of a NIfTI volume, from its header alone (nothing is decompressed)."""
-    try:
-        shape = nib.load(str(path)).shape
-    except Exception as e:
-        raise DataError(f'{path}: unreadable or corrupt NIfTI ({type(e).__name__}: {e})') from None
-    return shape[2] if len(shape) >= 3 else 1
-
-
 def _remove_if_owner(path, pid):
-    if os.getpid() == pid:
-        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else Path(path).unlink(missing_ok=True)
+    if os.getpid() == pid:  # not in a forked loader worker
+        shutil.rmtree(path, ignore_errors=True)
 
 
-def _save_atomic(path, a):
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'wb') as f:
-        np.save(f, a)
-    os.replace(tmp, path)  # loader workers racing on one volume each write it whole; the last rename wins
+class DiskCache:
+    """Arrays decoded once, by the first process that needs them, into .npy files that loader workers share."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix='danie-cache-')
+        weakref.finalize(self, _remove_if_owner, self.dir, os.getpid())
+
+    def get(self, key, make):
+        paths = [os.path.join(self.dir, f'{key}.{i}.npy') for i in (0, 1)]
+        if not os.path.exists(paths[1]):  # written last: a reader never sees half a pair
+            for path, a in zip(paths, make()):  # racing workers write whole files; the last rename wins
+                np.save(f'{path}.{os.getpid()}.npy', a)
+                os.replace(f'{path}.{os.getpid()}.npy', path)
+        return [np.load(p, mmap_mode='r') for p in paths]
+
+
+def _cached_slice(cache, key, read, k):
+    """Slice k of a volume decoded once into the cache -> (image float32 (H,W), label int64 (H,W))."""
+    img, lab = cache.get(key, lambda: [a.astype(np.uint8) if i else a for i, a in enumerate(read())])
+    return np.array(img[k]), lab[k].astype(np.int64)
 
 # -----------------------------------------------------------------------------
-# blocks: listing the datasets: training samples (grouped by case) and evaluation cases
-
-
-@dataclass(frozen=True)
-class _Sample:
-    """One training slice or image."""
-    case: str       # patient/volume/image: the unit of the validation split
-    volume: str     # the volume it is a slice of (the image itself for 2-D sets)
-    index: int      # position in that volume
-    load: Callable  # () -> (image, label); a functools.partial, so it pickles into loader workers
+# blocks: a dataset's splits as Items, from its layout row
 
 
 @dataclass
-class Case:
-    """One evaluation case at its original size."""
-    id: str
-    image: np.ndarray   # volume: float32 (D,H,W); image: uint8 (H,W,3) as stored (its size may differ from the mask)
-    label: np.ndarray   # int64, the same (D,H,W) / (H,W)
+class Item:
+    """One training slice or image, or one evaluation case (a volume or an image), and how to read it."""
+    id: str                     # the volume or image: what evaluation reports
+    image: np.ndarray = None    # once read: volume float32 (D,H,W) or RGB uint8 (H,W,3), as stored
+    label: np.ndarray = None    # int64 (D,H,W) / (H,W), the size scores are computed at; None: no labels
+    read: object = None         # () -> (image, label): a partial, which pickles into loader workers
+    case: str = None            # the patient: the unit of the validation split
+    index: int = None           # a slice's position in its volume (None: a whole volume or an image)
+    files: tuple = ()           # the files it is read from
+    geometry: object = None     # a NIfTI input's nibabel image: the shape, affine and header a prediction keeps
+
+    def load(self):
+        """This item with its image and label read (itself, if they are)."""
+        return self if self.read is None else replace(self, read=None, **dict(zip(('image', 'label'), self.read())))
 
 
-class CaseList(Sequence):
-    """Evaluation cases, loaded one at a time on indexing (volumes are large)."""
+class Cases(Sequence):
+    """Evaluation cases, each read when indexed (volumes are large)."""
 
-    def __init__(self, refs):
-        self.refs = list(refs)  # [(id, load)]
-        self.ids = [r[0] for r in self.refs]
+    def __init__(self, items):
+        self.items, self.ids = list(items), [it.id for it in items]
 
     def __len__(self):
-        return len(self.refs)
+        return len(self.items)
 
     def __getitem__(self, i):
-        if isinstance(i, slice):
-            return CaseList(self.refs[i])
-        cid, load = self.refs[i]
-        return Case(cid, *load())
+        return Cases(self.items[i]) if isinstance(i, slice) else self.items[i].load()
 
 
-def _entries(folder, suffix, list_file=None, layout=''):
-    """Files of a folder in the order of its list file when there is one, else sorted."""
-    if not folder.is_dir():
-        raise DataError(f'{folder}: folder not found' + (f'; expected {layout}' if layout else ''))
-    if list_file is None:
-        files = sorted(p for p in folder.iterdir() if p.name.endswith(suffix))
+def _match(s, name):
+    """A file name's match against a split's names (its stem against s.name), or None."""
+    stem = next((name[:-len(x)] for x in s.suffix if name.lower().endswith(x)), None)
+    return re.fullmatch(s.name, stem) if stem is not None else None
+
+
+def _files(root, s, spec):
+    """A split's files, in its list's order or sorted by name; None where an optional split is absent."""
+    folder, lst = root / s.folder, next((root / f for f in s.list if (root / f).is_file()), None)
+    dirs = [folder] + ([root / s.masks] if s.masks is not None else [])
+    if s.optional and (not all(d.is_dir() for d in dirs) or s.list and lst is None):
+        return None
+    for d in (d for d in dirs if not d.is_dir()):
+        hint = ' (or hold out training cases: val_cases=N, --val-cases N)' if 'Valid' in s.folder else ''
+        raise DataError(f'{d}: folder not found; expected {spec.layout}{hint}; {spec.name}: {spec.where}')
+    if lst is None:
+        files = sorted((p for p in folder.iterdir() if _match(s, p.name)),
+                       key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', p.name)])
         if not files:
-            raise DataError(f'no samples found: {folder} has no *{suffix} files')
+            raise DataError(f'no samples found: {folder} has no *{"|*".join(s.suffix)} files of its layout '
+                            f'(it holds {", ".join(sorted(os.listdir(folder))[:3]) or "nothing"})')
         return files
-    names = [n.strip() for n in list_file.read_text().splitlines() if n.strip()]
-    if not names:
-        raise DataError(f'no samples found: list {list_file} is empty')
-    files = [folder / (n if n.endswith(suffix) else n + suffix) for n in names]
+    names = lst.read_text().split()
+    files = [next((p for p in [folder / n] + [folder / (n + x) for x in s.suffix] if p.is_file()), None) for n in names]
     for n, f in zip(names, files):
-        if not f.is_file():
-            raise DataError(f'list {list_file} names {n}, but {f} does not exist')
-    return files
+        if f is None:
+            raise DataError(f'list {lst} names {n}, but {folder / (n + s.suffix[0])} does not exist')
+    return files or None
 
 
-def _first(*paths):
-    return next((p for p in paths if p.is_file()), None)
+def _items(root, s, layout, spec, label_map):
+    """One Item per file of a split, with its reader; None where the split is absent."""
+    items, lut = [], CASCADE_LUT if label_map == 'cascade' else None
+    for f in s and _files(root, s, spec) or ():
+        m = _match(s, f.name)
+        if m is None:
+            raise DataError(f'{f}: a name that {spec.name} does not use; expected {spec.layout}')
+        g = m.groupdict()
+        vid, paths = s.id.format(**g) if s.id else g.get('id') or m.group(0), (f,)
+        if layout.reader == 'arrays':
+            read = partial(_arrays_pair, f, layout.keys, spec.num_classes, lut)
+        else:
+            masks = [root / s.masks / x.format(id=vid) for x in s.mask]
+            paths += (next((p for p in masks if p.is_file()), None),)
+            if paths[1] is None:
+                raise DataError(f'{f}: no mask {masks[0]} (image without mask)')
+            read = (partial(_nifti_pair, *paths, spec.intensity, spec.num_classes) if layout.reader == 'nifti'
+                    else partial(_image_pair, *paths, layout.fg, spec.num_classes, layout.aspect))
+        index = None if g.get('index') is None else int(g['index'])
+        items.append(Item(vid, read=read, case=g.get('case') or vid, index=index, files=paths))
+    return items or None
 
 
-def _slice_samples(files, pattern, load, example):
-    """Training samples from slice files named like `example`; pattern gives (case, volume, index)."""
-    out = []
-    for f in files:
-        m = re.match(pattern, f.name)
-        if not m:
-            raise DataError(f'{f}: expected a slice file named like {example}')
-        case, volume, index = m.group('case'), m.group('volume'), int(m.group('index'))
-        out.append(_Sample(case, volume, index, partial(load, f)))
-    return out
+def _layout(spec, root):
+    """The layout row that a dataset root holds, and the folder that holds it (ROOT or a subfolder)."""
+    root = Path(root)
+    if not root.is_dir():
+        how = f'write it with `python data.py --make-demo {root}`' if spec.name == 'demo' else spec.where
+        raise DataError(f"dataset root '{root}' (--root) not found: expected {spec.name} as {spec.layout}; {how}")
+    rows = (_nnunet_layout(_nnunet(root)[2]),) if spec.name == 'nnunet' else LAYOUTS[spec.name]
+    for r in [root] + sorted(d for d in root.iterdir() if d.is_dir()):  # a download may unpack into a subfolder
+        for row, s in ((row, s) for row in rows for s in (row.train, row.test) if s):
+            if (r / s.folder).is_dir() if s.folder else any(_match(s, p.name) for p in r.iterdir()):
+                return row, r
+    what = 'neither ACDC layout' if len(rows) > 1 else f'no {spec.name} files'
+    how = 'run `python data.py --make-demo ROOT`' if spec.name == 'demo' else f'published at {spec.where}'
+    raise DataError(f'{root}: {what} found; expected {spec.layout}; {how}')
 
 
-# NOTE(impl): without list files, every file of the folder (sorted) is used; the lists are in the code repos.
-class _Synapse:
-    """TransUNet's Synapse files; the demo set uses the same layout."""
-    official_val = False
-
-    def __init__(self, root, spec, label_map):
-        self.root, self.spec = root, spec
-        self.lut = lut = CASCADE_LUT if label_map == 'cascade' else None
-        self.lists = next((d for d in (root / 'lists_Synapse', root / 'lists' / 'lists_Synapse') if d.is_dir()),
-                          root / 'lists_Synapse')
-        self.slice_load = partial(_npz_pair, keys=('image', 'label'), num_classes=spec.num_classes, lut=lut)
-        self.vol_load = partial(_h5_pair, num_classes=spec.num_classes, lut=lut)
-
-    def train(self):
-        files = _entries(self.root / 'train_npz', '.npz', _first(self.lists / 'train.txt'), self.spec.layout)
-        pat = r'^(?P<volume>(?P<case>.+))_slice(?P<index>\d+)\.npz$'
-        samples = _slice_samples(files, pat, self.slice_load, 'case0005_slice012.npz')
-        if self.lut is not None:  # the raw labels of one whole training case tell the two maps apart
-            first = [s.load.args[0] for s in samples if s.case == samples[0].case]
-            _check_cascade(np.stack([_read_arrays(f, ('label',))[0].max() for f in first]),
-                           f'training case {samples[0].case} ({first[0].parent})')
-        return samples
-
-    def test(self):
-        files = _entries(self.root / 'test_vol_h5', '.npy.h5', _first(self.lists / 'test_vol.txt'), self.spec.layout)
-        return [(f.name[:-len('.npy.h5')], partial(self.vol_load, f)) for f in files]
-
-
-# NOTE(impl): ACDC cases held out of training are patients: ED and ES of one patient stay on one side.
-class _ACDC_MTUNet:
-    """ACDC as preprocessed by MT-UNet and used by CASCADE: npz slices (train, valid) and test volumes."""
-    official_val = True
-    pattern = r'^(?P<volume>(?P<case>case_\d+)_slice(?:ED|ES))_(?P<index>\d+)\.npz$'
-
-    def __init__(self, root, spec, label_map):
-        self.root, self.spec = root, spec
-        self.load = partial(_npz_pair, keys=('img', 'label'), num_classes=spec.num_classes)
-
-    def _files(self, split):
-        return _entries(self.root / split, '.npz', _first(self.root / 'lists_ACDC' / f'{split}.txt'), self.spec.layout)
-
-    def _slices(self, split):
-        samples = _slice_samples(self._files(split), self.pattern, self.load, 'case_001_sliceED_0.npz')
-        # volume ids as the test files name them: case_019_sliceED -> case_019_volume_ED
-        return [replace(s, volume=s.volume.replace('_slice', '_volume_')) for s in samples]
-
-    def train(self):
-        return self._slices('train')
-
-    def val(self):
-        return _volumes_from_slices(self._slices('valid'))
-
-    def test(self):
-        return [(f.name[:-4], partial(self.load, f)) for f in self._files('test')]
-
-
-class _ACDC_SSL4MIS:
-    """ACDC as preprocessed by SSL4MIS: h5 slices for training, h5 volumes for validation and test."""
-    official_val = True
-
-    def __init__(self, root, spec, label_map):
-        self.root, self.spec = root, spec
-        self.load = partial(_h5_pair, num_classes=spec.num_classes)
-
-    def train(self):
-        lst = _first(self.root / 'train_slices.list')
-        files = _entries(self.root / 'data' / 'slices', '.h5', lst, self.spec.layout)
-        pat = r'^(?P<volume>(?P<case>patient\d+)_frame\d+)_slice_(?P<index>\d+)\.h5$'
-        return _slice_samples(files, pat, self.load, 'patient001_frame01_slice_0.h5')
-
-    def _volumes(self, lst):
-        if not (self.root / lst).is_file():
-            raise DataError(f'{self.root / lst}: list file not found; expected {self.spec.layout}')
-        return [(f.name[:-3], partial(self.load, f)) for f in _entries(self.root / 'data', '.h5', self.root / lst)]
-
-    def val(self):
-        return self._volumes('val.list')
-
-    def test(self):
-        return self._volumes('test.list')
-
-
-def _pairs(img_dir, mask_dir, mask_suffix, fg_threshold, spec, image_suffixes=('.jpg', '.jpeg', '.png')):
-    """(id, loader) for every image of a folder, paired by id with its mask; superpixel files skipped."""
-    for d in (img_dir, mask_dir):
-        if not d.is_dir():
-            raise DataError(f'{d}: folder not found; expected {spec.layout}; {spec.name} is published at {spec.where}')
-    out = []
-    for p in sorted(img_dir.iterdir()):
-        if p.suffix.lower() not in image_suffixes or p.stem.endswith(('_superpixels', '_segmentation')):
-            continue  # ISIC 2017's training folder also holds ISIC_<id>_superpixels.png
-        m = mask_dir / (p.stem + mask_suffix)
-        if not m.is_file():
-            raise DataError(f'{p}: no mask {m}')
-        out.append((p.stem, partial(_rgb_pair, p, m, fg_threshold)))
-    if not out:
-        raise DataError(f'no samples found: {img_dir} has no images ({", ".join(image_suffixes)})')
-    return out
-
-
-# NOTE(impl): ISIC masks are 0/255; foreground = value >= 128, robust to masks that were resampled.
-ISIC_FG = 128
-
-
-def _image_samples(refs):
-    return [_Sample(cid, cid, 0, load) for cid, load in refs]
-
-
-class _ISIC2017:
-    official_val = True
-    dirs = {'train': 'Training', 'val': 'Validation', 'test': 'Test_v2'}
-
-    def __init__(self, root, spec, label_map):
-        self.root, self.spec = root, spec
-
-    def _split(self, split):
-        part = self.dirs[split]
-        img_dir = self.root / f'ISIC-2017_{part}_Data'
-        # NOTE(impl): without the official Validation folder, 'val' needs val_cases=N (held out of training).
-        if split != 'train' and not img_dir.is_dir():
-            raise DataError(f'{img_dir}: the official ISIC 2017 {part} folder is not under {self.root}'
-                            + (' (or pass val_cases=N to hold out N training images instead)' if split == 'val'
-                               else ''))
-        return _pairs(img_dir, self.root / f'ISIC-2017_{part}_Part1_GroundTruth', '_segmentation.png', ISIC_FG,
-                      self.spec)
-
-    def train(self):
-        return _image_samples(self._split('train'))
-
-    def val(self):
-        return self._split('val')
-
-    def test(self):
-        return self._split('test')
+def _volumes(items):
+    """Evaluation cases from a split's Items: slices stacked into volumes, the rest as they are."""
+    vols = {}
+    for it in sorted(items, key=lambda it: (it.id, it.index or 0)):
+        vols.setdefault(it.id, []).append(it)
+    return [Item(v, read=partial(_stack, [s.read for s in ss], v), case=ss[0].case, files=sum((s.files for s in ss), ()))
+            for v, ss in vols.items()] if any(it.index is not None for it in items) else items
 
 
 def isic2018_split(names):
     """The paper's ISIC 2018 split (Azad et al.): the first 1815 / next 259 / last 520 of the SORTED names."""
-    names = sorted(names)
-    n_train, n_val, n_test = ISIC2018_SPLIT
+    names, (n_train, n_val, _) = sorted(names), ISIC2018_SPLIT
     if len(names) != sum(ISIC2018_SPLIT):
-        # NOTE(impl): a folder with another count than 2594 is split in the same proportions (with a warning).
-        warnings.warn(f'ISIC 2018: {len(names)} images instead of {sum(ISIC2018_SPLIT)}; '
-                      f'splitting in the proportions {ISIC2018_SPLIT}')
-        n_train = round(len(names) * n_train / sum(ISIC2018_SPLIT))
-        n_val = round(len(names) * n_val / sum(ISIC2018_SPLIT))
-    # NOTE(impl): sorted names; Azad et al.'s script took an unsorted glob, whose order depends on the file system.
+        # NOTE(impl): another count than 2594 is split in the same proportions, with a warning.
+        warnings.warn(f'ISIC 2018: {len(names)} images, not {sum(ISIC2018_SPLIT)}; split as {ISIC2018_SPLIT}')
+        n_train, n_val = (round(len(names) * n / sum(ISIC2018_SPLIT)) for n in (n_train, n_val))
+    # NOTE(impl): sorted names; Azad et al. took an unsorted glob, whose order depends on the file system.
     return names[:n_train], names[n_train:n_train + n_val], names[n_train + n_val:]
 
 
-class _ISIC2018:
-    official_val = True
-
-    def __init__(self, root, spec, label_map):
-        self.root, self.spec = root, spec
-
-    def _split(self, k):
-        refs = dict(_pairs(self.root / 'ISIC2018_Task1-2_Training_Input',
-                           self.root / 'ISIC2018_Task1_Training_GroundTruth', '_segmentation.png', ISIC_FG,
-                           self.spec, image_suffixes=('.jpg', '.jpeg')))
-        return [(cid, refs[cid]) for cid in isic2018_split(refs)[k]]
-
-    def train(self):
-        return _image_samples(self._split(0))
-
-    def val(self):
-        return self._split(1)
-
-    def test(self):
-        return self._split(2)
+def _seeded(cases, seed, k):
+    """k of the cases, by a seeded permutation of their sorted ids (whole patients or volumes)."""
+    cases = sorted(cases)
+    return {cases[i] for i in np.random.default_rng(seed).permutation(len(cases))[:k]}
 
 
-# NOTE(impl): GlaS's held-out validation is by image: the file names carry no patient id.
-class _GlaS:
-    """Warwick QU bmp files; annotations are instance maps, foreground = anno > 0."""
-    official_val = False
-
-    def __init__(self, root, spec, label_map):
-        # the download unpacks into one folder 'Warwick QU Dataset (Released 2016_07_08)': accept its parent too
-        subs = [d for d in sorted(root.iterdir()) if d.is_dir() and any(d.glob('train_*_anno.bmp'))]
-        self.root = root if any(root.glob('train_*_anno.bmp')) or len(subs) != 1 else subs[0]
-        self.spec = spec
-
-    def _split(self, prefixes):
-        out = []
-        for prefix in prefixes:
-            files = [p for p in self.root.glob(f'{prefix}_*.bmp') if re.fullmatch(rf'{prefix}_\d+\.bmp', p.name)]
-            for p in sorted(files, key=lambda p: int(p.stem.split('_')[1])):
-                m = p.with_name(p.stem + '_anno.bmp')
-                if not m.is_file():
-                    raise DataError(f'{p}: no annotation {m}')
-                out.append((p.stem, partial(_rgb_pair, p, m, 1)))  # instance ids > 0 are gland
-        if not out:
-            raise DataError(f'no samples found: no {"/".join(prefixes)}_N.bmp files in {self.root}; '
-                            f'expected {self.spec.layout}')
-        return out
-
-    def train(self):
-        return _image_samples(self._split(('train',)))
-
-    def test(self):
-        return self._split(('testA', 'testB'))
-
-
-def _list_file(path, known):
-    """Stems named by a list file (train.txt, val.txt, test.txt), or None when there is none."""
-    if not path.is_file():
-        return None
-    names = [n.strip() for n in path.read_text().splitlines() if n.strip()]
-    for n in names:
-        if n not in known:
-            raise DataError(f'list {path} names {n}, but there is no such case')
-    return names
-
-
-def _hold_test(names, name):
-    """The seeded held-out test cases of a dataset without a test list."""
-    if len(names) < 2:
-        raise DataError(f'{name}: {len(names)} case(s) cannot be split into training and test')
-    k = max(1, int(TEST_FRACTION * len(names) + 0.5))
-    perm = np.random.default_rng(TEST_SEED).permutation(len(names))
-    return {sorted(names)[i] for i in perm[:k]}
-
-
-def _with_mask(img, mask_dir, stems):
-    """The mask of an image: the first of mask_dir/<stem> that exists, else a DataError naming the image."""
-    mask = _first(*(mask_dir / s for s in stems))
-    if mask is None:
-        raise DataError(f'{img}: no mask {mask_dir / stems[0]} (image without mask)')
-    return mask
-
-
-class _Folder:
-    """The user's images: ROOT/images/<stem>.<png|jpg|...> + ROOT/masks/<stem>.<...>; optional list files."""
-
-    def __init__(self, root, spec, label_map):
-        self.spec, img_dir, mask_dir = spec, root / 'images', root / 'masks'
-        for d in (img_dir, mask_dir):
-            if not d.is_dir():
-                raise DataError(f'{d}: folder not found; expected {spec.layout}')
-        self.refs = {}
-        for p in sorted(img_dir.iterdir()):
-            if p.suffix.lower() in IMAGE_SUFFIXES:
-                m = _with_mask(p, mask_dir, [p.stem + x for x in IMAGE_SUFFIXES + MASK_SUFFIXES_UPPER])
-                self.refs[p.stem] = partial(_class_pair, p, m, spec.num_classes)
-        if not self.refs:
-            raise DataError(f'no samples found: {img_dir} has no images ({", ".join(IMAGE_SUFFIXES)})')
-        lists = {k: _list_file(root / f'{k}.txt', self.refs) for k in ('train', 'val', 'test')}
-        self.val_ids = lists['val'] or []
-        pool = [n for n in (lists['train'] or self.refs) if n not in self.val_ids]
-        self.test_ids = lists['test'] if lists['test'] is not None else sorted(_hold_test(pool, root))
-        self.train_ids = [n for n in pool if n not in self.test_ids]
-        self.official_val = lists['val'] is not None
-
-    def train(self):
-        return _image_samples((n, self.refs[n]) for n in self.train_ids)
-
-    def val(self):
-        return [(n, self.refs[n]) for n in self.val_ids]
-
-    def test(self):
-        return [(n, self.refs[n]) for n in self.test_ids]
-
-
-def _nnunet_meta(root):
-    """dataset.json of an nnU-Net v2 raw folder -> (labels {name: id}, channel names in order, file_ending)."""
-    path = root / 'dataset.json'
-    if not root.is_dir():
-        raise DataError(f"dataset root '{root}' (--root) not found: expected {NNUNET_LAYOUT}")
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f'{path}: not found; expected {NNUNET_LAYOUT}') from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f'{path}: not valid JSON ({e})') from None
-    missing = [k for k in ('channel_names', 'labels', 'file_ending') if k not in meta]
-    if missing:
-        raise DataError(f'{path}: missing key(s) {missing}; nnU-Net v2 needs channel_names, labels, file_ending')
-    ending = meta['file_ending']
-    if ending not in NIFTI_SUFFIXES + ('.png',):
-        raise DataError(f'{path}: file_ending {ending!r} is not supported; expected .nii.gz, .nii or .png')
-    labels = meta['labels']
-    if not isinstance(labels, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
-        raise DataError(f'{path}: labels must map names to integer ids (region-based labels are not supported)')
-    if sorted(labels.values()) != list(range(len(labels))) or len(labels) < 2:
-        raise DataError(f'{path}: label ids must be 0..K-1 (background 0), found {sorted(labels.values())}')
-    channels = [meta['channel_names'][k] for k in sorted(meta['channel_names'], key=int)]
-    if len(channels) > 1:
-        # NOTE(impl): DANIE takes one channel (or one RGB image): of several nnU-Net channels only channel 0 is read, with a warning.
-        warnings.warn(f'{path}: {len(channels)} channels {channels}; DANIE reads channel 0 ({channels[0]}) only')
-    return labels, channels, ending
-
-
-class _NNUNet:
-    """nnU-Net v2 raw: imagesTr/CASE_0000<ending> + labelsTr/CASE<ending>; imagesTs/labelsTs as the test split."""
-    official_val = False
-
-    def __init__(self, root, spec, label_map):
-        self.root, self.spec = root, spec
-        _, _, self.ending = _nnunet_meta(root)
-        self.volume = spec.kind == 'volume'
-        self.cache = _VolumeCache(spec.intensity, spec.num_classes) if self.volume else None
-        self.tr = self._pairs('imagesTr', 'labelsTr')
-        ts = self._pairs('imagesTs', 'labelsTs') if (root / 'labelsTs').is_dir() else None
-        held = _hold_test(self.tr, root) if ts is None else set()
-        self.ts = ts if ts is not None else {c: self.tr[c] for c in sorted(held)}
-        self.tr = {c: p for c, p in self.tr.items() if c not in held}
-
-    def _pairs(self, images, labels):
-        """{case: (image file, label file)} of one split; every image needs its label."""
-        img_dir, end = self.root / images, '_0000' + self.ending
-        if not img_dir.is_dir():
-            raise DataError(f'{img_dir}: folder not found; expected {NNUNET_LAYOUT}')
-        files = sorted(p for p in img_dir.iterdir() if p.name.endswith(end))
-        if not files:
-            found = sorted(p.name for p in img_dir.iterdir())[:3]
-            raise DataError(f'no samples found: {img_dir} has no CASE{end} files (file_ending {self.ending!r} in '
-                            f'dataset.json); found {found}')
-        return {p.name[:-len(end)]: (p, _with_mask(p, self.root / labels, [p.name[:-len(end)] + self.ending]))
-                for p in files}
-
-    def _load(self, case, pair):
-        if self.volume:
-            return partial(_nifti_pair, *pair, self.spec.intensity, self.spec.num_classes)
-        return partial(_class_pair, *pair, self.spec.num_classes)
-
-    def train(self):
-        if not self.volume:
-            return _image_samples((c, self._load(c, p)) for c, p in self.tr.items())
-        return [_Sample(c, c, k, partial(self.cache.slice, c, p, k)) for c, p in self.tr.items()
-                for k in range(_depth(p[0]))]
-
-    def test(self):
-        return [(c, self._load(c, p)) for c, p in self.ts.items()]
-
-
-def _volumes_from_slices(samples):
-    """Evaluation cases assembled from training-style slices, one volume per id, slices in index order."""
-    by_volume = {}
-    for s in samples:
-        by_volume.setdefault(s.volume, []).append(s)
-    refs = []
-    for vid in sorted(by_volume):
-        ss = sorted(by_volume[vid], key=lambda s: s.index)
-        refs.append((vid, partial(_stack, [s.load for s in ss], vid)))
-    return refs
-
-
-def _folder_spec(root, num_classes):
-    """The spec of the user's image folder: classes from ROOT/classes.txt or num_classes."""
-    if not root.is_dir():
-        raise DataError(f"dataset root '{root}' (--root) not found: expected {FOLDER_LAYOUT}")
-    names = None
-    if (root / 'classes.txt').is_file():
-        names = tuple(n.strip() for n in (root / 'classes.txt').read_text().splitlines() if n.strip())
-        if len(names) < 2 or num_classes not in (None, len(names)):
-            raise DataError(f'{root / "classes.txt"}: {len(names)} classes' + (f' but --num-classes {num_classes}'
-                            if num_classes else '; expected at least 2 lines (background first)'))
-    elif num_classes is None:
-        raise DataError(f'{root}: no classes.txt (one class name per line, line i = id i) and no --num-classes')
-    names = names or ('background',) + tuple(f'class{i}' for i in range(1, num_classes))
-    # NOTE(impl): the user's images train with ISIC's recipe (200 epochs, batch 8); the paper has no such set.
-    return DatasetSpec('folder', len(names), names, 'image', tuple(range(1, len(names))), 200, 8, str(root),
-                       FOLDER_LAYOUT, intensity='rgb')
-
-
-def _nnunet_spec(root, num_classes):
-    """The spec of an nnU-Net v2 raw folder: classes from dataset.json, intensity from its channel 0."""
-    labels, channels, ending = _nnunet_meta(root)
-    names = tuple(sorted(labels, key=labels.get))
-    if num_classes not in (None, len(names)):
-        raise DataError(f'num_classes={num_classes} (--num-classes): {root / "dataset.json"} has {len(names)} labels')
-    volume = ending in NIFTI_SUFFIXES
-    intensity = 'rgb' if not volume else 'ct' if str(channels[0]).lower() == 'ct' else 'zscore'
-    # NOTE(impl): nnU-Net volumes train with Synapse's recipe (300 epochs, batch 24), 2-D sets with ISIC's (200, 8).
-    return DatasetSpec('nnunet', len(names), names, 'volume' if volume else 'image', tuple(range(1, len(names))),
-                       300 if volume else 200, 24 if volume else 8, str(root), NNUNET_LAYOUT, intensity=intensity)
-
-
-def _source(spec, root, label_map):
-    """The lister for one dataset root; checks the label map and that the root exists."""
-    name, root = spec.name, Path(root)
-    if label_map not in LABEL_MAPS:
-        raise DataError(f"unknown label map '{label_map}' (--label-map): expected one of {', '.join(LABEL_MAPS)}")
-    if label_map == 'cascade' and name != 'synapse':
-        raise DataError(f"label_map='cascade' is for Synapse's 13-label files, not for {name}")
-    if not root.is_dir():
-        raise _missing_root(spec, root)
-    if name in ('synapse', 'demo'):
-        if not (root / 'train_npz').is_dir() and not (root / 'test_vol_h5').is_dir():
-            raise DataError(f'{root}: no train_npz/ or test_vol_h5/ folder; expected {spec.layout}; '
-                            + ('run `python data.py --make-demo ROOT`' if name == 'demo'
-                               else f'Synapse is published at {spec.where}'))
-        return _Synapse(root, spec, label_map)
-    if name == 'acdc':
-        if (root / 'data' / 'slices').is_dir():
-            return _ACDC_SSL4MIS(root, spec, label_map)
-        if (root / 'train').is_dir() or (root / 'lists_ACDC').is_dir():
-            return _ACDC_MTUNet(root, spec, label_map)
-        raise DataError(f'{root}: neither ACDC layout found; expected {spec.layout}; published at {spec.where}')
-    return {'isic2017': _ISIC2017, 'isic2018': _ISIC2018, 'glas': _GlaS, 'folder': _Folder,
-            'nnunet': _NNUNet}[name](root, spec, label_map)
-
-
-def parse_val_cases(text):
-    """--val-cases of train.py and data.py: a number of cases (int), a fraction below 1 (float), or 0 for none."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not math.isfinite(value) or value < 0 or (value >= 1 and not value.is_integer()):
-        raise argparse.ArgumentTypeError(f'expected a number of cases >= 0 or a fraction in (0, 1), got {text!r}')
-    return value if value < 1 and value != 0 else int(value)
-
-
-def _n_val(val_cases, n):
-    """How many of n training cases to hold out: a count, or a fraction (rounded, at least 1)."""
-    bad = DataError(f'val_cases={val_cases!r} (--val-cases): expected a number of cases >= 0 or a fraction in (0, 1)')
-    if isinstance(val_cases, bool) or not isinstance(val_cases, (int, float)) or val_cases < 0:
-        raise bad
-    if 0 < val_cases < 1:
-        k = max(1, int(val_cases * n + 0.5))
-    elif float(val_cases).is_integer():
-        k = int(val_cases)
-    else:
-        raise bad
-    if k >= n:
-        raise DataError(f'val_cases={val_cases} holds out {k} of the {n} training cases; none would be left')
-    return k
-
-
-def _held_out(source, samples, val_cases, seed):
-    """Cases held out of training: val_cases=None keeps an official split where the dataset has one."""
+def _split(spec, root, split, label_map='transunet', val_cases=None, seed=0):
+    """The Items of a dataset's split: 'test', 'val' (the official one, else cases held out of training; none for
+    val_cases=0) or 'train' (less those); None where the dataset has no such split."""
+    if label_map not in LABEL_MAPS or label_map == 'cascade' and spec.name != 'synapse':
+        raise DataError(f"label map '{label_map}' (--label-map): expected one of {', '.join(LABEL_MAPS)}; "
+                        "label_map='cascade' is for Synapse's 13-label files")
+    layout, root = _layout(spec, root)
+    listed = {k: partial(_items, root, getattr(layout, k), layout, spec, label_map) for k in ('train', 'val', 'test')}
+    official = val_cases is None and (layout.carve == 'isic2018' or bool(layout.val) and (
+        not layout.val.optional or listed['val']() is not None))
+    if split == 'test' and not layout.carve or split == 'val' and official and layout.carve != 'isic2018':
+        return listed[split]()
+    test = listed['test']() if layout.carve == 'seeded' else None
+    taken = {it.id for it in (test or []) + (layout.carve == 'seeded' and listed['val']() or [])}
+    pool = [it for it in listed['train']() if it.id not in taken]  # the user's {val,test}.txt pick from train
+    if layout.carve == 'isic2018':
+        train, val, test = ([it for it in pool if it.id in set(p)] for p in isic2018_split(it.id for it in pool))
+        if split == 'val' and official:
+            return val
+        pool = train
+    elif layout.carve == 'seeded' and not test:
+        cases = {it.case for it in pool}
+        if len(cases) < 2:
+            raise DataError(f'{root}: {len(cases)} case(s) cannot be split into training and test')
+        held = _seeded(cases, TEST_SEED, max(1, int(TEST_FRACTION * len(cases) + 0.5)))
+        test, pool = ([it for it in pool if (it.case in held) == t] for t in (True, False))
+    if split == 'test':
+        return test
     # NOTE(impl): an explicit val_cases holds training cases out even where an official validation split exists.
-    if val_cases is None:
-        if source.official_val:
-            return set()
-        val_cases = VAL_FRACTION
-    cases = sorted({s.case for s in samples})
-    k = _n_val(val_cases, len(cases))
-    # NOTE(impl): held-out cases = a seeded permutation of the sorted case ids (whole patients/volumes).
-    perm = np.random.default_rng(seed).permutation(len(cases))
-    return {cases[i] for i in perm[:k]}
+    cases, val_cases = {it.case for it in pool}, VAL_FRACTION if val_cases is None else val_cases
+    k = 0 if official else max(1, int(val_cases * len(cases) + 0.5)) if 0 < val_cases < 1 else int(val_cases)
+    if k >= len(cases):
+        raise DataError(f'val_cases={val_cases} holds out {k} of the {len(cases)} training cases; none would be left')
+    held = _seeded(cases, seed, k)
+    return [it for it in pool if (it.case in held) == (split == 'val')]
+
 
 # -----------------------------------------------------------------------------
-# blocks: resizing, augmentation and normalisation: the same functions for training and evaluation
+# blocks: resize, augmentation, normalisation: the same functions in training and evaluation
 
 
-def _resize_gray(img, size):
-    """A float slice (H,W) to (size,size), cubic spline (order 3) as TransUNet's train and test code."""
-    img = img.astype(np.float32, copy=False)
-    if img.shape == (size, size):
-        return img
-    return ndimage.zoom(img, (size / img.shape[0], size / img.shape[1]), order=3)
+def _zoom(a, size, order):
+    """A slice (H,W) to (size,size) by scipy's spline of `order`: 3 images, 0 labels, as TransUNet."""
+    return a if a.shape == (size, size) else ndimage.zoom(a, (size / a.shape[0], size / a.shape[1]), order=order)
 
 
-def _resize_gray_label(lab, size):
-    if lab.shape == (size, size):
-        return lab
-    return ndimage.zoom(lab, (size / lab.shape[0], size / lab.shape[1]), order=0)
-
-
-def _resize_rgb(img, size):
-    """A uint8 RGB image (H,W,3) to (size,size,3), bicubic."""
-    if img.shape[:2] == (size, size):
-        return img
+def _pil_resize(a, size, resample):
+    """An RGB image (H,W,3) or label map (H,W) of bytes to (size,size), on PIL's one pixel-centre grid."""
     # NOTE(impl): PIL bicubic with reducing_gap=3 (box pre-reduction) keeps megapixel ISIC images fast.
-    return np.array(Image.fromarray(img).resize((size, size), Image.BICUBIC, reducing_gap=3.0))
-
-
-def _resize_rgb_label(lab, size):
-    # PIL's nearest uses the same pixel-centre grid as its bicubic, so mask and image stay aligned
-    lab = lab.astype(np.uint8)  # class ids < 256; PIL rotates bytes, not int64
-    if lab.shape == (size, size):
-        return lab
-    return np.array(Image.fromarray(lab).resize((size, size), Image.NEAREST))
-
-
-def _rotate(a, angle, resample):
-    # PIL rotates float ('F'), uint8 ('L') and RGB arrays about the same centre and fills with 0 (background)
-    return np.array(Image.fromarray(np.ascontiguousarray(a)).rotate(angle, resample=resample))
+    return a if a.shape[:2] == (size, size) else np.array(Image.fromarray(a).resize((size, size), resample,
+                                                                                     reducing_gap=3.0))
 
 
 def _augment(img, lab, rng):
@@ -885,9 +513,11 @@ def _augment(img, lab, rng):
         k, axis = int(rng.integers(4)), int(rng.integers(2))
         img, lab = np.flip(np.rot90(img, k), axis), np.flip(np.rot90(lab, k), axis)
     elif rng.random() < 0.5:
-        # NOTE(impl): angle uniform in [-20, 20] and the image bilinear (TransUNet: integer angle, nearest for both).
+        # NOTE(impl): angle uniform in [-20, 20], the image bilinear (TransUNet: an integer angle, nearest for both).
         angle = float(rng.uniform(-ROT_DEGREES, ROT_DEGREES))
-        img, lab = _rotate(img, angle, Image.BILINEAR), _rotate(lab, angle, Image.NEAREST)
+        # PIL rotates float ('F'), uint8 ('L') and RGB arrays about one centre and fills with 0 (background)
+        img, lab = (np.array(Image.fromarray(np.ascontiguousarray(a)).rotate(angle, resample=r))
+                    for a, r in ((img, Image.BILINEAR), (lab, Image.NEAREST)))
     return np.ascontiguousarray(img), np.ascontiguousarray(lab)
 
 
@@ -896,9 +526,8 @@ def _to_input(x, mean, std):
     if x.ndim == 2:
         x = x[None].astype(np.float32, copy=False)  # (1,S,S): the grayscale slice feeds all 3 RGB inputs
     else:
-        x = x.transpose(2, 0, 1).astype(np.float32) / np.float32(255)  # (3,S,S) in [0,1]
-    m = np.asarray(mean, np.float32)[:, None, None]
-    s = np.asarray(std, np.float32)[:, None, None]
+        x = x.transpose(2, 0, 1).astype(np.float32) / np.float32(255)  # (H,W,3) -> (3,S,S) in [0,1]
+    m, s = (np.asarray(v, np.float32)[:, None, None] for v in (mean, std))
     return torch.from_numpy((x - m) / s)  # broadcast to (3,S,S)
 
 
@@ -906,13 +535,14 @@ def prepare_input(images, img_size, mean=MEAN, std=STD):
     """Slices (N,H,W) float or RGB images (N,H,W,3) uint8 -> the model's input (N,3,S,S), as in training."""
     a = np.asarray(images)
     if a.ndim == 3 and a.dtype != np.uint8:
-        return torch.stack([_to_input(_resize_gray(x, img_size), mean, std) for x in a])
+        return torch.stack([_to_input(_zoom(x.astype(np.float32), img_size, 3), mean, std) for x in a])
     if a.ndim == 4 and a.shape[-1] == 3 and a.dtype == np.uint8:
-        return torch.stack([_to_input(_resize_rgb(x, img_size), mean, std) for x in a])
+        return torch.stack([_to_input(_pil_resize(x, img_size, Image.BICUBIC), mean, std) for x in a])
     raise ValueError(f'prepare_input: expected float slices (N,H,W) or uint8 RGB (N,H,W,3), got {a.dtype} {a.shape}')
 
+
 def _nearest_index(n_in, n_out, grid):
-    """Source index of each output pixel of scipy.ndimage.zoom(order=0) along one axis, in scipy's own float64 steps."""
+    """Source index of each output pixel of ndimage.zoom(order=0) along an axis, in scipy's float64 steps."""
     if grid:  # pixel-centre grid (PIL's, grid_mode=True): centres map onto centres
         c = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
     else:  # corner-aligned grid (scipy's default): first and last pixels map onto each other
@@ -921,165 +551,149 @@ def _nearest_index(n_in, n_out, grid):
 
 
 def restore_size(labels, out_hw, kind):
-    """Label maps (N,S,S) (a torch integer tensor, any device) -> (N,H,W) by nearest neighbour, inverting prepare_input.
-
-    kind 'volume': scipy's corner-aligned grid of the slices' resize; 'image': PIL's pixel-centre grid of RGB images."""
+    """Label maps (N,S,S) (an integer tensor, any device) -> (N,H,W), nearest: prepare_input's inverse, on the
+    grid of its resize: scipy's corner-aligned one for volumes, PIL's pixel-centre one for images."""
     if kind not in ('volume', 'image'):
         raise ValueError(f"restore_size: kind must be 'volume' or 'image', got {kind!r}")
-    h, w = labels.shape[-2:]
-    if (h, w) == tuple(out_hw):
+    if tuple(labels.shape[-2:]) == tuple(out_hw):
         return labels
-    # NOTE(impl): the argmax label map is resized back with order 0 (TransUNet's test_single_volume), not the logits.
+    # NOTE(impl): the argmax label map is resized back, nearest (TransUNet's test_single_volume), not the logits.
     iy, ix = (torch.from_numpy(_nearest_index(n, m, kind == 'image')).to(labels.device)
-              for n, m in ((h, out_hw[0]), (w, out_hw[1])))
+              for n, m in zip(labels.shape[-2:], out_hw))
     return labels.index_select(-2, iy).index_select(-1, ix)  # (N,S,S) -> (N,H,S) -> (N,H,W)
 
 
 def normalise(image, intensity):
-    """A raw input -> the values the training slices hold: 'ct', 'mri', 'zscore' (float32); 'rgb', 'none' as given."""
+    """A raw input -> the values training slices hold: 'ct', 'mri', 'zscore'; 'rgb', 'none' as given."""
     if intensity not in INTENSITIES:
         raise DataError(f"intensity {intensity!r} (--intensity): expected one of {', '.join(INTENSITIES)}")
     if intensity in ('rgb', 'none'):
         return image
     a = np.asarray(image, dtype=np.float32)
     if intensity == 'ct':  # Synapse/TransUNet: clip HU to the abdominal window, scale to [0, 1]
-        lo, hi = CT_WINDOW
-        return (np.clip(a, lo, hi) - lo) / np.float32(hi - lo)
-    if intensity == 'mri':
-        # NOTE(impl): 'mri' = per-volume min-max to [0, 1], as SSL4MIS's acdc_data_processing.py wrote the ACDC h5 files.
+        return (np.clip(a, *CT_WINDOW) - CT_WINDOW[0]) / np.float32(CT_WINDOW[1] - CT_WINDOW[0])
+    if intensity == 'mri':  # NOTE(impl): per-volume min-max to [0, 1], as SSL4MIS wrote the ACDC h5 files.
         return (a - a.min()) / max(float(a.max() - a.min()), 1e-8)
-    # NOTE(impl): 'zscore' = nnU-Net's rule for non-CT channels: mean and std over the whole volume (no foreground mask).
+    # NOTE(impl): 'zscore', nnU-Net's rule for non-CT channels: the whole volume's mean and std.
     return (a - a.mean()) / max(float(a.std()), 1e-8)
 
 # -----------------------------------------------------------------------------
-# blocks: the training dataset
-
-
-class _ResizedCache:
-    """Resized, un-augmented RGB pairs in a memory-mapped temp file that all loader workers share."""
-
-    def __init__(self, n, size):
-        self.n, self.size = n, size
-        self.row = size * size * 4 + 1  # RGB, label, 'filled' flag
-        fd, self.path = tempfile.mkstemp(prefix='danie-cache-')
-        os.ftruncate(fd, n * self.row)  # sparse: costs nothing until filled
-        os.close(fd)
-        weakref.finalize(self, _remove_if_owner, self.path, os.getpid())
-        self._mm, self._pid = None, None
-
-    def __getstate__(self):  # worker processes map the file themselves
-        return {**self.__dict__, '_mm': None, '_pid': None}
-
-    def _map(self):
-        if self._pid != os.getpid():
-            self._mm, self._pid = np.memmap(self.path, np.uint8, 'r+', shape=(self.n, self.row)), os.getpid()
-        return self._mm
-
-    def get(self, i):
-        row, s = self._map()[i], self.size
-        if not row[-1]:
-            return None
-        return row[:3 * s * s].reshape(s, s, 3).copy(), row[3 * s * s:-1].reshape(s, s).copy()
-
-    def put(self, i, img, lab):
-        row, s = self._map()[i], self.size
-        row[:3 * s * s], row[3 * s * s:-1] = img.ravel(), lab.ravel()
-        row[-1] = 1  # written last: a reader never sees half a pair as filled
-
-
-# NOTE(impl): nnU-Net volumes are decoded once (first use, in whichever process) into uncompressed .npy files in a temp folder, then memory-mapped per slice.
-class _VolumeCache:
-    """Decoded, normalised NIfTI volumes as .npy files in a temp folder that all loader workers share."""
-
-    def __init__(self, intensity, num_classes):
-        self.intensity, self.num_classes = intensity, num_classes
-        self.dir = tempfile.mkdtemp(prefix='danie-volumes-')
-        weakref.finalize(self, _remove_if_owner, self.dir, os.getpid())
-        self._maps = {}
-
-    def __getstate__(self):  # worker processes map the files themselves
-        return {**self.__dict__, '_maps': {}}
-
-    def slice(self, case, pair, k):
-        """Slice k of a case -> (image float32 (H,W), label int64 (H,W)), decoding the volume on first use."""
-        if case not in self._maps:
-            img_f, lab_f = (os.path.join(self.dir, f'{case}_{x}.npy') for x in ('image', 'label'))
-            if not os.path.exists(lab_f):  # the label is written last
-                img, lab = _nifti_pair(*pair, self.intensity, self.num_classes)
-                _save_atomic(img_f, img)
-                _save_atomic(lab_f, lab.astype(np.uint8))
-            self._maps[case] = np.load(img_f, mmap_mode='r'), np.load(lab_f, mmap_mode='r')
-        img, lab = self._maps[case]
-        return np.array(img[k]), lab[k].astype(np.int64)
+# blocks: the training set
 
 
 class TrainSet(Dataset):
-    """Training samples -> (image float32 (3,S,S) normalised, label int64 (S,S)), TransUNet-augmented.
+    """Training samples -> (image float32 (3,S,S) normalised, label int64 (S,S)), TransUNet-augmented."""
 
-    Item (epoch, index) draws its augmentation from default_rng([seed, epoch, index]): the same whatever the workers."""
-
-    def __init__(self, samples, spec, img_size, *, seed=0, augment=True, mean=MEAN, std=STD, cache=True):
+    def __init__(self, samples, spec, img_size, *, seed=0, augment=True, mean=MEAN, std=STD, cache=None):
         self.samples, self.spec, self.img_size, self.seed = samples, spec, img_size, seed
-        self.augment, self.mean, self.std = augment, tuple(mean), tuple(std)
+        self.augment, self.mean, self.std, self.cache = augment, tuple(mean), tuple(std), cache
         self.cases = sorted({s.case for s in samples})
-        self.rgb = spec.kind == 'image'
-        # NOTE(impl): RGB pairs are resized to S, cached, then augmented at S (TransUNet augments at native size).
-        big = len(samples) * (img_size * img_size * 4 + 1) > CACHE_MAX_BYTES
-        self._cache = _ResizedCache(len(samples), img_size) if self.rgb and cache and not big else None
 
     def __len__(self):
         return len(self.samples)
 
+    def _resized(self, i):
+        img, lab = self.samples[i].read()  # image and mask resized to S each on its own
+        return [_pil_resize(a, self.img_size, r) for a, r in ((img, Image.BICUBIC), (lab.astype(np.uint8),
+                                                                                     Image.NEAREST))]
+
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)  # a plain index is epoch 0
-        # NOTE(impl): one generator per (seed, epoch, index): no repeats across workers, exact resume, no global RNG touched.
+        # NOTE(impl): one generator per (seed, epoch, index): the same whatever the workers, an exact resume.
         rng = np.random.default_rng([self.seed, int(epoch), int(i)])
-        S = self.img_size
-        if self.rgb:
-            pair = self._cache.get(i) if self._cache is not None else None
-            if pair is None:
-                img, lab = self.samples[i].load()  # image and mask resized to S each on its own
-                pair = _resize_rgb(img, S), _resize_rgb_label(lab, S)
-                if self._cache is not None:
-                    self._cache.put(i, *pair)
+        if self.spec.kind == 'image':
+            # NOTE(impl): RGB pairs are resized to S once (cached), then augmented at S (TransUNet: at native size).
+            pair = self.cache.get(f'rgb{i}', partial(self._resized, i)) if self.cache else self._resized(i)
             img, lab = _augment(*pair, rng) if self.augment else pair
         else:
-            img, lab = self.samples[i].load()
+            img, lab = self.samples[i].read()
             lab = lab.astype(np.uint8)  # class ids < 256; PIL and zoom are faster on bytes
             if self.augment:  # TransUNet: augment at the native size, then resize
                 img, lab = _augment(img, lab, rng)
-            img, lab = _resize_gray(img, S), _resize_gray_label(lab, S)
-        return _to_input(img, self.mean, self.std), torch.from_numpy(lab.astype(np.int64))
+            img, lab = _zoom(img.astype(np.float32), self.img_size, 3), _zoom(lab, self.img_size, 0)
+        return _to_input(np.asarray(img), self.mean, self.std), torch.from_numpy(lab.astype(np.int64))
+
+class EpochSampler(Sampler):
+    """This rank's share of a shuffle fixed by (seed, epoch), from sample `skip` on, as (epoch, index) keys: rank r
+    takes every world-th index, so the ranks' k-th batches make one global batch for any number of GPUs."""
+
+    def __init__(self, dataset, seed, rank, world):
+        self.order, self.epoch, self.skip = DistributedSampler(dataset, world, rank, seed=seed, drop_last=True), 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+        self.order.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in itertools.islice(iter(self.order), self.skip, None))
+
+    def __len__(self):
+        return len(self.order) - self.skip
+
+
 
 # -----------------------------------------------------------------------------
-# top level: the public functions
+# top level: specs, the training set, evaluation cases, the loader, output folders
 
 
 def default_root(name):
-    """Where a dataset is looked for when --root is not given."""
     return os.path.join('data', name)
+
+
+def _nnunet(root):
+    """An nnU-Net v2 dataset.json -> (class names by id, channel names, file_ending)."""
+    path = Path(root) / 'dataset.json'
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f'{path}: not found; expected {NNUNET}' if isinstance(e, FileNotFoundError) else
+                        f'{path}: not valid JSON ({e})') from None
+    missing = [k for k in ('channel_names', 'labels', 'file_ending') if k not in meta]
+    if missing:
+        raise DataError(f'{path}: missing key(s) {missing}')
+    ending, labels, channels = meta['file_ending'], meta['labels'], meta['channel_names']
+    if ending not in NIFTI_SUFFIXES + ('.png',):
+        raise DataError(f'{path}: file_ending {ending!r} is not supported; expected .nii.gz, .nii or .png')
+    if not isinstance(labels, dict) or sorted(labels.values()) != list(range(max(2, len(labels)))):
+        raise DataError(f'{path}: label ids must be 0..K-1, background 0, K >= 2 (no region-based labels): {labels}')
+    channels = [channels[k] for k in sorted(channels, key=int)]
+    if len(channels) > 1:  # NOTE(impl): DANIE takes one channel (or one RGB image): it reads channel 0.
+        warnings.warn(f'{path}: {len(channels)} channels {channels}; DANIE reads channel 0 ({channels[0]}) only')
+    return tuple(sorted(labels, key=labels.get)), channels, ending
 
 
 def get_spec(name, root=None, num_classes=None):
     """The DatasetSpec of --data NAME: fixed for the benchmarks, read from ROOT for 'folder' and 'nnunet'."""
-    if name in SPECS:
-        if num_classes not in (None, SPECS[name].num_classes):
-            raise DataError(f'num_classes={num_classes} (--num-classes): {name} has {SPECS[name].num_classes} classes')
-        return SPECS[name]
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}' (--data): expected one of {', '.join(DATASETS)}")
-    if num_classes is not None and (type(num_classes) is not int or num_classes < 2):
-        raise DataError(f'num_classes={num_classes!r} (--num-classes): expected an integer >= 2 (background included)')
-    return (_folder_spec if name == 'folder' else _nnunet_spec)(Path(root), num_classes)
-
-
-def spec_to_dict(spec):
-    """A DatasetSpec as plain types, for checkpoints."""
-    return asdict(spec)
+    root, channels, ending, file = Path(root or default_root(name)), ['rgb'], '.png', Path(root or '') / 'classes.txt'
+    if name in SPECS:
+        names = SPECS[name].class_names
+    elif name == 'nnunet':
+        names, channels, ending = _nnunet(root)
+    elif not root.is_dir():
+        raise DataError(f"dataset root '{root}' (--root) not found: expected {FOLDER}")
+    elif file.is_file():
+        names = tuple(n.strip() for n in file.read_text().splitlines() if n.strip())
+    elif num_classes:
+        names = ('background',) + tuple(f'class{i}' for i in range(1, num_classes))
+    else:
+        raise DataError(f'{root}: no classes.txt (class i on line i) and no --num-classes')
+    if len(names) < 2 or num_classes not in (None, len(names)):
+        raise DataError(f'num_classes={num_classes} (--num-classes): {name if name in SPECS else root} has '
+                        f'{len(names)} classes')
+    if name in SPECS:
+        return SPECS[name]
+    # NOTE(impl): the user's images train with ISIC's recipe (200 epochs, batch 8), nnU-Net volumes with Synapse's
+    # (300, 24) and the intensity rule of their channel 0 ('CT', else a z-score); the paper has no such sets.
+    volume = ending in NIFTI_SUFFIXES
+    return DatasetSpec(name, len(names), names, 'volume' if volume else 'image', tuple(range(1, len(names))),
+                       300 if volume else 200, 24 if volume else 8, str(root), NNUNET if name == 'nnunet' else FOLDER,
+                       intensity='rgb' if not volume else 'ct' if str(channels[0]).lower() == 'ct' else 'zscore')
 
 
 def spec_from_dict(d):
-    """The DatasetSpec a checkpoint recorded (tuples restored; unknown keys refused)."""
+    """The DatasetSpec a checkpoint recorded as a dict (dataclasses.asdict; tuples restored, unknown keys refused)."""
     names = {f.name for f in fields(DatasetSpec)}
     if not isinstance(d, dict) or set(d) - names:
         raise DataError(f'dataset spec: expected a dict with keys {sorted(names)}, got {d!r:.200}')
@@ -1088,37 +702,36 @@ def spec_from_dict(d):
 
 def train_set(name, root, img_size, *, val_cases=None, seed=0, augment=True, label_map='transunet',
               num_classes=None, mean=MEAN, std=STD, cache=True):
-    """Training items of a dataset, without the cases held out for validation (val_cases=0: none held out)."""
+    """The training samples of a dataset, less the cases held out for validation (val_cases=0: none)."""
     if not isinstance(img_size, int) or img_size < 8:
         raise DataError(f'img_size={img_size!r} (--img-size): expected an integer >= 8')
     spec = get_spec(name, root, num_classes)
-    source = _source(spec, root, label_map)
-    samples = source.train()
-    held = _held_out(source, samples, val_cases, seed)
-    ds = TrainSet([s for s in samples if s.case not in held], spec, img_size, seed=seed, augment=augment, mean=mean,
-                  std=std, cache=cache)
-    ds.samples[0].load()  # fail here, with the file's name, rather than inside a loader worker
+    items = _split(spec, root, 'train', label_map, val_cases, seed)
+    if label_map == 'cascade':  # the raw labels of one whole training case tell the two maps apart
+        first = [f for it in items if it.case == items[0].case for f in it.files]
+        _check_cascade([read_arrays(f, ('label',))[0].max() for f in first], f'training case {items[0].case} '
+                       f'({first[0].parent})')
+    disk = DiskCache() if spec.kind == 'image' and cache and len(items) * img_size ** 2 * 4 < CACHE_MAX_BYTES else None
+    if spec.kind == 'volume' and items[0].index is None:  # NIfTI volumes train slice by slice
+        # NOTE(impl): nnU-Net volumes are decoded once, on first use, into memory-mapped .npy files that the loader
+        # workers share: a .nii.gz read per slice would decompress the whole volume each time.
+        disk = DiskCache()
+        items = [replace(it, read=partial(_cached_slice, disk, it.id, it.read, k), index=k) for it in items
+                 for k in range(read_nifti(it.files[0], voxels=False)[0][2])]
+    ds = TrainSet(items, spec, img_size, seed=seed, augment=augment, mean=mean, std=std, cache=disk)
+    ds.samples[0].read()  # fail here, with the file's name, rather than inside a loader worker
     return ds
 
 
 def eval_cases(name, root, split, *, val_cases=None, seed=0, label_map='transunet', num_classes=None):
-    """Whole cases as stored: split 'val' (held-out training cases, official, or none for val_cases=0) or 'test'."""
+    """Whole cases as stored: split 'val' (official, held-out training cases, or none for val_cases=0) or 'test'."""
     if split not in ('val', 'test'):
         raise DataError(f"split '{split}' (--split): expected 'val' or 'test'")
     spec = get_spec(name, root, num_classes)
-    source = _source(spec, root, label_map)
-    if split == 'test':
-        return CaseList(source.test())
-    if val_cases == 0:
-        return CaseList([])
-    if val_cases is None and source.official_val:
-        return CaseList(source.val())
-    samples = source.train()
-    held = _held_out(source, samples, val_cases, seed)
-    kept = [s for s in samples if s.case in held]
-    if spec.kind == 'image':
-        return CaseList((s.case, s.load) for s in sorted(kept, key=lambda s: s.case))
-    return CaseList(_volumes_from_slices(kept))
+    items = _split(spec, root, split, label_map, val_cases, seed)
+    if items is None:
+        raise DataError(f'{root}: {spec.name} has no {split} split here; expected {spec.layout}')
+    return Cases(_volumes(items))
 
 
 def make_loader(dataset, batch_size, *, shuffle, workers, sampler=None, drop_last=False):
@@ -1129,277 +742,96 @@ def make_loader(dataset, batch_size, *, shuffle, workers, sampler=None, drop_las
                       num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
-# -----------------------------------------------------------------------------
-# top level: prediction I/O, files without labels in, label maps and overlays out
 
-
-@dataclass
-class Input:
-    """A file to predict on: the image as the model's slices expect it, and what writing the result back needs."""
-    id: str
-    path: Path
-    kind: str                 # 'volume': float32 (D,H,W) slices; 'image': uint8 RGB (H,W,3)
-    image: np.ndarray
-    raw: bool                 # True: normalise(image, intensity) before prepare_input; False: preprocessed already
-    geometry: object = None   # NIfTI inputs: the nibabel image whose shape, affine and header the prediction takes
-    label: np.ndarray = None  # the labels a preprocessed .npz/.h5 file carries, else None
-
-
-INPUT_SUFFIXES = NIFTI_SUFFIXES + ('.npy.h5', '.h5', '.npz') + IMAGE_SUFFIXES
-
-
-def read_input(path):
-    """One image (.png .jpg .jpeg .bmp .tif .tiff), raw NIfTI volume (.nii .nii.gz) or preprocessed .npz/.h5 file."""
+def output_dir(path, flag, inputs=()):
+    """The output folder of `flag`, created and checked before any work: writable, and not an input folder."""
     path = Path(path)
-    suffix = next((x for x in INPUT_SUFFIXES if path.name.lower().endswith(x)), None)
-    if suffix is None:
-        raise DataError(f'{path}: unsupported file type; expected one of {", ".join(INPUT_SUFFIXES)}')
-    cid = path.name[:-len(suffix)]
-    if suffix in IMAGE_SUFFIXES:  # RGB or grayscale -> uint8 RGB
-        return Input(cid, path, 'image', _read_image(path, 'RGB'), raw=True)
-    if suffix in NIFTI_SUFFIXES:  # sliced as the training volumes were (_voxel_order)
-        a, img = _read_nifti(path)
-        return Input(cid, path, 'volume', _voxel_order(a.astype(np.float32)), raw=True, geometry=img)
-    arrays = _read_arrays(path)
-    key = next((k for k in ('image', 'img') if k in arrays), None)
-    if key is None or arrays[key].ndim not in (2, 3):
-        raise DataError(f'{path}: expected a 2-D or 3-D array image (or img), found {list(arrays)}')
-    image, label = (_pair(arrays[key], arrays['label'], path, 256, None) if 'label' in arrays
-                    else (arrays[key].astype(np.float32), None))
-    if image.ndim == 2:  # one slice: a volume of depth 1
-        image, label = image[None], None if label is None else label[None]
-    return Input(cid, path, 'volume', image, raw=False, label=label)
-
-
-def _overlay(base, pred, gt=None):
-    """The prediction filled at 40% in its class colours over an RGB image; the ground truth's outline in green."""
-    colour = PALETTE[pred % len(PALETTE)].astype(np.float32)
-    alpha = np.where(pred > 0, 0.4, 0.0)[..., None]
-    over = np.asarray(base, np.float32) * (1 - alpha) + colour * alpha
-    if gt is not None:
-        fg = np.asarray(gt) > 0
-        over[fg ^ ndimage.binary_erosion(fg, iterations=2)] = (0, 255, 0)
-    return over.clip(0, 255).astype(np.uint8)
-
-
-def _write_volume(out, case_id, image, labels, geometry, label):
-    """<id>_pred.nii.gz in the input's geometry, or (no geometry) with _img/_gt beside it on an identity affine."""
-    if geometry is not None:  # shape, affine and header of the input: it overlays the input in ITK-SNAP / 3D Slicer
-        header = geometry.header.copy()
-        header.set_data_dtype(np.uint8)
-        header.set_slope_inter(1, 0)  # class ids, never rescaled
-        lab = _voxel_order(np.asarray(labels, np.uint8)).reshape(geometry.shape)
-        nib.save(type(geometry)(lab, geometry.affine, header), str(out / f'{case_id}_pred.nii.gz'))
-        return [out / f'{case_id}_pred.nii.gz']
-    # NOTE(impl): .h5/.npz files carry no geometry: identity affine, (D,H,W) written back as NIfTI (X,Y,Z) = (W,H,D).
-    paths = []
-    for suffix, arr, dtype in (('pred', labels, np.uint8), ('img', image, np.float32), ('gt', label, np.uint8)):
-        if arr is not None:  # image and ground truth beside the prediction, so a viewer can overlay them
-            paths.append(out / f'{case_id}_{suffix}.nii.gz')
-            nib.save(nib.Nifti1Image(_voxel_order(np.asarray(arr, dtype)), np.eye(4)), str(paths[-1]))
-    return paths
-
-
-def _volume_overlays(out, case_id, image, labels, label):
-    """PNG overlays of the slices through the largest predicted structures (one per class, largest first)."""
-    ids, counts = np.unique(labels[labels > 0], return_counts=True)
-    picks = []
-    for c in ids[np.argsort(-counts)]:
-        k = int((labels == c).sum(axis=(1, 2)).argmax())  # the slice where class c is largest
-        picks += [k] if k not in picks else []
-        if len(picks) == OVERLAY_SLICES:
-            break
-    lo, hi = np.percentile(image, (0.5, 99.5))
-    paths = []
-    for k in sorted(picks) or [len(labels) // 2]:
-        gray = (np.clip(image[k], lo, hi) - lo) / max(float(hi - lo), 1e-8) * 255  # (H,W) in [0, 255]
-        paths.append(out / f'{case_id}_overlay_z{k:03d}.png')
-        Image.fromarray(_overlay(np.repeat(gray[..., None], 3, 2), labels[k], None if label is None else label[k])
-                        ).save(paths[-1])
-    return paths
-
-
-def _write_image(out, case_id, image, labels, label):
-    """<id>_pred.png (the class ids themselves) and <id>_overlay.png, both at the label map's size."""
-    # NOTE(impl): <id>_pred.png holds class ids, not ids scaled for viewing (it stays a label map); the overlay is for looking.
-    Image.fromarray(labels.astype(np.uint8)).save(out / f'{case_id}_pred.png')
-    if image.shape[:2] != labels.shape:  # an image stored smaller than its mask (ISIC): shown at the mask's size
-        image = np.array(Image.fromarray(image).resize(labels.shape[::-1], Image.BILINEAR))
-    Image.fromarray(_overlay(image, labels, label)).save(out / f'{case_id}_overlay.png')
-    return [out / f'{case_id}_pred.png', out / f'{case_id}_overlay.png']
-
-
-def write_prediction(out_dir, case_id, image, labels, spec, geometry=None, label=None):
-    """Write one predicted label map (volume (D,H,W) or image (H,W)) where a viewer opens it; returns the paths.
-
-    Volumes: <id>_pred.nii.gz (+ PNG overlays); images: <id>_pred.png + <id>_overlay.png; labels.json beside."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / 'labels.json').write_text(json.dumps(dict(enumerate(spec.class_names)), indent=1) + '\n')
-    labels = np.asarray(labels)
-    if labels.ndim == 3:
-        return (_write_volume(out, case_id, image, labels, geometry, label)
-                + _volume_overlays(out, case_id, np.asarray(image, np.float32), labels, label))
-    return _write_image(out, case_id, np.asarray(image), labels, label)
-
+    if any(path.resolve() == Path(p).resolve() for p in inputs):
+        raise DataError(f'{path} ({flag}) is also the input folder: outputs would be read back as inputs')
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise DataError(f'{path} ({flag}): cannot write there ({e.strerror or e})') from None
+    return path
 
 # -----------------------------------------------------------------------------
-# top level: the synthetic demo set
+# top level: the synthetic demo set (Synapse's layout and class ids, small slices, organ-like blobs)
 
-
-def _blob(yy, xx, cy, cx, ry, rx, theta, harm):
-    """Inside of an ellipse with a wavy outline (harmonics 2 and 3), rotated by theta; yy, xx in [0,1]."""
-    S, r = yy.shape[0], max(ry, rx) * (1 + harm[0] + harm[2])
-    y0, y1 = (np.clip([cy - r, cy + r], 0, 1) * (S - 1)).astype(int) + (0, 2)  # only the bounding box
-    x0, x1 = (np.clip([cx - r, cx + r], 0, 1) * (S - 1)).astype(int) + (0, 2)
-    dy, dx = yy[y0:y1, x0:x1] - cy, xx[y0:y1, x0:x1] - cx
-    u = (np.cos(theta) * dy + np.sin(theta) * dx) / ry
-    v = (-np.sin(theta) * dy + np.cos(theta) * dx) / rx
-    phi = np.arctan2(v, u)
-    edge = 1 + harm[0] * np.sin(2 * phi + harm[1]) + harm[2] * np.sin(3 * phi + harm[3])
-    inside = np.zeros(yy.shape, bool)
-    inside[y0:y1, x0:x1] = u * u + v * v < edge * edge
-    return inside
+DEMO_SIZE, DEMO_SLICES = 96, 12            # slice side, slices per volume
+DEMO_TRAIN_CASES, DEMO_TEST_CASES = 15, 3  # VAL_FRACTION holds 2 of the 15 training volumes out
+DEMO_NOISE, DEMO_JITTER = 0.03, 0.04       # noise std (CT in [0,1]); shifts of anatomy and organs
+DEMO_MARK = 'DANIE_DEMO'                   # the file that marks a demo set written by make_demo
+# tissue -> (centre y, x, radius y, x: of the slice; z centre, half-extent: of the volume; intensity; texture).
+# Ids 1-8 are Synapse's organs; 9 body and 10 spine are anatomy in the image, background in the labels.
+DEMO_TISSUES = {
+    9: (0.50, 0.50, 0.42, 0.46, 0.5, 9.0, 0.30, 0.03),     # body (soft tissue)
+    10: (0.82, 0.50, 0.065, 0.07, 0.5, 9.0, 1.15, 0.10),   # spine: bright bone, coarse texture
+    5: (0.42, 0.30, 0.20, 0.17, 0.45, 0.70, 0.63, 0.03),   # liver: large, patient's right
+    4: (0.55, 0.43, 0.085, 0.075, 0.35, 0.35, 0.10, 0.01),  # gallbladder: dark bile
+    6: (0.37, 0.64, 0.13, 0.13, 0.55, 0.45, 0.41, 0.07),   # stomach: mottled contents
+    1: (0.50, 0.82, 0.11, 0.08, 0.55, 0.40, 0.74, 0.02),   # spleen
+    2: (0.70, 0.27, 0.09, 0.07, 0.45, 0.40, 0.85, 0.02),   # right kidney
+    3: (0.70, 0.73, 0.09, 0.07, 0.50, 0.40, 0.96, 0.02),   # left kidney
+    8: (0.52, 0.55, 0.055, 0.15, 0.45, 0.35, 0.52, 0.05),  # pancreas: elongated, lobulated
+    7: (0.66, 0.50, 0.065, 0.065, 0.5, 9.0, 1.08, 0.01),   # aorta: round, contrast-bright, every slice
+}
 
 
 def _demo_volume(rng):
     """One synthetic abdominal volume: image float32 (D,S,S) about in [0,1], label uint8 (D,S,S)."""
     D, S = DEMO_SLICES, DEMO_SIZE
-    yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) / (S - 1)  # (S,S) each, in [0,1]
-    tissue = np.zeros((D, S, S), np.uint8)
-    shift = rng.uniform(-DEMO_JITTER, DEMO_JITTER, 2)
-    params = {}
-    for t, (cy, cx, ry, rx, zc, zh, _, _) in DEMO_TISSUES.items():
-        j = rng.uniform(-DEMO_JITTER, DEMO_JITTER, 2) if t < 9 else np.zeros(2)
-        params[t] = (cy + shift[0] + j[0], cx + shift[1] + j[1], ry * rng.uniform(0.85, 1.15),
-                     rx * rng.uniform(0.85, 1.15), zc + rng.uniform(-0.08, 0.08), zh,
-                     rng.uniform(-0.3, 0.3), (rng.uniform(0, 0.12), rng.uniform(0, 6.3), rng.uniform(0, 0.08),
-                                              rng.uniform(0, 6.3)), rng.uniform(-0.05, 0.05, 2))
-    for d, z in enumerate(np.linspace(0, 1, D)):
-        for t, (cy, cx, ry, rx, zc, zh, theta, harm, drift) in params.items():  # later tissues lie on top
-            f = 1 - ((z - zc) / zh) ** 2
-            if f < 0.1:  # the organ's z-extent ends: no slivers thinner than ~30% of its radius
-                continue
-            f = np.sqrt(f)
-            centre = cy + drift[0] * (z - zc), cx + drift[1] * (z - zc)
-            tissue[d][_blob(yy, xx, *centre, ry * f, rx * f, theta, harm)] = t
-    lut = np.zeros((11, 2), np.float32)  # tissue -> (intensity, texture amplitude)
-    for t, p in DEMO_TISSUES.items():
-        lut[t] = (p[6] + (rng.uniform(-0.02, 0.02) if t < 9 else 0), p[7])
+    z, y, x = np.meshgrid(np.linspace(0, 1, D), *[np.linspace(0, 1, S, dtype=np.float32)] * 2, indexing='ij')
     texture = ndimage.gaussian_filter(rng.standard_normal((D, S, S)).astype(np.float32), (0.7, 1.2, 1.2))
-    texture /= texture.std()
-    image = lut[tissue, 0] + lut[tissue, 1] * texture
-    image = ndimage.gaussian_filter(image, (0, 0.6, 0.6))  # partial-volume blur at the edges
-    image = image * (1 + 0.05 * (yy - 0.5)) + DEMO_NOISE * rng.standard_normal((D, S, S))  # bias field, noise
-    label = np.where(tissue < 9, tissue, 0).astype(np.uint8)
-    return image.astype(np.float32), label
+    image, tissue = np.zeros((D, S, S), np.float32), np.zeros((D, S, S), np.uint8)
+    shift = rng.uniform(-DEMO_JITTER, DEMO_JITTER, 2)  # the patient's position; each organ moves a little more
+    for t, (cy, cx, ry, rx, zc, zh, level, amp) in DEMO_TISSUES.items():  # later tissues lie on top
+        cy, cx = shift + (rng.uniform(-DEMO_JITTER, DEMO_JITTER, 2) if t < 9 else 0) + (cy, cx)
+        ry, rx, zc = ry * rng.uniform(0.85, 1.15), rx * rng.uniform(0.85, 1.15), zc + rng.uniform(-0.08, 0.08)
+        f = 1 - ((z - zc) / zh) ** 2  # an ellipsoid: the cross-section shrinks towards its z ends
+        inside = (f >= 0.1) & (((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 < f)
+        tissue[inside] = t
+        image[inside] = level + (rng.uniform(-0.02, 0.02) if t < 9 else 0) + amp * texture[inside] / texture.std()
+    image = ndimage.gaussian_filter(image, (0, 0.6, 0.6)) * (1 + 0.05 * (y - 0.5))  # partial volume, bias field
+    image += DEMO_NOISE * rng.standard_normal((D, S, S))
+    return image.astype(np.float32), np.where(tissue < 9, tissue, 0).astype(np.uint8)
 
 
 def make_demo(root, seed=0):
-    """Write the synthetic set in Synapse's on-disk layout (npz slices, h5 volumes, lists); deterministic."""
+    """Write the synthetic set in Synapse's layout, deterministically: into a new or empty folder, or over a demo
+    set written before; never over anyone's files."""
     root = Path(root)
+    if root.is_dir() and any(root.iterdir()) and not (root / DEMO_MARK).is_file():
+        raise DataError(f'{root} holds files ({", ".join(sorted(os.listdir(root))[:3])}, ...) but no demo set: the '
+                        'demo set is written only into a new or empty folder')
     for d in ('train_npz', 'test_vol_h5', 'lists_Synapse'):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    train, test = [], []
+        output_dir(root / d, 'the demo folder')
+    (root / DEMO_MARK).write_text('a synthetic DANIE demo set, written by data.make_demo\n')
+    lists = {'train': [], 'test_vol': []}
     for c in range(DEMO_TRAIN_CASES + DEMO_TEST_CASES):
-        name = f'case{c + 1:04d}'
-        image, label = _demo_volume(np.random.default_rng([seed, c]))
-        if c < DEMO_TRAIN_CASES:
-            for k in range(DEMO_SLICES):  # float labels, as in TransUNet's files
-                np.savez(root / 'train_npz' / f'{name}_slice{k:03d}.npz', image=image[k],
-                         label=label[k].astype(np.float32))
-                train.append(f'{name}_slice{k:03d}')
-        else:
-            with h5py.File(root / 'test_vol_h5' / f'{name}.npy.h5', 'w') as f:
-                f.create_dataset('image', data=image)
-                f.create_dataset('label', data=label.astype(np.float32))
-            test.append(name)
-    (root / 'lists_Synapse' / 'train.txt').write_text('\n'.join(train) + '\n')
-    (root / 'lists_Synapse' / 'test_vol.txt').write_text('\n'.join(test) + '\n')
+        name, (image, label) = f'case{c + 1:04d}', _demo_volume(np.random.default_rng([seed, c]))
+        for k in range(DEMO_SLICES) if c < DEMO_TRAIN_CASES else ():  # float labels, as TransUNet's files
+            lists['train'].append(f'{name}_slice{k:03d}')
+            np.savez(root / f'train_npz/{name}_slice{k:03d}.npz', image=image[k], label=label[k].astype(np.float32))
+        if c >= DEMO_TRAIN_CASES:
+            with h5py.File(root / f'test_vol_h5/{name}.npy.h5', 'w') as f:
+                f['image'], f['label'] = image, label.astype(np.float32)
+            lists['test_vol'].append(name)
+    for k, names in lists.items():
+        (root / f'lists_Synapse/{k}.txt').write_text('\n'.join(names) + '\n')
     return root
 
 # -----------------------------------------------------------------------------
-# CLI: benchmark, demo set, summary
-
-
-def _bench(args):
-    if args.data == 'demo' and not Path(args.root).exists():
-        print(f'writing the demo set to {args.root}')
-        make_demo(args.root)
-    opts = dict(val_cases=args.val_cases, seed=args.seed, label_map=args.label_map, num_classes=args.num_classes)
-    ds = train_set(args.data, args.root, args.img_size, **opts)
-    n = min(len(ds), args.batches * args.batch_size)
-    sub = torch.utils.data.Subset(ds, range(n))  # the same samples twice: cold, then (RGB sets) cached
-    plain = train_set(args.data, args.root, args.img_size, cache=False, **opts)
-    t0 = time.perf_counter()
-    for i in range(min(n, 20)):
-        plain[i]
-    one = (time.perf_counter() - t0) / min(n, 20)
-    print(f'{args.data} at {args.root}: {len(ds)} training samples, img_size {args.img_size}; '
-          f'one sample in this process: {one * 1e3:.1f} ms')
-    torch.manual_seed(args.seed)
-    loader = make_loader(sub, args.batch_size, shuffle=True, workers=args.workers, drop_last=False)
-    for p in ('first pass', 'second pass'):
-        t0, count = time.perf_counter(), 0
-        for x, y in loader:
-            count += len(x)
-        dt = time.perf_counter() - t0
-        print(f'DataLoader, {args.workers} workers, batch {args.batch_size}, {p} over {count} samples: '
-              f'{count / dt:.1f} samples/s')
-
-
-def _summary(args):
-    opts = dict(val_cases=args.val_cases, seed=args.seed, label_map=args.label_map, num_classes=args.num_classes)
-    spec = get_spec(args.data, args.root, args.num_classes)
-    ds = train_set(args.data, args.root, args.img_size, **opts)
-    print(f'{spec.name}: {spec.num_classes} classes {spec.class_names}, {spec.kind}s, intensity {spec.intensity}')
-    print(f'train: {len(ds)} samples from {len(ds.cases)} cases')
-    for split in ('val', 'test'):
-        try:
-            cases = eval_cases(args.data, args.root, split, **opts)
-            print(f'{split}: {len(cases)} cases ({", ".join(cases.ids[:4])}{", ..." if len(cases) > 4 else ""})')
-        except DataError as e:
-            print(f'{split}: not available ({e})')
+# CLI: the demo set (the loader's speed: bench.py)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description='DANIE datasets (Sec. 4.1): summary, loader benchmark, demo set.')
-    # what to do
-    p.add_argument('--bench', action='store_true', help='measure training samples/s through the DataLoader')
-    p.add_argument('--make-demo', metavar='DIR', help="write the synthetic demo set (Synapse's layout) to DIR")
-    # which data
-    p.add_argument('--data', default='demo', choices=DATASETS, help='dataset (default: demo)')
-    p.add_argument('--root', help='dataset folder (default: data/<name>)')
-    p.add_argument('--label-map', default='transunet', choices=LABEL_MAPS,
-                   help="Synapse labels: TransUNet's 9 ids, or CASCADE's 13 BTCV labels remapped")
-    p.add_argument('--val-cases', type=parse_val_cases,
-                   help='training cases held out for validation: a count or a fraction '
-                   '(default: the official split, else 10%%)')
-    p.add_argument('--seed', type=int, default=0, help='seed of the validation split and the benchmark')
-    p.add_argument('--num-classes', type=int,
-                   help='classes of --data folder without a classes.txt (background included)')
-    # loading
-    p.add_argument('--img-size', type=int, default=224,
-                   help="model input size (default 224, the ImageNet MaxViT's; the paper does not state it)")
-    p.add_argument('--workers', type=int, default=2, help='DataLoader worker processes')
-    p.add_argument('--batch-size', type=int, default=24, help='batch size of the benchmark (Sec. 4.2: Synapse 24)')
-    p.add_argument('--batches', type=int, default=20, help='batches per benchmark pass')
-    args = p.parse_args(argv)
-    args.root = args.root or default_root(args.data)
-    if args.workers < 0 or args.batch_size < 1 or args.batches < 1:
-        p.error('--workers must be >= 0, --batch-size and --batches >= 1')
+    p = argparse.ArgumentParser(description='DANIE datasets (Sec. 4.1): write the synthetic demo set.')
+    p.add_argument('--make-demo', metavar='DIR', required=True, help="where to write it (Synapse's layout)")
     try:
-        if args.make_demo:
-            t0 = time.perf_counter()
-            make_demo(args.make_demo, seed=args.seed)
-            print(f'wrote the demo set to {args.make_demo} in {time.perf_counter() - t0:.1f} s')
-        elif args.bench:
-            _bench(args)
-        else:
-            _summary(args)
+        print(f'wrote the demo set to {make_demo(p.parse_args(argv).make_demo)}')
     except DataError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        sys.exit(print(f'error: {e}', file=sys.stderr) or 2)
 
 
 if __name__ == '__main__':

@@ -5,26 +5,20 @@ beside an HAP stream (Sec. 3.3), Joint Preservation decoding from the deepest st
 and four prediction heads summed into y (Eq. 12).
 
 Offers: `danie(size, num_classes, img_size, pretrained, pretrained_file, **switches)`, `DANIE`, `DANIEConfig`,
-`make_config`, `PRESETS`, `FUSIONS`, `ORDERS`, `PretrainedError`, `gmac`; `main()` is the CLI below.
+`make_config`, `PRESETS`, `gmac`; the checkpoint layout of train.py, evaluate.py and predict.py (`checkpoint`,
+`load_checkpoint`, `from_checkpoint`); `AMP_DTYPES` and `autocast`, `MEMORY_FORMAT`.
 
-Why this architecture: the text alone (a light patch embedding to H/4 and one HAP block per stage) gives
-about 8.4-8.7 / 18.1-18.7 GMAC for S / L at 224x224, 9 classes, far below Table 1's 13.29 / 26.55 (its
-"GFLOPs" are multiply-accumulates: MaxViT-T is 5.6 G there). Two readings, both standard blocks, close the gap:
-a UNet-style HAP embedding that starts at full resolution (ConvBlock(3->64) at HxW, ConvBlock(64->C1) at H/2,
-each max-pooled; a 4x4 stride-4 conv embedding instead costs 2.9 / 3.7 GMAC less) and HAP depths that mirror
-the MaxViT stage beside each (2, 2, 5, 2; one block per stage costs 1.6 / 3.7 GMAC less). Together they give
-13.21 / 26.04 GMAC (FlopCounterMode FLOPs / 2), within 1% / 2% of the paper; the bare MaxViT-T / -S
-encoders are 5.55 / 11.59 of that.
+Why this architecture: the text alone (a patch embedding to H/4, one HAP block per stage) gives about 8.4 / 18.1
+GMAC for S / L at 224x224, 9 classes, far below Table 1's 13.29 / 26.55 (multiply-accumulates: MaxViT-T is 5.6 G
+there). A UNet-style HAP embedding from full resolution (ConvBlock(3->64) at HxW, ConvBlock(64->C1) at H/2) and
+HAP depths that mirror the MaxViT stages (2, 2, 5, 2) give 13.21 / 26.04 GMAC, within 1% / 2% of the paper.
 
-    python model.py --size S            # parameters and GMAC at 224x224, 9 classes, beside the paper
-    python model.py --size L --bench    # plus CPU latency of DANIE against its bare MaxViT backbone
+`python bench.py model` prints parameters, GMAC and CPU latency beside Table 1.
 """
 
-import argparse
 import os
-import statistics
-import time
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import timm
 import torch
@@ -41,8 +35,10 @@ PRESETS = {
     'S': dict(size='S', backbone='maxvit_tiny_tf_224', dims=(64, 128, 256, 512), depths=(2, 2, 5, 2)),
     'L': dict(size='L', backbone='maxvit_small_tf_224', dims=(96, 192, 384, 768), depths=(2, 2, 5, 2)),
 }
-# NOTE(impl): channels-last weights and inputs everywhere: cuDNN runs NHWC convolutions and BatchNorm natively, and oneDNN on a 2-core CPU was 5-15% faster too (the same function, tested).
+# NOTE(impl): channels-last weights and inputs: cuDNN runs NHWC convolutions and BatchNorm natively
+# (the same function, tested).
 MEMORY_FORMAT = torch.channels_last
+AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # --amp of every script
 PAPER_GMAC = {'S': 13.29, 'L': 26.55}  # Table 1, 224x224, 9 classes ("GFLOPs" there are multiply-accumulates)
 FUSIONS = ('jp', 'add', 'concat_res', 'eh_add', 'es_add')
 ORDERS = ('channel_first', 'spatial_first')
@@ -50,6 +46,8 @@ SWITCHES = ('hap', 'sap', 'spatial_att', 'channel_att', 'order', 'calibration', 
 # which Joint Preservation component acts on which stream, per Table 7 row
 FUSION_PARTS = {'jp': (True, True), 'add': (False, False), 'eh_add': (False, True), 'es_add': (True, False),
                 'concat_res': (False, False)}
+FORMAT = 'danie-ckpt-v2'  # the checkpoint layout below
+CKPT_KEYS = ('config', 'model', 'data', 'args', 'init', 'epoch', 'step', 'metric')  # best.pth; last.pth + 'train'
 
 
 @dataclass(frozen=True)
@@ -99,12 +97,16 @@ def make_config(size='S', **overrides):
     return DANIEConfig(**{**PRESETS[size], **overrides})
 
 
-# -----------------------------------------------------------------------------
-# helpers: pretrained MaxViT weights (Sec. 4.2), GMAC, parameters, CPU latency
-
-
 class PretrainedError(Exception):
-    pass
+    """ImageNet weights that cannot be had: a file missing, unreadable or of another model, or no hub."""
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that is missing, unreadable, or not a DANIE checkpoint of this version."""
+
+
+# -----------------------------------------------------------------------------
+# helpers: pretrained MaxViT weights (Sec. 4.2), FLOPs, amp and device
 
 
 def read_state_dict(path):
@@ -118,11 +120,8 @@ def read_state_dict(path):
         else:
             sd = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise PretrainedError(f'cannot read pretrained file {path!r} ({type(e).__name__}: {e})') from None
-    for key in ('state_dict', 'model', 'state_dict_ema'):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
+        raise PretrainedError(f'cannot read pretrained file {path!r} ({type(e).__name__}: {_first_line(e)})') from None
+    sd = next((sd[k] for k in ('state_dict', 'model', 'state_dict_ema') if isinstance(sd, dict) and k in sd), sd)
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise PretrainedError(f'pretrained file {path!r} holds no state dict of tensors')
     return sd
@@ -136,59 +135,114 @@ def load_backbone_file(backbone, cfg, path):
         sd = timm.models.maxxvit.checkpoint_filter_fn(sd, full)
     except Exception as e:
         raise PretrainedError(f'{path!r} is not a {cfg.backbone} checkpoint ({type(e).__name__}: {e})') from None
-    want = full.state_dict()
-    missing = [k for k in want if k not in sd]
-    unexpected = [k for k in sd if k not in want]
-    mismatched = [f'{k} {tuple(sd[k].shape)} vs {tuple(want[k].shape)}'
-                  for k in want if k in sd and sd[k].shape != want[k].shape]
-    body_missing = [k for k in missing if not k.startswith('head.')]
-    if body_missing or unexpected or mismatched:
-        raise PretrainedError(
-            f'{path!r} is not a {cfg.backbone} checkpoint (DANIE-{cfg.size} needs {cfg.backbone}): '
-            f'{len(body_missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} mismatched keys, '
-            f'e.g. {(body_missing + unexpected + mismatched)[:3]}')
+    bad = _key_report(full.state_dict(), {k: v for k, v in sd.items()}, skip='head.')
+    if bad:
+        raise PretrainedError(f'{path!r} is not a {cfg.backbone} checkpoint (DANIE-{cfg.size} needs '
+                              f'{cfg.backbone}): {bad}')
     # the feature backbone is the model without its classifier; timm names stage n 'stages_n' there
     body = {k.replace('stages.', 'stages_', 1): v for k, v in sd.items() if not k.startswith('head.')}
     backbone.load_state_dict(body, strict=True)
-    head = [k for k in sd if k.startswith('head.')]
     print(f'loaded {len(body)} {cfg.backbone} tensors from {path}; ignored the ImageNet classifier '
-          f"({len(head)} head.* tensors); missing in the file: {missing or 'none'}")
+          f"({sum(k.startswith('head.') for k in sd)} head.* tensors)")
 
 
-def flops(fn):
-    """FLOPs of one call of fn (FlopCounterMode: 2 per multiply-accumulate); also train.py --bench's."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
+def _key_report(want, have, skip=None):
+    """'' if `have` fits `want` key for key and shape, else counts and the first names of what does not."""
+    missing = [k for k in want if k not in have and not (skip and k.startswith(skip))]
+    unexpected = [k for k in have if k not in want]
+    shapes = [f'size mismatch for {k}: {tuple(have[k].shape)} vs {tuple(want[k].shape)}' for k in want if k in have
+              and have[k].shape != want[k].shape]
+    parts = [f'{what} ({len(keys)}): ' + ', '.join(f'"{k}"' for k in keys[:3]) + (', ...' if len(keys) > 3 else '')
+             for what, keys in (('Missing key(s)', missing), ('Unexpected key(s)', unexpected)) if keys]
+    return '; '.join(parts + shapes[:3] + ([f'{len(shapes)} size mismatches in all'] if len(shapes) > 3 else []))
+
+
+def _first_line(e):  # torch's load errors append paragraphs of advice
+    return (str(e).strip().splitlines() or [''])[0][:200]
 
 
 def gmac(model, img_size, batch=1):
-    """Multiply-accumulates of one forward pass in G."""
+    """Multiply-accumulates of one forward pass in G (FlopCounterMode counts 2 FLOPs per multiply-accumulate)."""
     x = torch.randn(batch, 3, img_size, img_size, device=next(model.parameters()).device)
     was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        total = flops(lambda: model(x))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(x)
     model.train(was_training)
-    return total / 2 / 1e9
+    return counter.get_total_flops() / 2 / 1e9
 
 
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
+def autocast(device, amp):
+    """The autocast context of --amp {none,bf16,fp16} on `device`."""
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != 'none')
 
 
-def latencies(fns, x, warmup=2, runs=10):
-    """Median wall time in ms of each fn(x); the fns take turns in every round, so load on a shared machine
-    falls on all of them alike and their ratios hold."""
-    times = {name: [] for name in fns}
-    with torch.inference_mode():
-        for r in range(warmup + runs):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn(x)
-                if r >= warmup:
-                    times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+# -----------------------------------------------------------------------------
+# helpers: the checkpoint layout (best.pth: CKPT_KEYS; last.pth: those and 'train', the state to resume)
+
+
+def bare(model):
+    """The DANIE inside a DistributedDataParallel and/or torch.compile wrapper."""
+    while hasattr(model, 'module') or hasattr(model, '_orig_mod'):
+        model = getattr(model, 'module', None) or model._orig_mod
+    return model
+
+
+def checkpoint(model, **fields):
+    """A checkpoint dict: the format, the model's config and weights, and `fields` (CKPT_KEYS, 'train')."""
+    net = bare(model)
+    return {'format': FORMAT, 'config': asdict(net.config), 'model': net.state_dict(), **fields}
+
+
+def load_checkpoint(path, resume=False):
+    """Read and check a checkpoint (resume=True: also the training state); CheckpointError names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'{path}: no such checkpoint file (train.py writes best.pth and last.pth into --out)')
+    try:  # checkpoints hold tensors and plain types only, so the safe unpickler suffices
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # pickle, zip and EOF errors all mean the same thing to the user
+        why = ('it holds Python objects, not only tensors' if 'Weights only load failed' in str(e)
+               else f'{type(e).__name__}: {_first_line(e)}')
+        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint ({why})') from None
+    if not isinstance(ckpt, dict) or 'format' not in ckpt:
+        what = f'a dict with keys {sorted(map(str, ckpt))[:8]}' if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: not a DANIE checkpoint (found {what}, no 'format' key)")
+    if ckpt['format'] != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {ckpt['format']!r}, this code reads {FORMAT!r}")
+    missing = [k for k in CKPT_KEYS if k not in ckpt] or [k for k in ('name', 'spec') if k not in dict(ckpt['data'])]
+    if missing:
+        raise CheckpointError(f'{path}: {FORMAT} checkpoint without {missing}')
+    if resume and 'train' not in ckpt:
+        raise CheckpointError(f"{path}: no training state ('train'): best.pth holds what evaluation needs; resume "
+                              'from last.pth')
+    return ckpt
+
+
+def from_checkpoint(ckpt, name='checkpoint'):
+    """DANIE built from ckpt['config'] with ckpt['model'] loaded strictly; a mismatch is summarised, not dumped."""
+    unknown = sorted(set(ckpt['config']) - {f.name for f in fields(DANIEConfig)})
+    if unknown:
+        raise CheckpointError(f'{name}: config has fields {unknown} that model.DANIEConfig does not know '
+                              '(written by another version of model.py)')
+    # tuples may come back as lists from other writers; the frozen config wants hashable values
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt['config'].items()}
+    try:
+        net = DANIE(DANIEConfig(**cfg))
+    except Exception as e:
+        raise CheckpointError(f'{name}: cannot build DANIE from its config {cfg}: {type(e).__name__}: {e}') from None
+    return load_weights(net, ckpt['model'], name)
+
+
+def load_weights(net, state, name='checkpoint'):
+    """net with `state` loaded strictly; a mismatch (CheckpointError) is summarised, not dumped."""
+    bad = _key_report(net.state_dict(), state) if isinstance(state, dict) else f'a {type(state).__name__}'
+    if bad:
+        hint = ''
+        if isinstance(state, dict) and any(str(k).startswith(('module.', '_orig_mod.')) for k in state):
+            hint = " (keys start with 'module.' / '_orig_mod.': a DDP/compiled state_dict; save the bare module)"
+        raise CheckpointError(f'{name}: weights do not fit the model built from its config: {bad}{hint}')
+    net.load_state_dict(state, strict=True)
+    return net
 
 
 # -----------------------------------------------------------------------------
@@ -201,13 +255,14 @@ class HAPStream(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         C = cfg.dims
-        # NOTE(impl): UNet-style embedding, ConvBlock(3->64) at HxW and ConvBlock(64->C1) at H/2, each then max-pooled: the full-resolution block is what lands Table 1's GMAC (module docstring).
+        # NOTE(impl): UNet-style embedding, ConvBlock(3->64) at HxW and ConvBlock(64->C1) at H/2, each max-pooled:
+        # the full-resolution block is what lands Table 1's GMAC (module docstring).
         self.embed = nn.Sequential(ConvBlock(3, 64), nn.MaxPool2d(2), ConvBlock(64, C[0]), nn.MaxPool2d(2))
         hap = dict(order=cfg.order, calibration=cfg.calibration, spatial_att=cfg.spatial_att,
                    channel_att=cfg.channel_att)
         self.stages = nn.ModuleList()
         for i, (c, depth) in enumerate(zip(C, cfg.depths)):
-            # NOTE(impl): a 3x3 stride-2 conv + BN + GELU halves the map before stages 2-4, as MaxViT's stages do.
+            # NOTE(impl): a 3x3 stride-2 conv + BN + GELU halves the map before stages 2-4, as MaxViT's do.
             down = [conv_bn_gelu(C[i - 1], c, stride=2)] if i > 0 else []
             self.stages.append(nn.Sequential(*down, *[HAP(c, **hap) for _ in range(depth)]))
 
@@ -221,9 +276,15 @@ class HAPStream(nn.Module):
 
 
 def sap_stream(cfg, pretrained=False, pretrained_file=None):
-    """SAP stream: timm's MaxViT stages (Eq. 1) as a feature backbone; stem + stage-1 stride = the H/4 embedding."""
-    backbone = timm.create_model(cfg.backbone, pretrained=pretrained and pretrained_file is None,
-                                 features_only=True, out_indices=(1, 2, 3, 4), img_size=cfg.img_size)
+    """SAP stream: timm's MaxViT stages (Eq. 1) as a feature backbone; stem + stage-1 stride = the H/4 embedding.
+    pretrained: ImageNet weights from pretrained_file, else through timm's hub (online machines)."""
+    try:
+        backbone = timm.create_model(cfg.backbone, pretrained=pretrained and pretrained_file is None,
+                                     features_only=True, out_indices=(1, 2, 3, 4), img_size=cfg.img_size)
+    except (OSError, RuntimeError) as e:  # the hub's errors when offline
+        raise PretrainedError(f'cannot fetch the ImageNet weights of {cfg.backbone} ({type(e).__name__}; offline?): '
+                              'pass --pretrained-file PATH (a local timm .safetensors/.pth file) or --no-pretrained'
+                              ) from None
     got = tuple(backbone.feature_info.channels())
     if got != tuple(cfg.dims):
         raise ValueError(f'{cfg.backbone} gives channels {got}, but dims is {cfg.dims}')
@@ -244,7 +305,8 @@ class JointPreservation(nn.Module):
         if C_deeper is None:  # the deepest stage has no j_{i+1}
             self.up, self.block = None, ConvBlock(C, C)
         else:
-            # NOTE(impl): j_{i+1} is brought to stage i by bilinear x2 and a 3x3 conv C_{i+1}->C_i + BN + GELU before Cat (Eq. 11 is silent on it).
+            # NOTE(impl): Eq. 11 is silent on how j_{i+1} reaches stage i: bilinear x2, then a 3x3 conv
+            # C_{i+1}->C_i + BN + GELU, before Cat.
             self.up, self.block = conv_bn_gelu(C_deeper, C), ConvBlock(2 * C, C)
 
     def fuse(self, s, h):
@@ -304,6 +366,15 @@ class DANIE(nn.Module):
             y = y.add(p_i, alpha=a_i)  # Eq. (12): one fused multiply-add per head
         return y, p
 
+    def compile_blocks(self, **kw):
+        """Regional torch.compile: each repeated block (HAP, Joint Preservation, MaxViT's) compiled in place, so
+        dynamo builds one graph per block kind, stage and mode rather than one for the whole model."""
+        cfg = torch._dynamo.config  # 4 stages x first/other block x train/eval: more graphs than dynamo's 8
+        limit = 'recompile_limit' if hasattr(cfg, 'recompile_limit') else 'cache_size_limit'  # torch < 2.6
+        setattr(cfg, limit, max(getattr(cfg, limit), 64))
+        kinds = (HAP, JointPreservation, timm.models.maxxvit.MaxxVitBlock)
+        return [m.compile(**kw) for m in self.modules() if isinstance(m, kinds)]
+
     def forward(self, x):
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f'DANIE expects (B,3,H,W) or (B,1,H,W) input, got {tuple(x.shape)}')
@@ -322,50 +393,3 @@ def danie(size='S', num_classes=9, img_size=224, pretrained=False, pretrained_fi
     """Build DANIE-S or DANIE-L; switches are the ablation fields of DANIEConfig (Tables 5-7)."""
     cfg = make_config(size, num_classes=num_classes, img_size=img_size, **switches)
     return DANIE(cfg, pretrained=pretrained, pretrained_file=pretrained_file)
-
-
-# -----------------------------------------------------------------------------
-# CLI
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description='DANIE parameters, GMAC (Table 1) and CPU latency')
-    parser.add_argument('--size', choices=sorted(PRESETS), nargs='+', default=['S', 'L'], help='presets (Sec. 4.2)')
-    parser.add_argument('--img-size', type=int, default=224, help='input size (Table 1 counts at 224)')
-    parser.add_argument('--num-classes', type=int, default=9, help='Synapse: 8 organs + background (Sec. 4.1)')
-    parser.add_argument('--bench', action='store_true', help='also time CPU forward latency against the bare backbone')
-    parser.add_argument('--runs', type=int, default=10, help='timed runs per model (median reported)')
-    parser.add_argument('--threads', type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    rows = []
-    for size in args.size:
-        model = danie(size, num_classes=args.num_classes, img_size=args.img_size).eval()
-        backbone = model.sap  # the bare MaxViT feature backbone, same weights and img_size
-        row = dict(size=size, params=n_params(model) / 1e6, gmac=gmac(model, args.img_size),
-                   gmac_bb=gmac(backbone, args.img_size), paper=PAPER_GMAC[size])
-        if args.bench:
-            x = torch.randn(1, 3, args.img_size, args.img_size)
-            row.update(latencies({'ms': model, 'ms_bb': backbone}, x, runs=args.runs))
-        rows.append(row)
-
-    print(f'DANIE at {args.img_size}x{args.img_size}, {args.num_classes} classes '
-          f"(GMAC = FlopCounterMode FLOPs / 2; the paper's 'GFLOPs' count multiply-accumulates)")
-    if args.bench:
-        print(f'CPU forward latency: batch 1, median of {args.runs} interleaved runs after warm-up, '
-              f'{torch.get_num_threads()} torch threads; backbone = the bare MaxViT feature extractor')
-    print(f"{'model':8} {'params (M)':>10} {'GMAC':>8} {'paper':>7} {'diff':>7} {'backbone GMAC':>13} "
-          f"{'GMAC ratio':>10}"
-          + (f" {'ms':>8} {'backbone ms':>11} {'ms ratio':>8}" if args.bench else ''))
-    for r in rows:
-        line = (f"DANIE-{r['size']:2} {r['params']:10.2f} {r['gmac']:8.2f} {r['paper']:7.2f} "
-                f"{100 * (r['gmac'] / r['paper'] - 1):+6.1f}% {r['gmac_bb']:13.2f} {r['gmac'] / r['gmac_bb']:9.2f}x")
-        if args.bench:
-            line += f" {r['ms']:8.1f} {r['ms_bb']:11.1f} {r['ms'] / r['ms_bb']:7.2f}x"
-        print(line)
-
-
-if __name__ == '__main__':
-    main()

@@ -1,6 +1,7 @@
 """Tests of data.py: every public layout read from tiny fixtures written here, splits, augmentation, errors,
 the demo set. CPU only, offline; `python -m pytest -q test_data.py`."""
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -398,7 +399,7 @@ def test_missing_root_says_what_layout_and_where_published(tmp_path):
         data.train_set('synapse', tmp_path / 'nowhere', 16)
     with pytest.raises(DataError, match='make-demo'):
         data.eval_cases('demo', tmp_path / 'nowhere', 'test')
-    with pytest.raises(DataError, match='neither ACDC layout.*lists_ACDC.*train_slices'):
+    with pytest.raises(DataError, match='neither ACDC layout.*lists_ACDC.*slices'):
         data.train_set('acdc', tmp_path, 16)
     with pytest.raises(DataError, match="unknown dataset 'brats'"):
         data.train_set('brats', tmp_path, 16)
@@ -458,10 +459,18 @@ def test_no_samples_found_and_missing_mask(tmp_path):
         data.train_set('isic2017', tmp_path / 'isic', 8)
 
 
-def test_cli_prints_error_and_exits_2(tmp_path, capsys):
+def test_make_demo_never_writes_into_a_folder_it_did_not_make(tmp_path, capsys):
+    real = tmp_path / 'synapse'  # a user's Synapse data, whose case names the demo's would overwrite
+    write_synapse(real, n_cases=2, n_slices=1, size=8)
+    before = {p: p.read_bytes() for p in real.rglob('*') if p.is_file()}
     with pytest.raises(SystemExit) as e:
-        data.main(['--data', 'synapse', '--root', str(tmp_path / 'missing')])
-    assert e.value.code == 2 and capsys.readouterr().err.startswith('error: dataset root')
+        data.main(['--make-demo', str(real)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f'error: {real} holds files') and len(err.splitlines()) == 1
+    assert {p: p.read_bytes() for p in real.rglob('*') if p.is_file()} == before  # untouched, nothing added
+    data.main(['--make-demo', str(tmp_path / 'demo')])  # a new folder, then the same demo set again over it
+    data.main(['--make-demo', str(tmp_path / 'demo')])
+    assert (tmp_path / 'demo' / data.DEMO_MARK).is_file() and 'wrote the demo set' in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------
@@ -521,7 +530,7 @@ def test_get_spec_and_spec_dicts_round_trip():
     assert data.get_spec('synapse', 'nowhere') is data.SPECS['synapse']
     assert [data.SPECS[n].intensity for n in ('synapse', 'acdc', 'isic2017', 'glas')] == ['ct', 'mri', 'rgb', 'rgb']
     for spec in data.SPECS.values():
-        d = data.spec_to_dict(spec)
+        d = dataclasses.asdict(spec)
         assert isinstance(d['class_names'], tuple) and data.spec_from_dict(d) == spec
         assert data.spec_from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}) == spec
     with pytest.raises(DataError, match="unknown dataset 'brats'"):
@@ -713,7 +722,7 @@ def test_nnunet_png_and_clear_errors(tmp_path):
         data.train_set('nnunet', root, 8)
     (root / 'dataset.json').write_text('{"channel_names": {"0": "R"}, "labels": {"background": 0, "edge": 1}, '
                                        '"file_ending": ".nii.gz"}')
-    with pytest.raises(DataError, match=r"imagesTr has no CASE_0000.nii.gz files \(file_ending '.nii.gz'"):
+    with pytest.raises(DataError, match=r'imagesTr has no \*_0000.nii.gz files .*it holds c0_0000.png'):
         data.train_set('nnunet', root, 8)
     (root / 'dataset.json').write_text('{"labels": {"background": 0, "edge": 1}}')
     with pytest.raises(DataError, match=r"missing key\(s\) \['channel_names', 'file_ending'\]"):
@@ -728,77 +737,6 @@ def test_nnunet_png_and_clear_errors(tmp_path):
                                         '"file_ending": ".nii.gz"}')
     with pytest.raises(DataError, match='label ids must be 0..K-1'):
         data.get_spec('nnunet', root3)
-
-
-# -----------------------------------------------------------------------------
-# prediction I/O: read any input, write the label map back in the input's geometry
-
-def test_nifti_input_with_non_identity_affine_is_written_back_in_its_geometry(tmp_path):
-    import nibabel as nib
-    vox = np.random.default_rng(0).normal(0, 100, (24, 20, 4)).astype(np.int16)
-    src = nib.Nifti1Image(vox, AFFINE)
-    src.header.set_zooms((0.8, 0.9, 2.5))
-    nib.save(src, str(tmp_path / 'ct.nii.gz'))
-    inp = data.read_input(tmp_path / 'ct.nii.gz')
-    assert inp.id == 'ct' and inp.kind == 'volume' and inp.raw and inp.image.shape == (4, 20, 24)
-    np.testing.assert_array_equal(inp.image[2, 5, 7], vox[7, 5, 2])  # (Z,Y,X) slices
-    assert data.normalise(inp.image, 'ct').max() <= 1.0
-    labels = (inp.image > 50).astype(np.int64) + (inp.image > 150)
-    paths = data.write_prediction(tmp_path / 'out', inp.id, data.normalise(inp.image, 'ct'), labels,
-                                  data.SPECS['synapse'], geometry=inp.geometry)
-    back = nib.load(str(tmp_path / 'out' / 'ct_pred.nii.gz'))
-    assert back.shape == vox.shape and back.get_data_dtype() == np.uint8
-    np.testing.assert_allclose(back.affine, AFFINE)
-    np.testing.assert_array_equal(back.header['dim'], src.header['dim'])
-    np.testing.assert_allclose(back.header.get_zooms(), (0.8, 0.9, 2.5))
-    np.testing.assert_array_equal(np.asarray(back.dataobj), labels.transpose(2, 1, 0))
-    overlays = [p for p in paths if p.suffix == '.png']
-    assert 1 <= len(overlays) <= data.OVERLAY_SLICES and all(p.is_file() for p in overlays)
-    names = __import__('json').loads((tmp_path / 'out' / 'labels.json').read_text())
-    assert names['0'] == 'background' and names['5'] == 'liver'
-
-
-def test_png_inputs_come_back_as_label_maps_of_their_sizes(tmp_path):
-    save_rgb(tmp_path / 'a.png', np.full((13, 17, 3), 90))
-    Image.fromarray(np.full((9, 30), 200, np.uint8)).save(tmp_path / 'b.tif')  # grayscale
-    spec = data.SPECS['isic2017']
-    for name, hw in (('a.png', (13, 17)), ('b.tif', (9, 30))):
-        inp = data.read_input(tmp_path / name)
-        assert inp.kind == 'image' and inp.image.shape == hw + (3,) and inp.image.dtype == np.uint8
-        labels = np.zeros(hw, np.int64)
-        labels[2:6, 3:8] = 1
-        data.write_prediction(tmp_path / 'out', inp.id, inp.image, labels, spec, label=labels)
-        pred = np.array(Image.open(tmp_path / 'out' / f'{inp.id}_pred.png'))
-        np.testing.assert_array_equal(pred, labels)  # the class ids themselves
-        assert np.array(Image.open(tmp_path / 'out' / f'{inp.id}_overlay.png')).shape == hw + (3,)
-    big = np.zeros((26, 34), np.int64)  # a mask larger than its stored image: the overlay takes the mask's size
-    data.write_prediction(tmp_path / 'out', 'big', data.read_input(tmp_path / 'a.png').image, big, spec)
-    assert np.array(Image.open(tmp_path / 'out' / 'big_overlay.png')).shape == (26, 34, 3)
-
-
-def test_preprocessed_inputs_and_bad_files(tmp_path):
-    lab = np.zeros((3, 8, 10), np.float32)
-    lab[:, 2:5, 3:7] = 2
-    np.savez(tmp_path / 'case_001_volume_ED.npz', img=slice_image(lab), label=lab)
-    with h5py.File(tmp_path / 'case0001.npy.h5', 'w') as f:
-        f['image'] = slice_image(lab)
-    np.savez(tmp_path / 's.npz', image=slice_image(lab[0]))
-    inp = data.read_input(tmp_path / 'case_001_volume_ED.npz')
-    assert not inp.raw and inp.image.shape == (3, 8, 10) and inp.label.dtype == np.int64 and inp.label.max() == 2
-    h5 = data.read_input(tmp_path / 'case0001.npy.h5')
-    assert h5.id == 'case0001' and h5.label is None and h5.image.shape == (3, 8, 10)
-    assert data.read_input(tmp_path / 's.npz').image.shape == (1, 8, 10)
-    paths = data.write_prediction(tmp_path / 'out', inp.id, inp.image, inp.label, data.SPECS['acdc'], label=inp.label)
-    assert {p.name for p in paths if p.suffix == '.gz'} == {f'case_001_volume_ED_{s}.nii.gz' for s in ('pred', 'img', 'gt')}
-    (tmp_path / 'x.txt').write_text('hello')
-    with pytest.raises(DataError, match='x.txt: unsupported file type'):
-        data.read_input(tmp_path / 'x.txt')
-    (tmp_path / 'bad.nii.gz').write_bytes(b'not a nifti')
-    with pytest.raises(DataError, match='bad.nii.gz: unreadable or corrupt NIfTI'):
-        data.read_input(tmp_path / 'bad.nii.gz')
-    np.savez(tmp_path / 'nokey.npz', data=lab)
-    with pytest.raises(DataError, match='nokey.npz: expected a 2-D or 3-D array image'):
-        data.read_input(tmp_path / 'nokey.npz')
 
 
 def test_normalise_intensity_rules():
@@ -853,3 +791,46 @@ def test_isic_foreground_is_128_and_above(tmp_path):
     Image.fromarray(mask).save(root / 'ISIC-2017_Test_v2_Part1_GroundTruth' / 'ISIC_0000000_segmentation.png')
     label = data.eval_cases('isic2017', root, 'test')[0].label
     np.testing.assert_array_equal(label[0], [0, 0, 0, 1, 1, 1, 1, 1])
+
+
+# -----------------------------------------------------------------------------
+# faults: images at their real bit depth, masks that do not belong to their image
+
+def test_images_are_read_at_their_bit_depth_never_clipped(tmp_path):
+    a8 = np.random.default_rng(0).integers(0, 256, (12, 10), dtype=np.uint8)
+    Image.fromarray(a8).save(tmp_path / 'a8.png')
+    Image.fromarray(a8.astype(np.uint16) * 257).save(tmp_path / 'a16.tif')  # 255 -> 65535: the type's full range
+    Image.fromarray(a8.astype(np.uint16) * 257).save(tmp_path / 'a16.png')
+    Image.fromarray(a8.astype(np.float32) / 255).save(tmp_path / 'f.tif')  # float in [0, 1]
+    want = data.read_image(tmp_path / 'a8.png')
+    assert want.shape == (12, 10, 3) and want.dtype == np.uint8
+    for name in ('a16.tif', 'a16.png', 'f.tif'):
+        np.testing.assert_array_equal(data.read_image(tmp_path / name), want)
+    Image.fromarray(a8.astype(np.float32) * 4).save(tmp_path / 'big.tif')  # float beyond [0, 1]: refused by name
+    with pytest.raises(DataError, match=r'big.tif: float32 image with values in \[0.0, .*\]; expected \[0, 1\]'):
+        data.read_image(tmp_path / 'big.tif')
+    root = write_folder(tmp_path / 'f', n=2)  # and in training: a 16-bit TIFF trains as its 8-bit twin
+    (root / 'test.txt').write_text('img1\n')
+    x8 = data.train_set('folder', root, 16, val_cases=0, augment=False)[0][0]
+    img = np.array(Image.open(root / 'images' / 'img0.png'))[..., 0]
+    (root / 'images' / 'img0.png').unlink()
+    Image.fromarray(img.astype(np.uint16) * 257).save(root / 'images' / 'img0.tif')
+    assert torch.equal(data.train_set('folder', root, 16, val_cases=0, augment=False)[0][0], x8)
+
+
+def test_a_mask_of_another_aspect_ratio_is_refused_naming_both(tmp_path):
+    root = write_folder(tmp_path / 'f', n=3)  # img0 is 20x24
+    (root / 'test.txt').write_text('img2\n')
+    Image.fromarray(np.zeros((24, 20), np.uint8)).save(root / 'masks' / 'img0.png')  # a mis-paired, turned mask
+    with pytest.raises(DataError, match=r'masks/img0.png: a 24x20 mask of the 20x24 image .*images/img0.png'):
+        data.train_set('folder', root, 16, val_cases=0)
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(root / 'masks' / 'img0.png')  # the same ratio: allowed
+    assert data.train_set('folder', root, 16, val_cases=0)[0][1].shape == (16, 16)
+    isic = write_isic2017(tmp_path / 'isic', splits=('Training',), n=1, img_hw=(20, 20), mask_hw=(40, 48))
+    assert data.train_set('isic2017', isic, 16)[0][1].shape == (16, 16)  # ISIC's 256x256 copies of any mask
+
+
+def test_folder_and_nnunet_train_with_their_own_recipe(tmp_path):
+    folder, nnunet = write_folder(tmp_path / 'f'), write_nnunet(tmp_path / 'n')
+    assert (data.get_spec('folder', folder).epochs, data.get_spec('folder', folder).batch_size) == (200, 8)
+    assert (data.get_spec('nnunet', nnunet).epochs, data.get_spec('nnunet', nnunet).batch_size) == (300, 24)

@@ -2,6 +2,7 @@
 empty-mask rules, ISIC pooled vs per-image figures, checkpoint errors, and an end-to-end CLI run on the demo set.
 CPU, offline, fast."""
 
+import dataclasses
 import json
 import math
 from types import SimpleNamespace
@@ -144,7 +145,8 @@ def test_empty_mask_legacy_rule():
 
 def _spec(kind='volume', name='toy', classes=('background', 'a', 'b')):
     return SimpleNamespace(name=name, kind=kind, num_classes=len(classes), class_names=classes,
-                           report_order=tuple(range(1, len(classes))))
+                           report_order=tuple(range(1, len(classes))),
+                           figure='pooled_256' if name.startswith('isic') else 'mean')
 
 
 def test_summary_means_under_both_rules():
@@ -194,7 +196,7 @@ def test_isic_pooled_vs_per_image():
     assert s['per_image']['se'] == pytest.approx(0.5)
     assert s['per_image']['sp'] == pytest.approx((1 + 14 / 15) / 2)
     assert math.isnan(rows[0]['hd95'])  # distances skipped on request
-    # GlaS (no 'isic' in the name): the headline is the per-image mean
+    # GlaS (figure 'mean'): the headline is the per-image mean
     glas = E.summarize(rows, _spec(kind='image', name='glas', classes=('background', 'lesion')))
     assert glas['mean_dice'] == pytest.approx(0.5)
 
@@ -209,28 +211,33 @@ def tiny_model(num_classes=2, img_size=32):
 
 
 def ckpt_dict(net, data_info=None, train_state=None, spec='demo'):
-    info = {'name': 'demo', 'root': 'nowhere', **(data_info or {})}
-    info['spec'] = data.spec_to_dict(data.SPECS[spec])
-    return E.make_checkpoint(net, info, {'lr': 1e-4}, 'scratch', 1, 2, 0.5, train_state=train_state)
+    info = {'name': 'demo', 'root': 'nowhere', **(data_info or {}), 'spec': dataclasses.asdict(data.SPECS[spec])}
+    fields = dict(data=info, args={'lr': 1e-4}, init='scratch', epoch=1, step=2, metric=0.5)
+    return M.checkpoint(net, **fields, **({} if train_state is None else {'train': train_state}))
 
 
 def test_checkpoint_errors(tmp_path):
-    with pytest.raises(E.CheckpointError, match='no such checkpoint'):
-        E.load_checkpoint(tmp_path / 'missing.pth')
+    with pytest.raises(M.CheckpointError, match='no such checkpoint'):
+        M.load_checkpoint(tmp_path / 'missing.pth')
     garbage = tmp_path / 'garbage.pth'
     garbage.write_bytes(b'\x00not a torch file' * 50)
-    with pytest.raises(E.CheckpointError, match='not a readable PyTorch checkpoint'):
-        E.load_checkpoint(garbage)
+    with pytest.raises(M.CheckpointError, match='not a readable PyTorch checkpoint') as e:
+        M.load_checkpoint(garbage)
+    assert len(str(e.value).splitlines()) == 1 and 'weights_only' not in str(e.value)  # not torch's advice
+    torch.save({'format': M.FORMAT, 'args': SimpleNamespace(lr=1)}, garbage)  # a pickled object, not tensors
+    with pytest.raises(M.CheckpointError, match='garbage.pth: not a readable .*holds Python objects') as e:
+        M.load_checkpoint(garbage)
+    assert len(str(e.value).splitlines()) == 1 and 'file an issue' not in str(e.value)
     other = tmp_path / 'other.pth'
     torch.save({'state_dict': {'w': torch.zeros(2)}}, other)
-    with pytest.raises(E.CheckpointError, match="no 'format' key"):
-        E.load_checkpoint(other)
+    with pytest.raises(M.CheckpointError, match="no 'format' key"):
+        M.load_checkpoint(other)
     torch.save([1, 2, 3], other)
-    with pytest.raises(E.CheckpointError, match='not a DANIE checkpoint'):
-        E.load_checkpoint(other)
+    with pytest.raises(M.CheckpointError, match='not a DANIE checkpoint'):
+        M.load_checkpoint(other)
     torch.save({'format': 'danie-ckpt-v0', 'config': {}, 'model': {}, 'data': {'name': 'demo'}}, other)
-    with pytest.raises(E.CheckpointError, match="'danie-ckpt-v0'"):
-        E.load_checkpoint(other)
+    with pytest.raises(M.CheckpointError, match="'danie-ckpt-v0'"):
+        M.load_checkpoint(other)
 
 
 def test_checkpoint_roundtrip_and_state_dict_mismatch(tmp_path):
@@ -238,7 +245,7 @@ def test_checkpoint_roundtrip_and_state_dict_mismatch(tmp_path):
     net = tiny_model()
     path = tmp_path / 'ok.pth'
     torch.save(ckpt_dict(net), path)
-    back = E.model_from_checkpoint(E.load_checkpoint(path))
+    back = M.from_checkpoint(M.load_checkpoint(path))
     x = torch.randn(1, 3, 32, 32)
     net.eval(), back.eval()
     with torch.no_grad():
@@ -248,17 +255,22 @@ def test_checkpoint_roundtrip_and_state_dict_mismatch(tmp_path):
     first = next(iter(ck['model']))
     del ck['model'][first]
     ck['model']['extra.weight'] = torch.zeros(1)
-    with pytest.raises(E.CheckpointError, match=f'Missing key.*"{first}".*Unexpected key.*"extra.weight"'):
-        E.model_from_checkpoint(ck)
+    with pytest.raises(M.CheckpointError, match=f'Missing key.*"{first}".*Unexpected key.*"extra.weight"'):
+        M.from_checkpoint(ck)
     ck = ckpt_dict(net)
     key = next(k for k, v in ck['model'].items() if v.ndim == 4)
     ck['model'][key] = torch.zeros(1, 1, 1, 1)
-    with pytest.raises(E.CheckpointError, match=f'size mismatch for {key}'):
-        E.model_from_checkpoint(ck)
+    with pytest.raises(M.CheckpointError, match=f'size mismatch for {key}'):
+        M.from_checkpoint(ck)
+    ck = ckpt_dict(net)  # the weights of another model: counts and a few names, not a dump of every key
+    ck['model'] = M.danie('S', num_classes=2, img_size=32).state_dict()
+    with pytest.raises(M.CheckpointError, match=r'Unexpected key\(s\) \(\d+\): .*size mismatches in all') as e:
+        M.from_checkpoint(ck)
+    assert len(str(e.value)) < 800 and len(str(e.value).splitlines()) == 1
     ck = ckpt_dict(net)
     ck['config']['window'] = 7
-    with pytest.raises(E.CheckpointError, match="fields \\['window'\\]"):
-        E.model_from_checkpoint(ck)
+    with pytest.raises(M.CheckpointError, match="fields \\['window'\\]"):
+        M.from_checkpoint(ck)
 
 
 def test_cli_reports_checkpoint_errors(tmp_path, capsys):
@@ -283,19 +295,9 @@ class Constant(torch.nn.Module):
         return y + self.w, []
 
 
-def test_predict_case_resizes_back_and_batches():
-    case = data.Case(id='v', image=np.random.default_rng(0).random((5, 48, 40), dtype=np.float32),
-                     label=np.zeros((5, 48, 40), np.int64))
-    spec = _spec(classes=('background', 'x'))
-    one = E.predict_case(Constant(), case, spec, 32, torch.device('cpu'), batch_size=1)
-    three = E.predict_case(Constant(), case, spec, 32, torch.device('cpu'), batch_size=3)
-    assert one.shape == (5, 48, 40) and np.array_equal(one, three)
-    assert one[:, :, :20].all() and not one[:, :, 20:].any()  # nearest resize keeps the half split
-
-
 def test_evaluate_restores_training_mode():
     net = Constant().train()
-    case = data.Case(id='v', image=np.zeros((3, 32, 32), np.float32), label=np.zeros((3, 32, 32), np.int64))
+    case = data.Item(id='v', image=np.zeros((3, 32, 32), np.float32), label=np.zeros((3, 32, 32), np.int64))
     case.label[:, :, :16] = 1
     s = E.evaluate(net, [case], _spec(classes=('background', 'x')), 32, device='cpu', progress=False)
     assert net.training
@@ -311,7 +313,7 @@ def test_evaluate_images_and_png_export(tmp_path):
         label = np.zeros((h, w), np.int64)
         label[:, : w // 2] = 1
         label[0, -1] = 1  # one missed pixel each
-        cases.append(data.Case(id=f'img{i}', image=np.full((h, w, 3), 128, np.uint8), label=label))
+        cases.append(data.Item(id=f'img{i}', image=np.full((h, w, 3), 128, np.uint8), label=label))
     s = E.evaluate(Constant(), cases, spec, 32, device='cpu', progress=False, save_pred=tmp_path)
     tp = 40 * 30 + 50 * 15
     assert s['pooled_native']['dice'] == pytest.approx(2 * tp / (2 * tp + 2)) and s['pooled_native']['sp'] == 1.0
@@ -369,13 +371,13 @@ def test_make_checkpoint_best_and_last(tmp_path):
     best, last = tmp_path / 'best.pth', tmp_path / 'last.pth'
     torch.save(ckpt_dict(net), best)
     torch.save(ckpt_dict(net, train_state={'optimizer': {}, 'epoch_step': 0}), last)
-    ck = E.load_checkpoint(best)
+    ck = M.load_checkpoint(best)
     assert 'train' not in ck and ck['format'] == 'danie-ckpt-v2' and ck['init'] == 'scratch'
     assert data.spec_from_dict(ck['data']['spec']) == data.SPECS['demo']
-    E.model_from_checkpoint(ck)  # evaluation needs no training state
-    with pytest.raises(E.CheckpointError, match='best.pth: no training state.*last.pth'):
-        E.load_checkpoint(best, resume=True)
-    assert E.load_checkpoint(last, resume=True)['train']['epoch_step'] == 0
+    M.from_checkpoint(ck)  # evaluation needs no training state
+    with pytest.raises(M.CheckpointError, match='best.pth: no training state.*last.pth'):
+        M.load_checkpoint(best, resume=True)
+    assert M.load_checkpoint(last, resume=True)['train']['epoch_step'] == 0
 
 
 def test_checkpoint_of_wrapped_model_and_prefix_hint():
@@ -385,64 +387,15 @@ def test_checkpoint_of_wrapped_model_and_prefix_hint():
         def __init__(self, m):
             super().__init__()
             self._orig_mod = m
-    ck = E.make_checkpoint(Compiled(net), {'name': 'demo'}, {}, 'scratch', 0, 0, None)
+    ck = M.checkpoint(Compiled(net), data={'name': 'demo'}, args={}, init='scratch', epoch=0, step=0, metric=None)
     assert set(ck['model']) == set(net.state_dict())
     ck['model'] = {f'module.{k}': v for k, v in ck['model'].items()}
-    with pytest.raises(E.CheckpointError, match="Missing key.*'module.'.*save the bare module"):
-        E.model_from_checkpoint(ck)
+    with pytest.raises(M.CheckpointError, match="Missing key.*'module.'.*save the bare module"):
+        M.from_checkpoint(ck)
 
 
 # -----------------------------------------------------------------------------
 # the device path equals the former numpy path (scipy zoom, numpy counts)
-
-class Pointwise(torch.nn.Module):
-    """Two-class scores from the first input channel, pixel by pixel: flip-equivariant, input-dependent."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.ones(1))
-
-    def forward(self, x):
-        return torch.cat((x[:, :1] * self.w, -x[:, :1]), 1), []
-
-
-def _old_predict(model, case, spec, img_size):
-    """evaluate.predict_case before the device path: numpy argmax and scipy zoom (order 0) back."""
-    from scipy import ndimage
-    images = case.image if spec.kind == 'volume' else case.image[None]
-    with torch.no_grad():
-        pred = model(data.prepare_input(images, img_size))[0].argmax(1).to(torch.uint8).numpy()
-    out_hw = case.label.shape[-2:]
-    grid = spec.kind == 'image'
-    pred = ndimage.zoom(pred, (1.0, out_hw[0] / pred.shape[1], out_hw[1] / pred.shape[2]), order=0, grid_mode=grid,
-                        mode='nearest' if grid else 'constant')
-    return pred if spec.kind == 'volume' else pred[0]
-
-
-def test_device_path_equals_numpy_path():
-    rng = np.random.default_rng(1)
-    vol = data.Case('v', rng.random((3, 45, 37), dtype=np.float32), np.zeros((3, 45, 37), np.int64))
-    img = data.Case('i', rng.integers(0, 256, (53, 71, 3), dtype=np.uint8), rng.integers(0, 2, (53, 71)))
-    for case, kind in ((vol, 'volume'), (img, 'image')):
-        spec = _spec(kind=kind, classes=('background', 'x'))
-        new = E.predict_case(Pointwise(), case, spec, 32, torch.device('cpu'), batch_size=2)
-        old = _old_predict(Pointwise(), case, spec, 32)
-        assert isinstance(new, torch.Tensor) and np.array_equal(new.numpy(), old) and 0 < old.mean() < 1
-    p, g = old.astype(bool), img.label.astype(bool)
-    tp = np.count_nonzero(p & g)
-    ref = [tp, np.count_nonzero(p) - tp, np.count_nonzero(g) - tp, p.size - np.count_nonzero(p | g)]
-    assert E.confusion_counts(new, torch.from_numpy(img.label), (1,)).tolist() == [ref]
-
-
-def test_tta_equals_plain_on_flip_equivariant_model():
-    x = torch.randn(3, 3, 16, 16)
-    plain = E.segment(Pointwise(), x, torch.device('cpu'))
-    assert torch.equal(E.segment(Pointwise(), x, torch.device('cpu'), tta=True), plain)
-    assert 0 < plain.float().mean() < 1
-    # and TTA does average: the left-half model's flipped-back maps put class 1 left twice and right twice
-    p1 = (2 * torch.sigmoid(torch.tensor(1.0)) + 2 * 0.5) / 4  # softmax(0, 1) on the left, softmax(0, 0) right
-    assert torch.allclose(E._forward(Constant(), x, tta=True)[:, 1].detach(), p1.expand(3, 16, 16))
-
 
 # -----------------------------------------------------------------------------
 # ISIC at Table 3's resolution: Azad et al.'s mask resize, pooled at 256x256
@@ -469,7 +422,7 @@ def test_isic_pooled_256_vs_native_by_hand():
     a[:256] = 1
     b = np.zeros((256, 256), np.int64)
     b[:, :64] = 1
-    cases = [data.Case('A', np.zeros((512, 512, 3), np.uint8), a), data.Case('B', np.zeros((256, 256, 3), np.uint8), b)]
+    cases = [data.Item('A', np.zeros((512, 512, 3), np.uint8), a), data.Item('B', np.zeros((256, 256, 3), np.uint8), b)]
     s = E.evaluate(Constant(), cases, spec, 32, device='cpu', progress=False)
     native, t256 = s['pooled_native'], s['pooled_256']
     # native: tp 81920, fp 81920, fn 65536, tn 98304
@@ -481,66 +434,6 @@ def test_isic_pooled_256_vs_native_by_hand():
     assert s['mean_dice'] == t256['dice'] and s['mean_dice_per_image'] == pytest.approx((1 / 2 + 2 / 3) / 2)
     table = E.format_table(s, spec)
     assert 'pooled 256' in table and 'pooled native' in table
-
-
-# -----------------------------------------------------------------------------
-# prediction on files without labels (--input)
-
-def _best(tmp_path, spec_name, num_classes, img_size=32):
-    torch.manual_seed(0)
-    path = tmp_path / 'best.pth'
-    torch.save(ckpt_dict(tiny_model(num_classes=num_classes, img_size=img_size), {'name': spec_name},
-                         spec=spec_name), path)
-    return path
-
-
-def test_input_folder_of_pngs_and_a_bad_file(tmp_path, capsys):
-    from PIL import Image
-    src, out = tmp_path / 'in', tmp_path / 'out'
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)).save(src / 'rgb.png')
-    Image.fromarray(rng.integers(0, 256, (33, 21), dtype=np.uint8)).save(src / 'gray.png')
-    (src / 'broken.png').write_bytes(b'not a png')
-    ckpt = _best(tmp_path, 'isic2017', 2)
-    assert E.main(['--ckpt', str(ckpt), '--input', str(src), '--out', str(out), '--no-progress']) == 1
-    err = capsys.readouterr().err
-    assert 'broken.png' in err and 'failed (1)' in err and 'Traceback' not in err
-    for stem, hw in (('rgb', (40, 70)), ('gray', (33, 21))):  # the good files are written at their sizes
-        mask = np.asarray(Image.open(out / f'{stem}_pred.png'))
-        assert mask.shape == hw and mask.max() <= 1
-        assert (out / f'{stem}_overlay.png').is_file()
-    assert json.loads((out / 'labels.json').read_text()) == {'0': 'background', '1': 'lesion'}
-    # one good file alone: exit code 0; --tta runs
-    assert E.main(['--ckpt', str(ckpt), '--input', str(src / 'rgb.png'), '--out', str(out / 'one'), '--tta',
-                   '--no-progress']) == 0
-    assert np.asarray(Image.open(out / 'one' / 'rgb_pred.png')).shape == (40, 70)
-
-
-def test_input_nifti_keeps_shape_and_affine(tmp_path):
-    nib = pytest.importorskip('nibabel')
-    affine = np.array([[0, -0.8, 0, 100], [0.7, 0, 0, -50], [0, 0, 2.5, 30], [0, 0, 0, 1]], dtype=np.float64)
-    hu = np.random.default_rng(0).normal(0, 300, (40, 36, 5)).astype(np.float32)  # (X,Y,Z) in HU
-    nib.save(nib.Nifti1Image(hu, affine), str(tmp_path / 'ct.nii.gz'))
-    ckpt = _best(tmp_path, 'synapse', 9)
-    out = tmp_path / 'out'
-    assert E.main(['--ckpt', str(ckpt), '--input', str(tmp_path / 'ct.nii.gz'), '--out', str(out),
-                   '--no-progress']) == 0
-    pred = nib.load(str(out / 'ct_pred.nii.gz'))
-    assert pred.shape == hu.shape and np.allclose(pred.affine, affine)
-    assert np.asarray(pred.dataobj).max() < 9
-    assert (out / 'labels.json').is_file()
-
-
-def test_predict_input_intensity_follows_the_checkpoint(tmp_path, monkeypatch):
-    # a raw CT volume gets the spec's 'ct' rule unless --intensity overrides it; RGB images are left to prepare_input
-    seen = []
-    monkeypatch.setattr(data, 'normalise', lambda image, intensity: seen.append(intensity) or image)
-    inp = data.Input('v', tmp_path, 'volume', np.zeros((2, 20, 24), np.float32), raw=True)
-    spec = data.SPECS['synapse']
-    labels = E.predict_input(Pointwise(), inp, spec, 16, torch.device('cpu'))
-    E.predict_input(Pointwise(), inp, spec, 16, torch.device('cpu'), intensity='mri')
-    assert labels.shape == (2, 20, 24) and seen == ['ct', 'mri']
 
 
 def test_channels_last_computes_the_same_function():
@@ -561,9 +454,29 @@ def test_volumes_are_scored_whole_not_slice_by_slice():
     gt[0, :, :4], gt[1, :, :2] = 1, 1
     pred = np.zeros_like(gt)
     pred[:, :, :4] = 1
-    case = data.Case('v', np.zeros((3, 8, 8), np.float32), gt)
+    case = data.Item('v', np.zeros((3, 8, 8), np.float32), gt)
     s = E.evaluate(Constant(), [case], _spec(classes=('background', 'x')), 32, device='cpu', progress=False)
     x = s['per_class']['x']
     assert x['dice'] == pytest.approx(2 / 3) and x['iou'] == pytest.approx(0.5)
     assert x['hd95'] == pytest.approx(mb.hd95(pred, gt)) and x['asd'] == pytest.approx(mb.assd(pred, gt))
     assert x['hd95'] == pytest.approx(2.0) and s['n_cases'] == 1
+
+
+# -----------------------------------------------------------------------------
+# faults: every flag checked before any work, one line each
+
+def test_device_and_out_are_checked_before_any_case_is_scored(tmp_path, capsys, monkeypatch):
+    path = tmp_path / 'best.pth'
+    torch.save(ckpt_dict(tiny_model(num_classes=9), {'name': 'demo', 'root': str(tmp_path / 'demo')}), path)
+    for device in ('foo', 'cuda:7' if torch.cuda.is_available() else 'cuda'):
+        with pytest.raises(SystemExit) as e:
+            E.main(['--ckpt', str(path), '--device', device])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument --device: '{device}' is not a device of this machine" in err
+        assert 'Traceback' not in err
+    (tmp_path / 'a_file').write_text('x')  # an --out that cannot be made (a file stands where its parent would)
+    scored = []
+    monkeypatch.setattr(E, 'evaluate', lambda *a, **kw: scored.append(1))
+    assert E.main(['--ckpt', str(path), '--out', str(tmp_path / 'a_file' / 'eval'), '--no-progress']) == 2
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'a_file' / 'eval'} (--out): cannot write there (" in err and not scored

@@ -354,7 +354,7 @@ def reference_of(model):
                              m.spatial is not None, m.channel is not None)
             else:
                 new = RefES() if isinstance(m, ES) else RefEH(m.c1.in_channels)
-            new = new.to(next(m.parameters()).dtype)
+            new = new.to(next(m.parameters()).dtype).train(m.training)  # the tested block's mode (BN in HAP)
             new.load_state_dict(m.state_dict(), strict=True)
             parent, _, leaf = name.rpartition('.')
             setattr(ref.get_submodule(parent), leaf, new)
@@ -437,6 +437,12 @@ def test_danie_s_equals_the_reference_model():
     scale = max(g.abs().max() for g in ref_out[5:])  # biases before BN have gradients of pure rounding noise
     for a, b in zip(new_out[5:], ref_out[5:]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12 * scale)
+    model.eval()  # and in eval mode (BN's running statistics), the reference built in that mode too
+    ref = reference_of(model)
+    assert not any(m.training for m in ref.modules())
+    with torch.no_grad():
+        for a, b in zip(model(x)[1], ref(x)[1]):  # float64 values up to ~1e4: rounding at 1e-10 relative
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * b.abs().max().item())
 
 
 def test_channels_last_model_computes_the_same_and_stays_channels_last():
@@ -467,3 +473,25 @@ def test_eq12_with_other_alphas_equals_the_reference():
     y_ref, p_ref = ref_forward_heads(model, js, (64, 64))
     torch.testing.assert_close(y, y_ref)
     assert all(torch.equal(a, b) for a, b in zip(p, p_ref))
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_es_gradients_equal_the_reference_where_the_softmax_is_soft(channels_last):
+    # small features: energies of order 0.1, so W_c is far from one-hot and every weight carries gradient
+    x = 0.05 * torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    S = x.flatten(2)
+    assert torch.softmax(S @ S.transpose(1, 2), dim=1).max() < 0.5  # not saturated
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    es = randomise(ES().double())
+    ref = RefES().double()
+    ref.load_state_dict(es.state_dict(), strict=True)
+    grads = []
+    for block in (es, ref):
+        xi = x.clone().requires_grad_()
+        y = block(xi)
+        (y * torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape).cos()).sum().backward()
+        grads.append((y, xi.grad, block.lam.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert grads[0][2].abs().item() > 1e-3  # lambda learns

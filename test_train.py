@@ -288,15 +288,18 @@ def test_val_cases_0_trains_on_every_case_and_keeps_last(tmp_path, demo_root, ti
 
 
 def test_imagenet_initialisation_is_the_default_and_offline_stops_early(tmp_path, monkeypatch, capsys):
+    import test_data
+    roots = dict(folder=test_data.write_folder(tmp_path / 'f'), nnunet=test_data.write_nnunet(tmp_path / 'n'))
     for name in ('synapse', 'acdc', 'isic2017', 'isic2018', 'glas', 'folder', 'nnunet'):
-        args, _ = train.parse(['--data', name, '--out', str(tmp_path / name)])
+        root = ['--root', str(roots[name])] if name in roots else []
+        args, _ = train.parse(['--data', name, '--out', str(tmp_path / name), *root])
         assert args.pretrained, name
     assert not train.parse(['--data', 'demo', '--out', str(tmp_path / 'd')])[0].pretrained  # the demo: scratch
     assert not train.parse(['--data', 'synapse', '--no-pretrained', '--out', str(tmp_path / 's')])[0].pretrained
-    import huggingface_hub  # offline, and no weights in the cache: stop before any training
-    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    import huggingface_hub.constants as hub  # offline, and no weights in the cache: stop before any training
+    monkeypatch.setattr(hub, 'HF_HUB_OFFLINE', True)
     monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
-    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'hf'))
+    monkeypatch.setattr(hub, 'HF_HUB_CACHE', str(tmp_path / 'hf'))
     args, _ = train.parse(['--data', 'synapse', '--out', str(tmp_path / 'x')])
     with pytest.raises(danie_model.PretrainedError, match='--pretrained-file PATH .* or --no-pretrained'):
         train.build_model(args, 9, pretrained=True)
@@ -410,7 +413,7 @@ def test_end_to_end_demo_then_evaluate(tmp_path, demo_root):
     """The real DANIE-S for two steps; evaluate.py scores best.pth from the checkpoint alone."""
     summary = run(tmp_path, demo_root, '--batch-size', '4', '--max-steps', '2')
     assert summary['steps'] == 2 and summary['best_val_dice'] is not None
-    ck = evaluate.load_checkpoint(tmp_path / 'best.pth')
+    ck = danie_model.load_checkpoint(tmp_path / 'best.pth')
     assert ck['config']['size'] == 'S' and ck['config']['img_size'] == 32 and ck['config']['num_classes'] == 9
     assert evaluate.main(['--ckpt', str(tmp_path / 'best.pth'), '--out', str(tmp_path / 'eval'),
                           '--no-progress']) == 0
@@ -422,7 +425,7 @@ def test_graph_mode_compiles_the_repeated_blocks_and_computes_the_same_steps():
     torch.manual_seed(0)
     plain = danie_model.danie('S', num_classes=3, img_size=32)
     graph = copy.deepcopy(plain)
-    assert train.compile_blocks(graph, backend='eager') == 11 + 4 + 11  # HAP blocks, JP stages, MaxViT blocks
+    assert len(graph.compile_blocks(backend='eager')) == 11 + 4 + 11  # HAP blocks, JP stages, MaxViT blocks
     args = argparse.Namespace(amp='none', supervision='deep', lr=1e-3, weight_decay=1e-4)
     x, t = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
     opts = [train.make_optimizer(m, args, x.device) for m in (plain, graph)]
@@ -444,7 +447,7 @@ def test_your_own_data_trains_two_steps_and_evaluates(tmp_path, layout):
     summary = train.main(['--data', layout, '--root', str(root), '--out', str(tmp_path / 'run'), '--img-size', '32',
                           '--batch-size', '2', '--max-steps', '2', '--no-pretrained', '--val-cases', '1'])
     assert summary['steps'] == 2 and summary['best_val_dice'] is not None
-    ck = evaluate.load_checkpoint(tmp_path / 'run' / 'best.pth')
+    ck = danie_model.load_checkpoint(tmp_path / 'run' / 'best.pth')
     assert ck['data']['spec']['name'] == layout and ck['config']['num_classes'] == 3
     assert evaluate.main(['--ckpt', str(tmp_path / 'run' / 'best.pth'), '--out', str(tmp_path / 'eval'),
                           '--no-progress']) == 0
@@ -453,12 +456,156 @@ def test_your_own_data_trains_two_steps_and_evaluates(tmp_path, layout):
     assert set(names) <= set(result['per_class']) and result['n_cases'] >= 1
 
 
-def test_bench_times_the_real_step_and_counts_operators(tmp_path):
-    rows = train.main(['--bench', '--size', 'S', '--img-size', '32', '--batch-size', '2', '--warmup', '1',
-                       '--steps', '1', '--out', str(tmp_path)])
-    step, added = rows
-    assert step['model'] == 'DANIE-S' and step['images_per_s'] > 0 and step['mode'] == 'eager'
-    # what DANIE adds to its backbone is counted, and is far more than nothing
-    assert added['added'] == added['operators'] - added['backbone'] and added['backbone'] > 1000
-    assert step['operators'] > added['operators'] > added['added'] > 500  # train_step also holds the AdamW step
-    assert json.loads((tmp_path / 'bench.json').read_text()) == rows
+# -----------------------------------------------------------------------------
+# Eq. 13 against an independent float64 reference: TransUNet's DiceLoss + CE, outputs and gradients
+
+def ref_dice(logits, target, k, smooth=1e-5):
+    """TransUNet's utils.DiceLoss, written out: softmax, one-hot, and per class (2 I + s) / (Z + Y + s) over the
+    batch, squared terms, averaged over the k classes with background."""
+    prob = torch.softmax(logits, dim=1)
+    loss = 0
+    for i in range(k):
+        p, t = prob[:, i], (target == i).to(prob.dtype)
+        loss = loss + 1 - (2 * (p * t).sum() + smooth) / ((p * p).sum() + (t * t).sum() + smooth)
+    return loss / k
+
+
+def ref_criterion(y, heads, target, mode, k):
+    eq13 = lambda z: 0.7 * ref_dice(z, target, k) + 0.3 * F.cross_entropy(z, target)  # noqa: E731
+    if mode == 'final':
+        return eq13(y)
+    if mode == 'deep':
+        return sum(eq13(p) for p in heads) + eq13(y)
+    subsets = [[p for m, p in enumerate(heads) if s >> m & 1] for s in range(1, 16)]
+    return sum(eq13(sum(ps)) for ps in subsets)
+
+
+@pytest.mark.parametrize('mode', ['final', 'deep', 'mutation'])
+def test_eq13_equals_the_float64_reference_with_gradients(mode):
+    g = torch.Generator().manual_seed(0)
+    heads = [torch.randn(2, 3, 6, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    y = torch.randn(2, 3, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 3, (2, 6, 5), generator=g)
+    ours, ref = train.criterion(y, heads, target, mode, 3), ref_criterion(y, heads, target, mode, 3)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    got, want = (torch.autograd.grad(v, [y, *heads], allow_unused=True) for v in (ours, ref))
+    for a, b in zip(got, want):
+        if b is None:  # y takes no part in 'mutation'
+            assert a is None or not a.abs().any()
+        else:
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-7)
+
+
+def test_folder_and_nnunet_take_their_own_recipe(tmp_path):
+    import test_data
+    folder, nnunet = test_data.write_folder(tmp_path / 'f'), test_data.write_nnunet(tmp_path / 'n')
+    args, _ = train.parse(['--data', 'folder', '--root', str(folder), '--out', str(tmp_path / 'a')])
+    assert (args.epochs, args.batch_size) == (200, 8)
+    args, _ = train.parse(['--data', 'nnunet', '--root', str(nnunet), '--out', str(tmp_path / 'b')])
+    assert (args.epochs, args.batch_size) == (300, 24)
+
+# -----------------------------------------------------------------------------
+# faults: nothing lost, nothing silent
+
+
+def test_an_unwritable_out_is_refused_before_any_step(tmp_path, demo_root, tiny, monkeypatch, capsys):
+    steps = []
+    monkeypatch.setattr(train, 'train_step', lambda *a, **kw: steps.append(1))
+    (tmp_path / 'a_file').write_text('x')  # a file where --out's parent folder would be
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / 'a_file' / 'out', demo_root, '--batch-size', '64', '--epochs', '1')
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and '(--out): cannot write there (Not a directory)' in err and not steps
+    assert len(err.strip().splitlines()) == 1
+
+
+def failing_write(path_end, at_call, exc):
+    """An open() for train.py whose write to the n-th file named *path_end writes a part, then raises exc."""
+    import builtins
+    calls = []
+
+    def fake_open(path, mode='r', *a, **kw):
+        f = builtins.open(path, mode, *a, **kw)
+        if str(path).endswith(path_end):
+            calls.append(1)
+            if len(calls) == at_call:
+                f.write(b'part of a checkpoint')
+                f.close()
+                raise exc
+        return f
+    return fake_open
+
+
+def test_a_full_disk_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, demo_root, tiny, monkeypatch,
+                                                                      capsys):
+    import errno
+    flags = ['--batch-size', '64', '--epochs', '3']  # 2 steps per epoch
+    monkeypatch.setattr(train, 'open', failing_write('last.pth.tmp', 2, OSError(errno.ENOSPC, 'No space left on '
+                                                                                       'device')), raising=False)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, demo_root, *flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and f"{tmp_path / 'last.pth'}: cannot write it (No space left on device)" in err
+    assert not list(tmp_path.glob('*.tmp')) and 'Traceback' not in err
+    last = torch.load(tmp_path / 'last.pth', weights_only=True)
+    assert last['epoch'] == 1 and [int(r['epoch']) for r in log_rows(tmp_path)] == [1]  # untouched, and the log
+    monkeypatch.delattr(train, 'open')
+    train.main(['--resume', str(tmp_path / 'last.pth')])  # room again: the run goes on from epoch 1
+    rows = log_rows(tmp_path)
+    assert [int(r['epoch']) for r in rows] == [1, 2, 3] and torch.load(tmp_path / 'last.pth')['step'] == 6
+    assert all(float(a['elapsed_s']) < float(b['elapsed_s']) for a, b in zip(rows, rows[1:]))
+
+
+def test_a_kill_in_the_gap_leaves_a_log_that_matches_its_checkpoint(tmp_path, demo_root, tiny, monkeypatch,
+                                                                    capsys):
+    flags = ['--batch-size', '64', '--epochs', '3']
+    monkeypatch.setattr(train, 'open', failing_write('last.pth.tmp', 2, KeyboardInterrupt()), raising=False)
+    with pytest.raises(SystemExit) as e:  # killed while epoch 2's last.pth was being written
+        run(tmp_path, demo_root, *flags)
+    assert e.value.code == 130 and '--resume' in capsys.readouterr().err
+    assert (tmp_path / 'last.pth.tmp').is_file()  # what a kill leaves
+    assert torch.load(tmp_path / 'last.pth', weights_only=True)['epoch'] == 1
+    assert [int(r['epoch']) for r in log_rows(tmp_path)] == [1]  # the log holds no epoch the checkpoint lacks
+    monkeypatch.delattr(train, 'open')
+    with pytest.raises(SystemExit) as e:  # the same command again says exactly which flag continues it
+        run(tmp_path, demo_root, *flags)
+    assert e.value.code == 2 and f"continue it with --resume {tmp_path / 'last.pth'}" in capsys.readouterr().err
+    train.main(['--resume', str(tmp_path / 'last.pth')])
+    assert [int(r['epoch']) for r in log_rows(tmp_path)] == [1, 2, 3] and not list(tmp_path.glob('*.tmp'))
+
+
+def test_a_kill_before_the_first_checkpoint_is_rerun_cleanly(tmp_path, demo_root, tiny):
+    (tmp_path / 'log.csv').write_text('epoch,step,loss\n1,2,0.5\n')  # what such a kill leaves
+    (tmp_path / 'best.pth.tmp').write_bytes(b'')
+    run(tmp_path, demo_root, '--batch-size', '64', '--epochs', '2')
+    assert [int(r['epoch']) for r in log_rows(tmp_path)] == [1, 2] and not list(tmp_path.glob('*.tmp'))
+
+
+def test_a_run_stopped_by_max_steps_continues_with_resume(tmp_path, demo_root, tiny, capsys):
+    run(tmp_path, demo_root, '--batch-size', '8', '--epochs', '1', '--max-steps', '3')
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, demo_root, '--batch-size', '8', '--epochs', '1')
+    assert e.value.code == 2 and 'stopped at epoch 0/1 (step 3): continue it with --resume' in capsys.readouterr().err
+    summary = train.main(['--resume', str(tmp_path / 'last.pth')])  # not "done": --max-steps was that call's
+    assert summary['steps'] == 19 and summary['epochs'] == 1
+
+
+def test_a_broken_validation_file_is_named_before_the_first_epoch(tmp_path, tiny, monkeypatch, capsys):
+    root = data.make_demo(tmp_path / 'demo')
+    case = data.eval_cases('demo', root, 'val').ids[0]
+    (root / 'train_npz' / f'{case}_slice005.npz').write_bytes(b'garbage')
+    steps = []
+    monkeypatch.setattr(train, 'train_step', lambda *a, **kw: steps.append(1))
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / 'out', str(root), '--batch-size', '64', '--epochs', '1')
+    assert e.value.code == 2 and f'{case}_slice005.npz: unreadable or corrupt npz' in capsys.readouterr().err
+    assert not steps
+
+
+def test_the_demo_never_writes_into_a_users_folder(tmp_path, tiny, capsys):
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'notes.txt').write_text('keep me')
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / 'out', str(tmp_path / 'mine'), '--batch-size', '64', '--epochs', '1')
+    assert e.value.code == 2 and 'holds files (notes.txt' in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / 'mine').iterdir()) == ['notes.txt']

@@ -1,74 +1,63 @@
 """
-Training of DANIE with the recipe of Sec. 4.2 (Li et al., "Dual Attention Encoder with Joint Preservation
-for Medical Image Segmentation"): ImageNet-initialised MaxViT, AdamW with learning rate and weight decay
-1e-4, the loss of Eq. 13 (0.7 Dice + 0.3 cross-entropy), the per-dataset epochs and batch sizes of Sec. 4.2.
+Training of DANIE with the recipe of Sec. 4.2: ImageNet-initialised MaxViT, AdamW (learning rate and weight decay
+1e-4), the loss of Eq. 13 (0.7 Dice + 0.3 cross-entropy), the epochs and batch size of each dataset's spec.
 
-Offers:
-- dice_loss, seg_loss, criterion: Eq. 13 under the supervision modes 'final', 'deep' and 'mutation'
-- train_step: one optimiser step, the very function that --bench times
-- train_one_epoch, validate, checkpoint: the loop's parts; train: the loop itself
-- bench: img/s, ms/step, peak memory, kernels (CUDA) or operators (CPU) per step, share of the chip
-- main: the command line
-
-    python train.py --data demo                        # synthetic set (made if missing), minutes on a CPU
+    python train.py --data demo                        # the synthetic set (written if missing), minutes on a CPU
     python train.py --data synapse --size L            # the Sec. 4.2 recipe on one GPU
-    python train.py --resume runs/synapse-L/last.pth    # continue an interrupted run where it stopped
+    python train.py --resume runs/synapse-L/last.pth   # continue a stopped run exactly where it stopped
     torchrun --nproc_per_node 4 train.py --data synapse --size L   # the same recipe on 4 GPUs
-    python train.py --bench                            # training-step speed table
 
-Writes into --out: last.pth (the whole training state, every epoch), best.pth (weights and what evaluate.py
-needs, best validation figure), log.csv and progress.png (one row / point per epoch), summary.json.
+Writes into --out: last.pth (the whole training state) every epoch, best.pth (what evaluate.py needs) at the best
+validation figure, log.csv and progress.png (the rows last.pth holds), summary.json. Offers: dice_loss, seg_loss,
+criterion (Eq. 13); train_step, the one step the loop and bench.py run; main.
 """
 
 import argparse
 import csv
 import datetime
-import itertools
+import io
 import json
 import math
 import os
 import sys
-import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.nn.functional import all_reduce
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler, Sampler
 from tqdm import tqdm
 
 import data
 import evaluate
-import model as danie_model
+import model as danie
 
 # -----------------------------------------------------------------------------
 # constants
 
 LAMBDA_DICE = 0.7  # Eq. 13: lambda_1; lambda_2 = 1 - lambda_1 = 0.3 weighs the cross-entropy
 SUPERVISION = ('final', 'deep', 'mutation')
-TRAIN_STATE = ('epoch_step', 'best_metric', 'best_epoch', 'elapsed')  # last.pth's 'train', besides the optimiser
-LOG_EVERY = 50  # steps between the host reads of the loss (each one waits for the GPU)
-# flags that define a run: on --resume they must match the checkpoint (a different value is a new run)
-SAME_RUN = ('data', 'num_classes', 'size', 'img_size', 'val_cases', 'label_map', 'select_on_test', 'seed',
-            'no_hap', 'no_sap', 'no_spatial_att', 'no_channel_att', 'order', 'no_calibration', 'fusion',
-            'supervision', 'batch_size', 'lr', 'weight_decay')
-# dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets), for the bench's share of the chip
-BF16_PEAK_TFLOPS = {'H100 80GB HBM3': 989.0, 'H100 PCIe': 756.0, 'H100 NVL': 835.0, 'H200': 989.0,
-                    'A100': 312.0, 'RTX 3090': 71.0, 'RTX 4090': 165.0, 'L40S': 362.0}
+LOG_EVERY = 50     # steps between the progress bar's reads of the loss (each waits for the GPU)
+# the flags that define a run (another value is another run); those a continued run does not take from it
+SAME_RUN = ('data', 'num_classes', 'size', 'img_size', 'val_cases', 'label_map', 'select_on_test', 'seed', 'no_hap',
+            'no_sap', 'no_spatial_att', 'no_channel_att', 'order', 'no_calibration', 'fusion', 'supervision',
+            'batch_size', 'lr', 'weight_decay')
+PER_CALL = ('resume', 'max_steps', 'workers', 'compile')
 
 # -----------------------------------------------------------------------------
 # helpers
 
 
 class TrainError(Exception):
-    """A run that cannot go on (a non-finite loss); the last good checkpoint stays on disk."""
+    """A run that cannot go on: a non-finite loss, a checkpoint that cannot be written."""
 
 
-def number(kind, low, strict):
-    """An argparse type: a finite int/float above (strict) or at least `low`, with a one-line error."""
+def number(kind, low, strict=False):
+    """An argparse type: a finite int/float above (strict) or at least `low`."""
     def check(text):
         try:
             value = kind(text)
@@ -76,239 +65,113 @@ def number(kind, low, strict):
             raise argparse.ArgumentTypeError(f'expected {kind.__name__}, got {text!r}') from None
         if not math.isfinite(value) or value < low or (strict and value == low):
             raise argparse.ArgumentTypeError(f"expected a finite number {'>' if strict else '>='} {low}, got {text!r}")
-        return value
+        return int(value) if kind is float and value >= 1 and value.is_integer() else value  # --val-cases 2: cases
     return check
 
 
-def pretrained_file(args):
-    """The local ImageNet MaxViT file that initialises the SAP stream (Sec. 4.2), downloading it when online."""
-    if args.pretrained_file:
-        return args.pretrained_file
-    backbone = danie_model.PRESETS[args.size]['backbone']
-    cfg = danie_model.timm.models.get_pretrained_cfg(backbone)
-    from huggingface_hub import hf_hub_download  # timm's own dependency, which it downloads with
-    try:
-        return hf_hub_download(cfg.hf_hub_id, 'model.safetensors')
-    except Exception as e:
-        raise danie_model.PretrainedError(
-            f'cannot fetch the ImageNet weights of {backbone} that Sec. 4.2 starts from ({type(e).__name__}; '
-            'offline?): pass --pretrained-file PATH (a local timm .safetensors/.pth file of it) or '
-            '--no-pretrained to train from scratch') from None
-
-
-def build_model(args, num_classes, pretrained):
-    """DANIE-S/L with the ablation switches of Tables 5-7; pretrained: load the backbone's ImageNet weights."""
-    file = pretrained_file(args) if pretrained and args.pretrained else None
-    return danie_model.danie(args.size, num_classes=num_classes, img_size=args.img_size, pretrained_file=file,
-                             **switches(args))
+def switches(args):
+    return dict(hap=not args.no_hap, sap=not args.no_sap, spatial_att=not args.no_spatial_att, order=args.order,
+                channel_att=not args.no_channel_att, calibration=not args.no_calibration, fusion=args.fusion)
 
 
 def init_name(args):
-    """How the backbone starts, as the first line of the run and the checkpoint say it."""
-    if not args.pretrained:
-        return 'from scratch (--no-pretrained)'
-    return f'ImageNet {danie_model.PRESETS[args.size]["backbone"]} (Sec. 4.2) from ' + (
-        args.pretrained_file or "timm's hub")
+    """How the backbone starts, as the run's first line and the checkpoint say it."""
+    return (f"ImageNet {danie.PRESETS[args.size]['backbone']} (Sec. 4.2) from {args.pretrained_file or 'timm'}"
+            if args.pretrained else 'from scratch (--no-pretrained)')
 
 
-def switches(args):
-    return dict(hap=not args.no_hap, sap=not args.no_sap, spatial_att=not args.no_spatial_att,
-                channel_att=not args.no_channel_att, order=args.order, calibration=not args.no_calibration,
-                fusion=args.fusion)
+def build_model(args, num_classes, pretrained):
+    """DANIE-S/L with the switches of Tables 5-7; pretrained: the backbone's ImageNet weights (Sec. 4.2)."""
+    return danie.danie(args.size, num_classes=num_classes, img_size=args.img_size, pretrained=pretrained and
+                       args.pretrained, pretrained_file=args.pretrained_file, **switches(args))
 
 
 def make_optimizer(model, args, device):
-    """AdamW of Sec. 4.2, as one fused kernel over all parameters where torch has one."""
-    # NOTE(impl): AdamW's default betas (0.9, 0.999) and eps 1e-8, and weight decay on every parameter (norms and biases too): Sec. 4.2 gives only lr and decay.
+    # NOTE(impl): AdamW's default betas and eps, and decay on every parameter (norms, biases): Sec. 4.2 gives only
+    # the learning rate and the decay. One fused kernel for all parameters.
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                              fused=device.type in ('cuda', 'cpu'))
 
 
-def compile_blocks(net, **compile_kw):
-    """Regional compilation: each repeated block compiled in place, so torch.compile reuses one graph per block kind."""
-    kinds = (danie_model.HAP, danie_model.JointPreservation, danie_model.timm.models.maxxvit.MaxxVitBlock)
-    blocks = [m for m in net.modules() if isinstance(m, kinds)]
-    # each block kind sees 4 stages x first/other block x train/inference mode: more graphs than dynamo's default 8
-    cfg = torch._dynamo.config
-    limit = 'recompile_limit' if hasattr(cfg, 'recompile_limit') else 'cache_size_limit'  # torch < 2.6
-    setattr(cfg, limit, max(getattr(cfg, limit), 64))
-    for m in blocks:
-        m.compile(**compile_kw)
-    return len(blocks)
-
-
-class EpochSampler(Sampler):
-    """This rank's share of a shuffle fixed by (seed, epoch), from sample `skip` on, as (epoch, index) keys."""
-
-    def __init__(self, dataset, seed, rank, world):
-        # drop_last: every rank gets as many samples; rank r takes every world-th index, so the union of the
-        # ranks' k-th batches is the same global batch for any number of GPUs
-        self.order = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                                        drop_last=True)
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch, skip=0):
-        self.epoch, self.skip = epoch, skip
-        self.order.set_epoch(epoch)
-
-    def __iter__(self):
-        return ((self.epoch, i) for i in itertools.islice(iter(self.order), self.skip, None))
-
-    def __len__(self):
-        return len(self.order) - self.skip
-
-
-class CheckpointWriter:
-    """Writes checkpoints in a background thread, atomically (path.tmp, then rename), one at a time."""
-
-    def __init__(self):
-        self.thread, self.error = None, None
-
-    def save(self, files):
-        """files: {path: checkpoint}, written in order; tensors they share (best's and last's weights) copied once."""
-        self.wait()
-        memo = {}
-        files = {Path(p): _to_host(obj, memo) for p, obj in files.items()}  # copies: training changes the live tensors
-        self.thread = threading.Thread(target=self._write, args=(files,))
-        self.thread.start()
-
-    def _write(self, files):
-        try:
-            for path, obj in files.items():
-                tmp = path.with_name(path.name + '.tmp')
-                torch.save(obj, tmp)
-                os.replace(tmp, path)
-        except Exception as e:  # re-raised in the training thread by wait()
-            self.error = e
-
-    def wait(self):
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-
-
-def _to_host(obj, memo):
-    """A host copy of a checkpoint's nested dicts/lists of tensors; memo holds the copies by the memory they view
-    (each state_dict() call returns new tensor objects over the same parameters)."""
-    if torch.is_tensor(obj):
-        key = (obj.device, obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.stride())
-        if key not in memo:
-            memo[key] = obj.detach().to('cpu', copy=True)
-        return memo[key]
-    if isinstance(obj, dict):
-        return {k: _to_host(v, memo) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_host(v, memo) for v in obj)
-    return obj
-
-
 def setup_distributed():
     """(rank, world size, device); under torchrun (RANK and WORLD_SIZE set) also the process group."""
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else 'cpu')
     if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
-        return 0, 1, evaluate.autodetect_device()
-    rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-    device = torch.device('cpu')
-    if torch.cuda.is_available():
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-        torch.cuda.set_device(device)
-    # NOTE(impl): validation runs on rank 0 while the others wait at a barrier: a generous timeout keeps a long validation from killing the job.
+        return 0, 1, device if cuda or not torch.backends.mps.is_available() else torch.device('mps')
+    torch.cuda.set_device(device) if cuda else None
+    # NOTE(impl): rank 0 validates while the others wait: a long timeout keeps that from ending the job.
     dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=datetime.timedelta(hours=2))
-    return rank, world, device
+    return int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), device
 
 
 def on_all_ranks(world, fn, *a):
-    """fn(*a) on every rank; if it fails on any rank, every rank raises that error (no rank waits forever)."""
-    result, error = None, None
+    """fn(*a) on every rank; if it fails on any, every rank raises that error (none waits forever)."""
+    result, error, errors = None, None, [None] * world
     try:
         result = fn(*a)
-    except Exception as e:  # re-raised below, on this rank as it is
+    except Exception as e:  # raised below, on this rank as it is
         error = e
     if world > 1:
-        errors = [None] * world
-        dist.all_gather_object(errors, None if error is None else (type(error).__name__, str(error)))
-        first = next((e for e in errors if e is not None), None)
-        if error is None and first is not None:
-            error = data.DataError(f'{first[1]} (on another rank)')
-    if error is not None:
-        raise error
+        dist.all_gather_object(errors, None if error is None else str(error))
+    if error or any(errors):
+        raise error or data.DataError(f'{next(e for e in errors if e)} (on another rank)')
     return result
 
 
-class GlobalSum(torch.autograd.Function):
-    """Sum over the ranks whose backward sums the gradients too: with DDP's 1/world average, the gradient of a
-    loss computed from global-batch sums (Eq. 13's Dice) is exactly that of one process on the whole batch."""
-
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
 def global_sum(world):
-    """The reduce of dice_loss: None on one process, GlobalSum under DDP."""
-    return None if world == 1 else GlobalSum.apply
+    """Eq. 13's reduce under DDP: all_reduce, whose backward sums the gradients too, so that with DDP's 1/world
+    average the gradient is that of one process on the global batch; None on one process."""
+    return None if world == 1 else all_reduce
 
 
-def read_log(path):
-    if not path.exists():
-        return []
-    with open(path, newline='') as f:
-        return list(csv.DictReader(f))
-
-
-def write_log(path, rows):
-    """log.csv (one row per epoch) and progress.png beside it (loss and validation Dice against epoch)."""
-    with open(path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+def save(args, files, run):
+    """Checkpoints {name: dict} written into --out atomically (.tmp, then a rename), then log.csv and progress.png
+    of run.log: the log never holds an epoch that no checkpoint holds. A failed write names the file and the
+    reason; its .tmp goes, the last good checkpoint stays."""
+    out, log = Path(args.out), io.StringIO()
+    writer = csv.DictWriter(log, fieldnames=list(run.log[0]) if run.log else [], lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(run.log)
+    for path, obj in {**{out / k: v for k, v in files.items()}, out / 'log.csv': log.getvalue().encode()}.items():
+        tmp, blob = path.with_name(path.name + '.tmp'), io.BytesIO()
+        try:
+            torch.save(obj, blob) if isinstance(obj, dict) else blob.write(obj)
+            with open(tmp, 'wb') as f:
+                f.write(blob.getbuffer())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise TrainError(f'{path}: cannot write it ({e.strerror or e}); the last good checkpoint is untouched')
     try:
-        import matplotlib
-        matplotlib.use('Agg')  # files only, no display
-        import matplotlib.pyplot as plt
-    except ImportError:  # requirements.txt has it; a bare GPU image may not: the run goes on without the plot
+        from matplotlib.figure import Figure  # the object API, without pyplot's global state
+    except ImportError:  # requirements.txt has it; a bare GPU image may not: no plot then
         return
-    epochs = [int(r['epoch']) for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(epochs, [float(r['loss']) for r in rows], color='tab:blue', label='training loss (Eq. 13)')
-    ax.set_xlabel('epoch')
-    ax.set_ylabel('training loss', color='tab:blue')
-    val = [(e, float(r['val_dice'])) for e, r in zip(epochs, rows) if r['val_dice']]
+    ax = (fig := Figure(figsize=(7, 4))).add_subplot(xlabel='epoch', ylabel='training loss (Eq. 13)')
+    ax.plot([int(r['epoch']) for r in run.log], [float(r['loss']) for r in run.log])
+    val = [(int(r['epoch']), float(r['val_dice'])) for r in run.log if r['val_dice']]
     if val:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*val), 'o-', color='tab:orange', label='validation mean Dice')
-        ax2.set_ylabel('validation mean Dice', color='tab:orange')
-    fig.tight_layout()
-    fig.savefig(path.with_name('progress.png'), dpi=100)
-    plt.close(fig)
-
+        ax.twinx().plot(*zip(*val), 'o-', color='tab:orange', label='validation Dice')
+        fig.legend()
+    fig.savefig(out / 'progress.png', dpi=100)
 
 # -----------------------------------------------------------------------------
-# steps: the loss of Eq. 13
+# steps: the loss of Eq. 13, one optimiser step, one epoch
 
 
 def dice_loss(logits, target, num_classes=None, smooth=1e-5, reduce=None):
     """Soft Dice loss of logits (B,K,H,W), or of M stacked outputs (M,B,K,H,W) -> (M,), against target (B,H,W)."""
-    # NOTE(impl): TransUNet/CASCADE's DiceLoss, where the 0.7/0.3 weights come from: every class including background, one Dice per class over the whole batch, squared terms in the denominator, smooth 1e-5.
+    # NOTE(impl): TransUNet/CASCADE's DiceLoss, where the 0.7/0.3 come from: every class with background, one Dice
+    # per class over the whole batch, squared terms in the denominator, smooth 1e-5.
     B, K, H, W = logits.shape[-4:]
     prob = logits.float().view(-1, B, K, H, W).softmax(dim=2)  # (M,B,K,H,W)
-    classes = torch.arange(num_classes or K, device=target.device).view(-1, 1, 1)
+    classes = torch.arange(num_classes or K, device=target.device).view(-1, 1, 1)  # (K,1,1)
     onehot = (target.unsqueeze(1) == classes).to(prob.dtype)  # (B,K,H,W); unlike F.one_hot, no host sync
     inter, p2 = torch.stack([prob * onehot, prob * prob]).sum((2, 4, 5))  # (2,M,B,K,H,W) -> (2,M,K)
     g = onehot.sum((0, 2, 3))  # (K,); onehot * onehot == onehot
-    if reduce is not None:  # DDP: the batch Dice of Eq. 13 over the global batch, not each GPU's share
+    if reduce is not None:  # DDP: the batch Dice over the global batch, not each GPU's share
         inter, p2, g = reduce(torch.cat([inter, p2, g[None]])).split([len(inter), len(p2), 1])
-    return (1 - (2 * inter + smooth) / (p2 + g + smooth)).mean(dim=-1).view(logits.shape[:-4])  # (M,) -> lead
+    return (1 - (2 * inter + smooth) / (p2 + g + smooth)).mean(dim=-1).view(logits.shape[:-4])  # (M,K) -> (M,)
 
 
 def seg_loss(logits, target, num_classes=None, reduce=None):
@@ -321,28 +184,20 @@ def seg_loss(logits, target, num_classes=None, reduce=None):
 
 def criterion(y, heads, target, mode='deep', num_classes=None, reduce=None):
     """Eq. 13 on DANIE's outputs (y, [p1..p4]) under a supervision mode; reduce sums the Dice terms over GPUs."""
-    k = num_classes or y.shape[1]
-    if mode == 'final':  # Eq. 13 on y = sum_i alpha_i p_i (Eq. 12) only
+    if mode == 'final':  # on y = sum_i alpha_i p_i (Eq. 12) only
         outputs = y
-    elif mode == 'deep':  # CASCADE: Eq. 13 on every head, here plus y
+    elif mode == 'deep':  # CASCADE: on every head, and here on y
         outputs = torch.stack([*heads, y])  # (5,B,K,H,W)
-    elif mode == 'mutation':  # MERIT: Eq. 13 on the summed logits of each non-empty subset of heads (15 for 4)
+    else:  # 'mutation', MERIT: on the summed logits of each non-empty subset of heads (15 for 4)
         bit = torch.arange(len(heads), device=y.device)
-        subsets = torch.arange(1, 2 ** len(heads), device=y.device)  # bit m of s: head m is in subset s
-        member = (subsets[:, None] >> bit) & 1  # (15,1) >> (4,) -> (15,4)
-        outputs = torch.einsum('sm,mbkhw->sbkhw', member.to(y.dtype), torch.stack(heads))  # (15,4)@(4,...)
-    else:
-        raise ValueError(f'supervision must be one of {SUPERVISION}, got {mode!r}')
-    return seg_loss(outputs, target, k, reduce)
-
-
-# -----------------------------------------------------------------------------
-# steps: one optimiser step, one epoch, validation
+        member = (torch.arange(1, 2 ** len(heads), device=y.device)[:, None] >> bit) & 1  # (15,1) >> (4,) -> (15,4)
+        outputs = torch.einsum('sm,mbkhw->sbkhw', member.to(y.dtype), torch.stack(heads))  # (15,4) @ (4,B,K,H,W)
+    return seg_loss(outputs, target, num_classes or y.shape[1], reduce)
 
 
 def train_step(net, opt, scaler, x, target, args, num_classes, reduce=None):
-    """Forward, Eq. 13, backward, AdamW step; returns the loss as a device tensor (no host sync)."""
-    with evaluate.autocast(x.device, args.amp):
+    """Forward, Eq. 13, backward, AdamW step; the loss as a device tensor (no host sync)."""
+    with danie.autocast(x.device, args.amp):
         y, heads = net(x)
     loss = criterion(y, heads, target, args.supervision, num_classes, reduce)
     opt.zero_grad(set_to_none=True)
@@ -352,20 +207,16 @@ def train_step(net, opt, scaler, x, target, args, num_classes, reduce=None):
     return loss.detach()
 
 
-def train_one_epoch(net, opt, scaler, loader, args, k, run, world, device, master):
-    """One pass over the loader (from a resume's position on); returns (mean loss, steps)."""
-    reduce = global_sum(world)
-    loss_sum, first_bad, bad_loss = (torch.zeros((), device=device), torch.full((), -1.0, device=device),
-                                     torch.zeros((), device=device))
+def train_one_epoch(net, opt, scaler, loader, args, run, world, device, master):
+    """One pass over the loader (from a resume's position on); (mean loss, steps). Stops on a non-finite loss."""
+    zero = torch.zeros((), device=device)
+    loss_sum, first_bad, bad_loss, n, k = zero.clone(), zero - 1, zero.clone(), 0, loader.dataset.spec.num_classes
     bar = tqdm(total=run.epoch_step + len(loader), initial=run.epoch_step, desc=f'epoch {run.epoch + 1}/{args.epochs}',
                leave=False, dynamic_ncols=True, disable=not master)
-    n = 0
     for x, target in loader:
-        x = x.to(device, non_blocking=True, memory_format=danie_model.MEMORY_FORMAT)
-        target = target.to(device, non_blocking=True)
-        loss = train_step(net, opt, scaler, x, target, args, k, reduce)  # batch, Eq. 13, step
-        n += 1
-        # the NaN guard without a host sync per step: the first bad step is kept on the device
+        x = x.to(device, non_blocking=True, memory_format=danie.MEMORY_FORMAT)
+        loss = train_step(net, opt, scaler, x, target.to(device, non_blocking=True), args, k, global_sum(world))
+        n += 1  # the NaN guard without a host sync per step: the first bad step stays on the device
         new_bad = (first_bad < 0) & ~torch.isfinite(loss)
         first_bad, bad_loss = torch.where(new_bad, run.step + n, first_bad), torch.where(new_bad, loss, bad_loss)
         loss_sum += loss
@@ -375,15 +226,15 @@ def train_one_epoch(net, opt, scaler, loader, args, k, run, world, device, maste
         if args.max_steps is not None and run.step + n >= args.max_steps:
             break
     bar.close()
-    # the last step's loss predates its update: the weights themselves must be finite too before any checkpoint
+    # the last step's loss predates its update: the weights must be finite too before any checkpoint
     weights_ok = torch.stack(torch._foreach_norm(list(net.parameters()))).isfinite().all()
     stats = torch.stack([loss_sum / world, first_bad, bad_loss, (~weights_ok).float()])
-    if world > 1:  # every rank sees the same loss and the same verdict, so all stop together
+    if world > 1:  # one loss and one verdict on every rank, so that all stop together
         dist.all_reduce(stats[:1])
         dist.all_reduce(stats[1:2], op=dist.ReduceOp.MAX)
     loss, bad, bad_loss, bad_weights = stats.tolist()  # the epoch's one host sync
     if bad < 0 and bad_weights:
-        bad, bad_loss = run.step + n, float('nan')  # the last step's update made the weights non-finite
+        bad, bad_loss = run.step + n, float('nan')  # the last update made the weights non-finite
     if bad >= 0:
         last = Path(args.out) / 'last.pth'
         kept = f'the last good checkpoint is {last}' if last.exists() else 'no checkpoint was written'
@@ -391,460 +242,226 @@ def train_one_epoch(net, opt, scaler, loader, args, k, run, world, device, maste
                          'Try a lower --lr, or --amp none/bf16.')
     return loss / max(n, 1), n
 
-
-def validate(model, val_cases, spec, args, device):
-    """Mean Dice with evaluate.py's protocol (volume-wise for volumes; ISIC: Table 3's pooled Dice at 256x256)."""
-    summary = evaluate.evaluate(model, val_cases, spec, args.img_size, device=device, amp=args.amp,
-                                progress=False, distances=False, workers=min(args.workers, 4))
-    return float(summary['mean_dice'])
-
-
 # -----------------------------------------------------------------------------
-# top level: the benchmark, the real train_step timed
-
-
-def count_ops(fn):
-    """Operators that one call of fn dispatches (every aten op of forward, loss and backward)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        fn()
-    return Count.n
-
-
-def count_kernels(fn):
-    """CUDA kernels that one call of fn launches, from the profiler."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type.name == 'CUDA')
-
-
-def bench_row(size, amp, batch, graph, args, device, flops):
-    """One bench configuration: a fresh DANIE, timed with train_step on random data; flops: {(size, batch): FLOP}."""
-    cuda = device.type == 'cuda'
-    torch.manual_seed(args.seed)
-    k = data.SPECS['synapse'].num_classes
-    net = danie_model.danie(size, num_classes=k, img_size=args.img_size)
-    net = net.to(device, memory_format=danie_model.MEMORY_FORMAT)
-    opt = make_optimizer(net, args, device)
-    scaler = torch.amp.GradScaler('cuda', enabled=amp == 'fp16')
-    run_args = argparse.Namespace(**{**vars(args), 'amp': amp})
-    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
-    x = x.contiguous(memory_format=danie_model.MEMORY_FORMAT)
-    t = torch.randint(0, k, (batch, args.img_size, args.img_size), device=device)
-    t0 = time.perf_counter()
-    if graph:
-        torch._dynamo.reset()  # compile from scratch, so ready_s includes this row's compilation
-        compile_blocks(net)
-    step = lambda: train_step(net, opt, scaler, x, t, run_args, k)  # noqa: E731
-    for _ in range(args.warmup):
-        step()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
-    ready = time.perf_counter() - t0
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    loss.item()
-    dt = (time.perf_counter() - t0) / args.steps
-    row = dict(model=f'DANIE-{size}', amp=amp, batch=batch, mode='graph' if graph else 'eager',
-               images_per_s=batch / dt, ms_per_step=1e3 * dt, ready_s=ready,
-               peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None)
-    if not graph:  # counted on the eager step: dispatch modes and compiled regions do not mix
-        row['kernels' if cuda else 'operators'] = count_kernels(step) if cuda else count_ops(step)
-        if (size, batch) not in flops:
-            flops[size, batch] = danie_model.flops(step) if cuda else None
-    peak = next((v for name, v in BF16_PEAK_TFLOPS.items() if cuda and name in torch.cuda.get_device_name(device)),
-                None)
-    row['bf16_peak_share'] = flops[size, batch] / dt / 1e12 / peak if peak and flops.get((size, batch)) else None
-    return row
-
-
-def bench(args):
-    """The training-step table of issue 9: S and L, fp32 and bf16, eager and graph mode, batches 24 and 8."""
-    device = evaluate.autodetect_device()
-    cuda = device.type == 'cuda'
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    args.img_size = args.img_size or 224
-    sizes = [args.size] if args.size else (['S', 'L'] if cuda else ['S'])
-    amps = [args.amp] if args.amp else (['none', 'bf16'] if cuda else ['none'])
-    batches = [args.batch_size] if args.batch_size else ([24, 8] if cuda else [2])
-    graphs = [False, True] if cuda else [args.compile]  # compiling on a CPU takes many minutes
-    name = torch.cuda.get_device_name(device) if cuda else f'CPU, {torch.get_num_threads()} threads'
-    print(f'train_step on {name}: {args.img_size}x{args.img_size}, 9 classes, AdamW, --supervision '
-          f'{args.supervision}; {args.warmup} warm-up + {args.steps} timed steps; share = FLOP/s / dense bf16 peak')
-    print(f"{'model':8} {'amp':5} {'batch':>5} {'mode':6} {'img/s':>8} {'ms/step':>8} {'ready s':>7} "
-          f"{'peak GiB':>8} {'kernels' if cuda else 'ops':>8} {'share':>6}")
-    rows, flops = [], {}
-    for size, amp, batch, graph in itertools.product(sizes, amps, batches, graphs):
-        try:
-            r = bench_row(size, amp, batch, graph, args, device, flops)
-        except torch.cuda.OutOfMemoryError:
-            print(f'DANIE-{size} {amp:5} {batch:5} out of memory', flush=True)
-            continue
-        rows.append(r)
-        gib = '-' if r['peak_gib'] is None else f"{r['peak_gib']:.2f}"
-        share = '-' if r['bf16_peak_share'] is None else f"{100 * r['bf16_peak_share']:.1f}%"
-        print(f"{r['model']:8} {amp:5} {batch:5} {r['mode']:6} {r['images_per_s']:8.1f} {r['ms_per_step']:8.1f} "
-              f"{r['ready_s']:7.1f} {gib:>8} {r.get('kernels', r.get('operators', '-')):>8} {share:>6}", flush=True)
-        if cuda:
-            torch.cuda.empty_cache()
-    if not cuda:  # what DANIE adds to its backbone's operators (issue 9's CPU measure)
-        rows.append(bench_added_ops(args, batches[0]))
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / 'bench.json').write_text(json.dumps(rows, indent=2))
-    return rows
-
-
-def bench_added_ops(args, batch):
-    """Operators of forward + loss + backward: DANIE-S, its bare MaxViT-T backbone, and what DANIE adds."""
-    k = data.SPECS['synapse'].num_classes
-    net = danie_model.danie('S', num_classes=k, img_size=args.img_size).to(memory_format=danie_model.MEMORY_FORMAT)
-    x = torch.randn(batch, 3, args.img_size, args.img_size).to(memory_format=danie_model.MEMORY_FORMAT)
-    t = torch.randint(0, k, (batch, args.img_size, args.img_size))
-
-    def danie_step():
-        net.zero_grad(set_to_none=True)  # as train_step: gradients are new tensors, not accumulated
-        criterion(*net(x), t, args.supervision, k).backward()
-
-    def backbone_step():
-        net.zero_grad(set_to_none=True)
-        sum(f.float().mean() for f in net.sap(x)).backward()
-    n = {name: count_ops(fn) for name, fn in (('danie', danie_step), ('backbone', backbone_step))}
-    print(f"forward + loss + backward, batch {batch}: DANIE-S {n['danie']} operators, its bare MaxViT-T backbone "
-          f"{n['backbone']}, added by DANIE {n['danie'] - n['backbone']}")
-    return dict(model='DANIE-S beyond MaxViT-T', batch=batch, operators=n['danie'], backbone=n['backbone'],
-                added=n['danie'] - n['backbone'])
-
-
-# -----------------------------------------------------------------------------
-# top level: the training run
+# top level: the run
 
 
 @dataclass
-class Progress:
-    """Where a run stands: what last.pth must hold, besides weights and optimiser, to resume exactly."""
+class Run:
+    """Where a run stands: what last.pth holds, besides the weights and the optimiser, to resume exactly."""
     epoch: int = 0          # epochs completed
     step: int = 0           # optimiser steps in all
     epoch_step: int = 0     # steps into the current epoch (a run stopped by --max-steps or an interrupt)
     best_metric: float = None
     best_epoch: int = None
     elapsed: float = 0.0    # seconds of training and validation
+    log: list = field(default_factory=list)  # the rows of log.csv
 
     def done(self, args):
-        return self.epoch >= args.epochs or (args.max_steps is not None and self.step >= args.max_steps)
-
-
-def make_demo(args, rank):
-    if rank == 0 and args.data == 'demo' and not (Path(args.root) / 'train_npz').is_dir():
-        print(f'making the synthetic demo set in {args.root}', flush=True)
-        data.make_demo(args.root, seed=0)
+        return self.epoch >= args.epochs or args.max_steps is not None and self.step >= args.max_steps
 
 
 def setup(args, ckpt, rank, world, device):
-    """Model, optimiser, data and validation cases of a run (no collective inside: on_all_ranks runs it)."""
-    spec = data.get_spec(args.data, args.root, args.num_classes)
+    """The training set, the validation cases (every file read now), the model and the optimiser."""
     common = dict(seed=args.seed, label_map=args.label_map, num_classes=args.num_classes,
                   val_cases=0 if args.select_on_test else args.val_cases)
     train_set = data.train_set(args.data, args.root, args.img_size, **common)
     if len(train_set) // world < args.batch_size // world:
         raise data.DataError(f'--batch-size {args.batch_size} is larger than the training set of {args.data} at '
                              f'{args.root} ({len(train_set)} samples over {world} process(es))')
-    val_cases = []
-    if rank == 0:
-        val_cases = data.eval_cases(args.data, args.root, 'test' if args.select_on_test else 'val', **common)
+    val = data.eval_cases(args.data, args.root, 'test' if args.select_on_test else 'val', **common) if rank == 0 else []
+    for item in getattr(val, 'items', []):  # a broken validation file is named now, not after an epoch
+        item.read()
     torch.manual_seed(args.seed)  # the same initialisation on every rank (DDP also broadcasts rank 0's)
-    net = build_model(args, spec.num_classes, pretrained=ckpt is None)
+    net = build_model(args, train_set.spec.num_classes, pretrained=ckpt is None)
     if ckpt is not None:
-        net.load_state_dict(ckpt['model'])
+        danie.load_weights(net, ckpt['model'], args.resume or Path(args.out) / 'last.pth')
     if world > 1 and device.type == 'cuda':
-        # NOTE(impl): SyncBatchNorm under DDP on GPUs, so BN sees the global batch as on one GPU (timm's converter keeps MaxViT's BatchNormAct2d). gloo on CPUs has none: there BN sees each process's share.
-        net = danie_model.timm.layers.convert_sync_batchnorm(net)
-    net = net.to(device, memory_format=danie_model.MEMORY_FORMAT)
-    opt = make_optimizer(net, args, device)
-    scaler = torch.amp.GradScaler('cuda', enabled=args.amp == 'fp16')
+        # NOTE(impl): SyncBatchNorm under DDP on GPUs: BN sees the global batch, as on one GPU (gloo on CPUs has
+        # none: there BN sees each process's share).
+        net = timm.layers.convert_sync_batchnorm(net)
+    net = net.to(device, memory_format=danie.MEMORY_FORMAT)
+    opt, scaler = make_optimizer(net, args, device), torch.amp.GradScaler('cuda', enabled=args.amp == 'fp16')
     if ckpt is not None:
         opt.load_state_dict(ckpt['train']['optimizer'])
-        if ckpt['train']['scaler']:  # empty when the run so far had no fp16 loss scaling
-            scaler.load_state_dict(ckpt['train']['scaler'])
-    return spec, net, opt, scaler, train_set, val_cases
+        scaler.load_state_dict(ckpt['train']['scaler'] or scaler.state_dict())  # empty: no fp16 scaling so far
+    return net, opt, scaler, train_set, val
 
 
 def train(args, ckpt, rank, world, device):
-    """The recipe: per epoch, train_one_epoch, then (rank 0) validate, checkpoint and log."""
-    master, out, per_rank = rank == 0, Path(args.out), args.batch_size // world
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
-        # NOTE(impl): TF32 matmuls and convolutions on Ampere+, as the paper's PyTorch on an RTX 3090 did by default for convolutions.
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
+    """The recipe: per epoch, train_one_epoch, then (rank 0) validation, checkpoints and the log."""
+    on_all_ranks(world, prepare, args, rank)  # also a barrier: the other ranks wait for the demo's files
+    # NOTE(impl): matmuls stay IEEE fp32 (PyTorch's default), so ES's energies are formed as in evaluation;
+    # convolutions take cuDNN's TF32 default, as the paper's PyTorch on an RTX 3090 did.
+    torch.backends.cudnn.benchmark = True  # one input size: cuDNN picks its fastest kernels once
+    raw, opt, scaler, train_set, val = on_all_ranks(world, setup, args, ckpt, rank, world, device)
+    sampler = data.EpochSampler(train_set, args.seed, rank, world)
+    # NOTE(impl): --batch-size is the global batch, split over the processes (N GPUs run the recipe unchanged);
+    # drop_last gives every step a full batch (BatchNorm, and one number of steps per epoch).
+    loader = data.make_loader(train_set, args.batch_size // world, shuffle=False, workers=args.workers,
+                              sampler=sampler, drop_last=True)
+    net = DistributedDataParallel(raw, device_ids=device.index is not None and [device.index] or None) \
+        if world > 1 else raw
+    if args.compile:
+        raw.compile_blocks()
+    state = {k: v for k, v in ckpt['train'].items() if k in Run.__annotations__} if ckpt else {}
+    run = Run(ckpt['epoch'], ckpt['step'], **state) if ckpt else Run()
+    if rank == 0:
+        save(args, {}, run)  # the log as last.pth has it: rows that a killed run wrote beyond it go
+        print(f'DANIE-{args.size} on {device} x{world}: {len(train_set)} {args.data} training samples, {len(val)} '
+              f'validation cases, batch {args.batch_size}, {args.epochs} epochs -> {args.out}', flush=True)
+    while not run.done(args):
+        epoch, skip, t0 = run.epoch, run.epoch_step, time.perf_counter()  # skip: batches done before a resume
+        sampler.set_epoch(epoch, skip * (args.batch_size // world))
+        loss, n = train_one_epoch(net, opt, scaler, loader, args, run, world, device, rank == 0)
+        run.step, run.epoch_step, train_s = run.step + n, run.epoch_step + n, time.perf_counter() - t0
+        run.epoch, run.epoch_step = (epoch + 1, 0) if run.epoch_step == skip + len(loader) else (epoch, run.epoch_step)
+        run.elapsed += train_s
+        if rank == 0:
+            checkpoint(raw, opt, scaler, args, run, val, train_set.spec, world, device, loss, n * args.batch_size
+                       / train_s)
+        on_all_ranks(world, lambda: None)  # the other ranks wait for rank 0's validation and checkpoints
+    return finish(run, args) if rank == 0 else None
+
+
+def prepare(args, rank):
+    """Rank 0, before any work: the output folder checked, a killed write's .tmp removed, the demo set made."""
+    if rank == 0:
+        data.output_dir(args.out, '--out')
+        for tmp in Path(args.out).glob('*.tmp'):
+            tmp.unlink()
+        if args.data == 'demo' and not (Path(args.root) / 'train_npz').is_dir():
+            data.make_demo(args.root)
         print(f'init: {init_name(args)}', flush=True)
         if args.select_on_test:
             print("WARNING: --select-on-test chooses best.pth by its Dice on the TEST split (the peers' protocol); "
                   'the test score of that checkpoint is optimistic.', file=sys.stderr, flush=True)
-    on_all_ranks(world, make_demo, args, rank)  # also a barrier: the other ranks wait for the files
-    spec, net, opt, scaler, train_set, val_cases = on_all_ranks(world, setup, args, ckpt, rank, world, device)
-    sampler = EpochSampler(train_set, args.seed, rank, world)
-    # NOTE(impl): --batch-size is the global batch, split over the processes, so that N GPUs run the Sec. 4.2 recipe unchanged.
-    # NOTE(impl): drop_last, so that every step has a full batch (BatchNorm, and a constant number of steps per epoch).
-    loader = data.make_loader(train_set, per_rank, shuffle=False, workers=args.workers, sampler=sampler,
-                              drop_last=True)
-    raw = net
-    if world > 1:
-        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda' else None)
-    if args.compile:
-        compile_blocks(raw)
-    data_info = dict(name=args.data, root=os.path.abspath(args.root), label_map=args.label_map,
-                     val_cases=0 if args.select_on_test else args.val_cases, seed=args.seed,
-                     spec=data.spec_to_dict(spec), selected_on='test' if args.select_on_test else 'val')
-    run = Progress(ckpt['epoch'], ckpt['step'], **{k: ckpt['train'][k] for k in TRAIN_STATE}) if ckpt else Progress()
-    if master:
-        print(f'DANIE-{args.size} ({sum(p.numel() for p in raw.parameters()) / 1e6:.1f} M parameters) on {device} '
-              f'x{world}, {args.data}: {len(train_set)} training samples, {len(val_cases)} '
-              f"{data_info['selected_on']} cases, batch {args.batch_size}, {args.img_size}x{args.img_size}, "
-              f'{args.epochs} epochs, --supervision {args.supervision}, --amp {args.amp} -> {out}', flush=True)
-    writer, log = CheckpointWriter(), read_log(out / 'log.csv')
-    try:
-        while not run.done(args):
-            epoch, skip = run.epoch, run.epoch_step  # skip: batches of this epoch done before a resume
-            sampler.set_epoch(epoch, skip * per_rank)
-            t0 = time.perf_counter()
-            loss, n = train_one_epoch(net, opt, scaler, loader, args, spec.num_classes, run, world, device, master)
-            train_s = time.perf_counter() - t0
-            run.step, run.epoch_step, run.elapsed = run.step + n, run.epoch_step + n, run.elapsed + train_s
-            if run.epoch_step == skip + len(loader):
-                run.epoch, run.epoch_step = epoch + 1, 0
-            if master:
-                t0 = time.perf_counter()
-                metric = validate(raw, val_cases, spec, args, device) if due(run, args, val_cases) else None
-                net.train()
-                files = {}
-                if metric is not None and math.isfinite(metric) and (run.best_metric is None or
-                                                                     metric > run.best_metric):
-                    run.best_metric, run.best_epoch = metric, epoch + 1
-                    files[out / 'best.pth'] = checkpoint(raw, run, args, data_info, init_name(args), metric)
-                run.elapsed += time.perf_counter() - t0
-                state = dict(optimizer=opt.state_dict(), scaler=scaler.state_dict(), world_size=world)
-                files[out / 'last.pth'] = checkpoint(raw, run, args, data_info, init_name(args), metric, state)
-                writer.save(files)  # one host copy and one background write for both
-                log.append(log_row(epoch + 1, run, loss, metric, n * args.batch_size / train_s, train_s))
-                write_log(out / 'log.csv', log)
-                print_epoch(log[-1], run, args, data_info['selected_on'])
-            if world > 1:
-                dist.barrier()
-    finally:
-        writer.wait()
-    return finish(run, args, out, data_info['selected_on']) if master else None
 
 
-def due(run, args, val_cases):
-    """Validate after every --val-every full epochs and after the last step."""
-    last = run.done(args)
-    return len(val_cases) > 0 and (last or (run.epoch_step == 0 and run.epoch % args.val_every == 0))
+def checkpoint(raw, opt, scaler, args, run, val, spec, world, device, loss, images_per_s):
+    """Rank 0 after an epoch: validation when due, best.pth when it improves, last.pth, and the log's row."""
+    t0, metric, epoch = time.perf_counter(), None, run.epoch + (run.epoch_step > 0)  # the epoch of these steps
+    if len(val) and (run.done(args) or run.epoch_step == 0 and run.epoch % args.val_every == 0):
+        metric = float(evaluate.evaluate(raw, val, spec, args.img_size, device=device, amp=args.amp, progress=False,
+                                         distances=False, workers=min(args.workers, 4))['mean_dice'])
+    best = metric is not None and math.isfinite(metric) and (run.best_metric is None or metric > run.best_metric)
+    run.best_metric, run.best_epoch = (metric, epoch) if best else (run.best_metric, run.best_epoch)
+    run.elapsed += time.perf_counter() - t0
+    run.log.append(dict(epoch=epoch, step=run.step, loss=f'{loss:.6f}', val_dice='' if metric is None else
+                        f'{metric:.6f}', best_dice='' if run.best_metric is None else f'{run.best_metric:.6f}',
+                        images_per_s=f'{images_per_s:.2f}', elapsed_s=f'{run.elapsed:.1f}'))
+    info = dict(name=args.data, root=os.path.abspath(args.root), label_map=args.label_map, seed=args.seed,
+                val_cases=0 if args.select_on_test else args.val_cases, spec=asdict(spec),
+                selected_on='test' if args.select_on_test else 'val')
+    fields = dict(data=info, args=vars(args), init=init_name(args), epoch=run.epoch, step=run.step, metric=metric)
+    files = {'best.pth': danie.checkpoint(raw, **fields)} if best else {}
+    files['last.pth'] = danie.checkpoint(raw, **fields, train=dict(
+        {k: v for k, v in asdict(run).items() if k not in ('epoch', 'step')}, optimizer=opt.state_dict(),
+        scaler=scaler.state_dict(), world_size=world))
+    save(args, files, run)
+    score = '' if metric is None else f' | Dice {metric:.4f} (best {run.best_metric:.4f} @ {run.best_epoch})'
+    print(f"epoch {epoch:4d}/{args.epochs}{f' (stopped at batch {run.epoch_step})' if run.epoch_step else ''} | step "
+          f'{run.step:7d} | loss {loss:.4f} | {images_per_s:7.1f} img/s{score} | {run.elapsed:7.1f} s', flush=True)
 
 
-def checkpoint(raw, run, args, data_info, init, metric, state=None):
-    """evaluate.make_checkpoint for this run: with the training state (last.pth) or without (best.pth)."""
-    train_state = None if state is None else {**state, **{k: getattr(run, k) for k in TRAIN_STATE}}
-    return evaluate.make_checkpoint(raw, data_info, vars(args), init, run.epoch, run.step, metric, train_state)
-
-
-def log_row(epoch, run, loss, metric, imgs_per_s, train_s):
-    return dict(epoch=epoch, step=run.step, loss=f'{loss:.6f}', val_dice='' if metric is None else f'{metric:.6f}',
-                best_dice='' if run.best_metric is None else f'{run.best_metric:.6f}',
-                images_per_s=f'{imgs_per_s:.2f}', train_s=f'{train_s:.1f}', elapsed_s=f'{run.elapsed:.1f}')
-
-
-def print_epoch(row, run, args, selected_on):
-    partial = '' if run.epoch_step == 0 else f' (stopped at batch {run.epoch_step})'
-    val = '' if not row['val_dice'] else (f" | {selected_on} Dice {float(row['val_dice']):.4f} (best "
-                                          f'{run.best_metric:.4f} @ {run.best_epoch})')
-    print(f"epoch {row['epoch']:4d}/{args.epochs}{partial} | step {run.step:7d} | loss {float(row['loss']):.4f} | "
-          f"{float(row['images_per_s']):7.1f} img/s{val} | {run.elapsed:7.1f} s", flush=True)
-
-
-def finish(run, args, out, selected_on):
-    """summary.json and the closing lines, pointing at the checkpoint to evaluate."""
-    ckpt = out / ('best.pth' if run.best_metric is not None else 'last.pth')
-    summary = dict(data=args.data, size=args.size, out=str(out), init=init_name(args), selected_on=selected_on,
-                   best_val_dice=run.best_metric, best_epoch=run.best_epoch, epochs=run.epoch, steps=run.step,
-                   elapsed_s=round(run.elapsed, 1), checkpoint=str(ckpt))
-    (out / 'summary.json').write_text(json.dumps(summary, indent=2))
-    best = ('none (no validation cases: last.pth is the result, as in the paper)' if run.best_metric is None
-            else f'{run.best_metric:.4f} at epoch {run.best_epoch}')
-    print(f'done: {run.epoch}/{args.epochs} epochs, {run.step} steps, {run.elapsed:.0f} s; best {selected_on} '
-          f'mean Dice {best}\nnext: python evaluate.py --ckpt {ckpt}', flush=True)
+def finish(run, args):
+    """summary.json and the closing lines, which name the checkpoint to evaluate."""
+    ckpt = Path(args.out) / ('best.pth' if run.best_metric is not None else 'last.pth')
+    summary = dict(data=args.data, size=args.size, init=init_name(args), best_val_dice=run.best_metric,
+                   best_epoch=run.best_epoch, epochs=run.epoch, steps=run.step, elapsed_s=round(run.elapsed, 1),
+                   checkpoint=str(ckpt))
+    (Path(args.out) / 'summary.json').write_text(json.dumps(summary, indent=2))
+    print(f'done: {run.epoch}/{args.epochs} epochs, {run.step} steps, {run.elapsed:.0f} s; best validation Dice '
+          f"{'none: last.pth is the result' if run.best_metric is None else f'{run.best_metric:.4f}'}\n"
+          f'next: python evaluate.py --ckpt {ckpt}', flush=True)
     return summary
-
 
 # -----------------------------------------------------------------------------
 # CLI
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description='Train DANIE (paper Sec. 4.2). Defaults left unset come from the '
-                                            'dataset spec in data.py.')
-    # data
-    p.add_argument('--data', choices=data.DATASETS, help='dataset (Sec. 4.1); demo = synthetic, made if missing; '
-                                                         'folder / nnunet = your own data')
-    p.add_argument('--root', help='dataset folder (default: data/<name>)')
-    p.add_argument('--num-classes', type=number(int, 2, False),
-                   help='--data folder: classes including background (or ROOT/classes.txt)')
-    p.add_argument('--img-size', type=number(int, 32, False),
-                   help='input size, a multiple of 32 (default 224; the paper does not state it, 224 is the size of '
-                        "the ImageNet MaxViT it starts from; the demo's is smaller, to run on a CPU)")
-    p.add_argument('--val-cases', type=data.parse_val_cases,
-                   help='training cases held out for model selection, a number or a fraction; 0 = none: train on '
-                        'all of them and keep last.pth, as the paper (default: the official validation split, '
-                        'else 10%%)')
-    p.add_argument('--label-map', default='transunet', choices=data.LABEL_MAPS,
-                   help="Synapse label ids: TransUNet's 9-class files (default) or CASCADE's 13-label files")
-    p.add_argument('--select-on-test', action='store_true',
-                   help='CHOOSE best.pth ON THE TEST SPLIT, as CASCADE/MERIT do; only to reproduce their protocol: '
-                        'the test score of such a best.pth is optimistic. Trains on all training cases')
-    p.add_argument('--workers', type=number(int, 0, False),
-                   help='DataLoader worker processes (default: 8 on CUDA, 0 on CPU)')
-    # model
-    p.add_argument('--size', choices=('S', 'L'), help='DANIE-S (MaxViT-T) or DANIE-L (MaxViT-S), Sec. 4.2 '
-                                                      '(default S)')
-    p.add_argument('--no-pretrained', dest='pretrained', action='store_false', default=None,
-                   help='train the backbone from scratch (default for the benchmarks and your own data: ImageNet '
-                        "MaxViT weights from timm, Sec. 4.2; the demo's default is from scratch)")
-    p.add_argument('--pretrained-file', help='the ImageNet MaxViT weights from a local .safetensors/.pth file '
-                                             '(offline machines)')
-    p.add_argument('--no-hap', action='store_true', help='Table 5 A.1: without the HAP stream (needs --fusion add)')
-    p.add_argument('--no-sap', action='store_true', help='Table 5 A.2: without the SAP stream (needs --fusion add)')
-    p.add_argument('--no-spatial-att', action='store_true', help='Table 5: HAP without spatial attention')
-    p.add_argument('--no-channel-att', action='store_true', help='Table 5: HAP without channel attention')
-    p.add_argument('--order', choices=danie_model.ORDERS, default=danie_model.DANIEConfig.order,
-                   help='Table 6: order of the attentions in HAP (default: %(default)s)')
-    p.add_argument('--no-calibration', action='store_true', help='Table 6: plain average instead of Eq. 4')
-    p.add_argument('--fusion', choices=danie_model.FUSIONS, default=danie_model.DANIEConfig.fusion,
-                   help='Table 7: jp = Joint Preservation, Eq. 6-11 (default: %(default)s)')
-    # optimisation
-    p.add_argument('--epochs', type=number(int, 1, False),
-                   help='default per dataset, Sec. 4.2: Synapse 300, ACDC 400, ISIC 200, GlaS 100')
-    p.add_argument('--batch-size', type=number(int, 1, False),
-                   help='global batch, split over the GPUs; default per dataset, Sec. 4.2: Synapse 24, ACDC 12, '
-                        'ISIC 8, GlaS 8 (not given there)')
-    p.add_argument('--lr', type=number(float, 0, True),
-                   help="AdamW learning rate (default: the dataset spec's, 1e-4 as Sec. 4.2)")
-    p.add_argument('--weight-decay', type=number(float, 0, False), default=1e-4,
-                   help='AdamW weight decay (default: 1e-4, Sec. 4.2)')
-    # NOTE(impl): default 'deep', Eq. 13 summed over p1..p4 (CASCADE's trainer, whose 0.7/0.3, AdamW 1e-4 and constant lr the paper repeats) plus y; the paper does not say where Eq. 13 applies.
-    p.add_argument('--supervision', choices=SUPERVISION, default='deep',
-                   help='where Eq. 13 applies: final = y only; deep = p1..p4 and y (CASCADE); '
-                        'mutation = every subset of heads (MERIT) (default: %(default)s)')
-    p.add_argument('--max-steps', type=number(int, 1, False),
-                   help='stop after this many optimiser steps in all (smoke runs)')
-    # system
-    p.add_argument('--amp', choices=tuple(evaluate.AMP_DTYPES),
-                   help='mixed precision: bf16 (Ampere+), fp16 (with loss scaling), none (default, fp32 as the paper)')
-    p.add_argument('--compile', action='store_true',
-                   help='regional torch.compile of the repeated blocks (checkpoints hold the plain weights)')
-    p.add_argument('--seed', type=int, default=0, help='seed of the initialisation, the shuffle, the augmentation '
-                                                       'and the validation split (default: %(default)s)')
-    # output
-    p.add_argument('--out', help='output folder (default: runs/<data>-<size>)')
-    p.add_argument('--resume', nargs='?', const='', metavar='PATH',
-                   help='continue a run from PATH (default OUT/last.pth); its flags are reused, given ones override')
-    p.add_argument('--val-every', type=number(int, 1, False), default=1,
-                   help='validate every N epochs, and after the last step (default: %(default)s)')
-    # benchmark
-    p.add_argument('--bench', action='store_true', help='time train_step instead of training (table + bench.json)')
-    p.add_argument('--warmup', type=number(int, 1, False), default=3, help='--bench: untimed steps')
-    p.add_argument('--steps', type=number(int, 1, False), default=10, help='--bench: timed steps')
+    p = argparse.ArgumentParser(description="Train DANIE (Sec. 4.2); unset flags take the dataset's recipe")
+    a = p.add_argument
+    a('--data', choices=data.DATASETS, help='dataset (Sec. 4.1); demo: synthetic; folder, nnunet: your own')
+    a('--root', help='dataset folder (default: data/<name>)')
+    a('--num-classes', type=number(int, 2), help='--data folder without classes.txt: classes with background')
+    a('--img-size', type=number(int, 32), help="a multiple of 32 (default 224, the ImageNet MaxViT's)")
+    a('--val-cases', type=number(float, 0), help='training cases held out to pick best.pth: a count or fraction; 0: '
+                                                 'none, keep last.pth (default: official split, else 10%%)')
+    a('--label-map', default='transunet', choices=data.LABEL_MAPS, help="Synapse's ids: TransUNet's or CASCADE's")
+    a('--select-on-test', action='store_true', help="PICK best.pth ON THE TEST SPLIT (the peers' protocol only)")
+    a('--workers', type=number(int, 0), help='loader processes (default: 8 on CUDA, 0 on CPU)')
+    a('--size', choices=('S', 'L'), help='DANIE-S (MaxViT-T) or DANIE-L (MaxViT-S), Sec. 4.2 (default S)')
+    a('--no-pretrained', dest='pretrained', action='store_false', default=None,
+      help="from scratch (default: ImageNet weights, Sec. 4.2; the demo's: from scratch)")
+    a('--pretrained-file', help='the ImageNet MaxViT weights in a local file (offline machines)')
+    for flag, row in (('hap', 'A.1'), ('sap', 'A.2'), ('spatial-att', 'A.3'), ('channel-att', 'A.4')):
+        a(f'--no-{flag}', action='store_true', help=f'Table 5 {row} (with --fusion add)')
+    a('--order', choices=danie.ORDERS, default='channel_first', help="Table 6: the order of HAP's attentions")
+    a('--no-calibration', action='store_true', help='Table 6: a plain average instead of Eq. 4')
+    a('--fusion', choices=danie.FUSIONS, default='jp', help='Table 7; jp = Joint Preservation, Eq. 6-11')
+    a('--epochs', type=number(int, 1), help='default (Sec. 4.2): Synapse 300, ACDC 400, ISIC 200, GlaS 100')
+    a('--batch-size', type=number(int, 1), help='global; default (Sec. 4.2): 24, 12, 8, 8 (GlaS: ours)')
+    a('--lr', type=number(float, 0, True), help='AdamW learning rate (default 1e-4, Sec. 4.2)')
+    a('--weight-decay', type=number(float, 0), default=1e-4, help='AdamW weight decay (default 1e-4, Sec. 4.2)')
+    # NOTE(impl): 'deep' by default, Eq. 13 on p1..p4 (CASCADE's trainer, whose 0.7/0.3, AdamW 1e-4 and constant
+    # lr the paper repeats) and on y: the paper does not say where Eq. 13 applies.
+    a('--supervision', choices=SUPERVISION, default='deep', help='Eq. 13 on y; on p1..p4 and y; on each subset')
+    a('--max-steps', type=number(int, 1), help='stop after this many optimiser steps in all (smoke runs)')
+    a('--amp', choices=tuple(danie.AMP_DTYPES), help='autocast: bf16, fp16 (CUDA) or none (default, fp32)')
+    a('--compile', action='store_true', help='regional torch.compile of the repeated blocks')
+    a('--seed', type=int, default=0, help='of the initialisation, shuffle, augmentation, validation split')
+    a('--out', help='output folder (default: runs/<data>-<size>)')
+    a('--resume', metavar='PATH', help="continue the run in PATH (a last.pth), with that run's flags")
+    a('--val-every', type=number(int, 1), default=1, help='validate every N epochs, and after the last step')
     return p
 
 
-def resume_point(parser, args):
-    """(path, checkpoint) a run continues from: --resume PATH, or a run already in --out; (None, None) if none."""
-    out = args.out or (os.path.join('runs', f"{args.data}-{args.size or 'S'}") if args.data else None)
-    if args.resume is None:  # a fresh run: is its folder taken?
-        path = Path(out) / 'last.pth' if out else None
-        return (path, evaluate.load_checkpoint(path, resume=True)) if path and path.is_file() else (None, None)
-    if not (args.resume or out):
-        parser.error('--resume without a PATH needs --out or --data to find last.pth')
-    path = Path(args.resume or Path(out) / 'last.pth')
-    if not path.is_file():
-        parser.error(f'--resume: no checkpoint at {path}')
-    return path, evaluate.load_checkpoint(path, resume=True)
-
-
 def parse(argv):
-    """Parse, take a continued run's flags from its checkpoint, fill the per-dataset defaults, check."""
+    """The arguments, and the checkpoint a run continues from (--resume PATH) or that --out already holds."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.bench:
-        args.lr = args.lr or 1e-4
-        return args, None
-    path, ckpt = resume_point(parser, args)
-    if ckpt is not None:
-        saved = dict(ckpt['args'], out=str(path.parent))  # the folder moves with its checkpoint
-        resuming = args.resume is not None
-        # a flag given is a flag used: the checkpoint's arguments stand in for the defaults only
-        args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
-        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved.get(k)})"
-                   for k in SAME_RUN if getattr(args, k) != saved.get(k)]
+    path = Path(args.resume or Path(args.out or f"runs/{args.data}-{args.size or 'S'}") / 'last.pth')
+    if args.resume and not path.is_file():
+        parser.error(f'--resume: no checkpoint at {path}')
+    ckpt = danie.load_checkpoint(path, resume=True) if (args.resume or args.data) and path.is_file() else None
+    if ckpt is not None:  # a flag given is a flag used: the checkpoint's stand in for the defaults only
+        saved = {k: v for k, v in ckpt['args'].items() if k not in PER_CALL}
+        args = parser.parse_args(argv, namespace=argparse.Namespace(**dict(saved, out=str(path.parent))))
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved.get(k)})" for k in SAME_RUN
+                   if getattr(args, k) != saved.get(k)]
         if changed:
-            what = '--resume continues the same run' if resuming else f'{args.out} holds another run'
+            what = '--resume continues the same run' if args.resume else f'{args.out} holds another run'
             parser.error(f'{what}, but {", ".join(changed)}; start a new --out instead')
-        if not resuming and ckpt['epoch'] < args.epochs:
-            parser.error(f"{args.out} already holds a run (last.pth at epoch {ckpt['epoch']}/{args.epochs}): "
-                         '--resume to continue it, or another --out')
-        args.resume = str(path) if resuming else 'finished'
     if args.data is None:
-        parser.error('--data is required (or --resume PATH, or --bench)')
-    fill_defaults(args)
-    check(parser, args)
+        parser.error('--data is required (or --resume PATH)')
+    fill_defaults(parser, args)
+    if ckpt is not None and not args.resume and not Run(ckpt['epoch'], ckpt['step']).done(args):
+        parser.error(f"{args.out} already holds a run, stopped at epoch {ckpt['epoch']}/{args.epochs} (step "
+                     f"{ckpt['step']}): continue it with --resume {path}, or choose another --out")
     return args, ckpt
 
 
-def fill_defaults(args):
-    """The per-dataset defaults of Sec. 4.2 (data.py's specs) for the flags left unset."""
-    spec = data.SPECS.get(args.data)
-    args.root = args.root or data.default_root(args.data)
-    args.size = args.size or 'S'
-    args.epochs = args.epochs or (spec.epochs if spec else 100)
-    args.batch_size = args.batch_size or (spec.batch_size if spec else 8)
-    args.img_size = args.img_size or (spec.img_size if spec else 224)
-    args.lr = args.lr or (spec.lr if spec else 1e-4)
-    args.amp = args.amp or 'none'
+def fill_defaults(parser, args):
+    """The dataset's Sec. 4.2 recipe for the flags left unset, then the checks argparse's types cannot make."""
+    spec = data.get_spec(args.data, args.root, args.num_classes)
+    args.root, args.size, args.amp = args.root or data.default_root(args.data), args.size or 'S', args.amp or 'none'
+    args.epochs, args.batch_size = args.epochs or spec.epochs, args.batch_size or spec.batch_size
+    args.img_size, args.lr = args.img_size or spec.img_size, args.lr or spec.lr
     args.workers = (8 if torch.cuda.is_available() else 0) if args.workers is None else args.workers
     args.out = args.out or os.path.join('runs', f'{args.data}-{args.size}')
-    # NOTE(impl): the demo trains from scratch (no download on a CPU demo); every other dataset starts from ImageNet as Sec. 4.2.
-    if args.pretrained is None:
-        args.pretrained = args.data != 'demo' or args.pretrained_file is not None
-
-
-def check(parser, args):
-    """The checks that argparse's types cannot make alone."""
+    # NOTE(impl): the demo trains from scratch (no download for a CPU demo); the rest from ImageNet (Sec. 4.2).
+    args.pretrained = args.pretrained if args.pretrained is not None else args.data != 'demo' or bool(
+        args.pretrained_file)
     world = int(os.environ.get('WORLD_SIZE', 1))
     if args.batch_size % world:
-        parser.error(f'--batch-size {args.batch_size} is the global batch and must divide among {world} processes')
-    if args.amp == 'fp16' and not torch.cuda.is_available():
-        parser.error('--amp fp16 needs CUDA (loss scaling); on a CPU use --amp bf16 or none')
-    if args.pretrained_file is not None and not os.path.isfile(args.pretrained_file):
-        parser.error(f'--pretrained-file {args.pretrained_file} does not exist')
-    if args.pretrained_file is not None and not args.pretrained:
-        parser.error('--pretrained-file and --no-pretrained contradict each other')
+        parser.error(f'--batch-size {args.batch_size} is the global batch: it must divide among {world} processes')
+    if args.amp == 'fp16' and not torch.cuda.is_available() or args.pretrained_file and not args.pretrained:
+        parser.error('--amp fp16 needs CUDA' if args.amp == 'fp16' else '--pretrained-file and --no-pretrained '
+                     'contradict each other')
     try:  # the model's own checks: img_size a multiple of 32, ablation switches that go together
-        danie_model.make_config(args.size, img_size=args.img_size, **switches(args))
+        danie.make_config(args.size, img_size=args.img_size, **switches(args))
     except ValueError as e:
         parser.error(str(e))
 
@@ -853,25 +470,20 @@ def main(argv=None):
     args, world = None, 1
     try:
         args, ckpt = parse(argv)
-        if args.bench:
-            return bench(args)
-        if args.resume == 'finished':  # the same command again: the run is there, nothing is lost or redone
-            best = Path(args.out) / 'best.pth'
-            print(f"{args.out} already holds this run, finished at epoch {ckpt['epoch']}/{args.epochs}: nothing to "
-                  f"do.\nnext: python evaluate.py --ckpt {best if best.exists() else Path(args.out) / 'last.pth'}")
+        if ckpt is not None and not args.resume:  # the same command again: the run is there, nothing is redone
+            best = Path(args.out) / ('best.pth' if (Path(args.out) / 'best.pth').exists() else 'last.pth')
+            print(f"{args.out} already holds this run, finished at epoch {ckpt['epoch']}/{args.epochs}: nothing to do "
+                  f"(step {ckpt['step']}).\nnext: python evaluate.py --ckpt {best}")
             return None
         rank, world, device = setup_distributed()
         return train(args, ckpt, rank, world, device)
-    except (data.DataError, evaluate.CheckpointError, danie_model.PretrainedError) as e:
+    except (data.DataError, danie.CheckpointError, danie.PretrainedError, TrainError) as e:
         print(f'error: {e}', file=sys.stderr)
-        raise SystemExit(2)
-    except TrainError as e:
-        print(f'error: {e}', file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1 if isinstance(e, TrainError) else 2)
     except KeyboardInterrupt:
-        if args is not None and not args.bench:
-            print(f"\ninterrupted; continue with: python train.py --resume {Path(args.out) / 'last.pth'}",
-                  file=sys.stderr)
+        last = args and Path(args.out) / 'last.pth'
+        print(f'\ninterrupted; continue with: python train.py --resume {last}' if last and last.exists() else
+              '\ninterrupted before the first checkpoint: run the command again', file=sys.stderr)
         raise SystemExit(130)
     finally:
         if world > 1 and dist.is_initialized():

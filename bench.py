@@ -1,0 +1,270 @@
+"""
+Every speed table of DANIE, each timing the real code (train.train_step, evaluate.evaluate, predict.main,
+data.train_set and its loader), never a copy of it. Ratios are measured within one run (the models take turns);
+absolute times are worth quoting from a GPU only, with its name.
+
+    python bench.py model            # parameters and GMAC beside Table 1, CPU latency against the bare backbone
+    python bench.py train            # train_step: S and L, fp32 and bf16, eager and compiled, batches 24 and 8
+    python bench.py eval             # metrics against medpy; evaluation of volumes and ISIC-sized images
+    python bench.py data --data isic2017 --root PATH   # training samples/s through the DataLoader
+    python bench.py predict          # a 512x512x150 CT volume (NIfTI, Hounsfield units) predicted by predict.py
+
+Every table goes to stdout and, with --out DIR, to DIR/bench-<what>.json.
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+import evaluate
+import model as danie
+import predict
+import train
+
+# dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets), for the share of the chip a step uses
+BF16_PEAK_TFLOPS = {'H100 80GB HBM3': 989.0, 'H100 PCIe': 756.0, 'H100 NVL': 835.0, 'H200': 989.0,
+                    'A100': 312.0, 'RTX 3090': 71.0, 'RTX 4090': 165.0, 'L40S': 362.0}
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def count_ops(fn):
+    """Operators that one call of fn dispatches (every aten op of forward, loss and backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+    with Count():
+        fn()
+    return Count.n
+
+
+def count_kernels(fn):
+    """CUDA kernels that one call of fn launches, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type.name == 'CUDA')
+
+
+def table(rows, cols):
+    """Print rows (dicts) as a fixed-width table of the columns cols (name, width, format)."""
+    print(' '.join(f'{c:>{w}}' for c, w, _ in cols))
+    for r in rows:
+        print(' '.join(f'{"-" if r.get(c) is None else format(r[c], f):>{w}}' for c, w, f in cols), flush=True)
+
+# -----------------------------------------------------------------------------
+# the tables
+
+
+def bench_model(args, device):
+    """Parameters and GMAC beside Table 1; CPU forward latency of DANIE and of its bare backbone, taking turns."""
+    rows = []
+    for size in ('S', 'L'):
+        net = danie.danie(size, num_classes=9, img_size=args.img_size).eval()
+        g, g_bb = danie.gmac(net, args.img_size), danie.gmac(net.sap, args.img_size)
+        times = {'ms': [], 'bb_ms': []}
+        x = torch.randn(1, 3, args.img_size, args.img_size)
+        with torch.inference_mode():
+            for r in range(args.warmup + args.steps):
+                for key, fn in (('ms', net), ('bb_ms', net.sap)):
+                    t0 = time.perf_counter()
+                    fn(x)
+                    times[key] += [1e3 * (time.perf_counter() - t0)] if r >= args.warmup else []
+        rows.append(dict(model=f'DANIE-{size}', params_m=sum(p.numel() for p in net.parameters()) / 1e6, gmac=g,
+                         paper=danie.PAPER_GMAC[size], diff_pct=100 * (g / danie.PAPER_GMAC[size] - 1), bb_gmac=g_bb,
+                         **{k: statistics.median(v) for k, v in times.items()}))
+        rows[-1]['ms_ratio'] = rows[-1]['ms'] / rows[-1]['bb_ms']
+    print(f'{args.img_size}x{args.img_size}, 9 classes; GMAC = FlopCounterMode FLOPs / 2 (the paper counts '
+          f'multiply-accumulates); CPU latency: batch 1, median of {args.steps}, {torch.get_num_threads()} threads')
+    table(rows, [('model', 8, ''), ('params_m', 9, '.2f'), ('gmac', 7, '.2f'), ('paper', 6, '.2f'),
+                 ('diff_pct', 8, '+.1f'), ('bb_gmac', 8, '.2f'), ('ms', 8, '.1f'), ('bb_ms', 8, '.1f'),
+                 ('ms_ratio', 8, '.2f')])
+    return rows
+
+
+def train_row(size, amp, batch, graph, args, device):
+    """One configuration: a fresh DANIE timed with train.train_step on random data."""
+    torch.manual_seed(0)
+    net = danie.danie(size, num_classes=9, img_size=args.img_size).to(device, memory_format=danie.MEMORY_FORMAT)
+    step_args = argparse.Namespace(amp=amp, supervision='deep', lr=1e-4, weight_decay=1e-4)
+    opt, scaler = train.make_optimizer(net, step_args, device), torch.amp.GradScaler('cuda', enabled=amp == 'fp16')
+    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=danie.MEMORY_FORMAT)
+    t = torch.randint(0, 9, (batch, args.img_size, args.img_size), device=device)
+    step = lambda: train.train_step(net, opt, scaler, x, t, step_args, 9)  # noqa: E731
+    t0 = time.perf_counter()
+    if graph:
+        torch._dynamo.reset()  # compiled from scratch: ready_s includes this row's compilation
+        net.compile_blocks()
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    ready, cuda = time.perf_counter() - t0, device.type == 'cuda'
+    torch.cuda.reset_peak_memory_stats(device) if cuda else None
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    loss.item()
+    dt = (time.perf_counter() - t0) / args.steps
+    row = dict(model=f'DANIE-{size}', amp=amp, batch=batch, mode='graph' if graph else 'eager', img_s=batch / dt,
+               ms=1e3 * dt, ready_s=ready, peak_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None)
+    if not graph:  # counted on the eager step: dispatch modes and compiled regions do not mix
+        row['kernels' if cuda else 'operators'] = count_kernels(step) if cuda else count_ops(step)
+        peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(device)), None)
+        with FlopCounterMode(display=False) as flops:
+            step()
+        row['peak_share'] = flops.get_total_flops() / dt / 1e12 / peak if peak else None
+    return row
+
+
+def bench_train(args, device):
+    """The training-step table; on a CPU also the operators DANIE adds to its backbone."""
+    cuda = device.type == 'cuda'
+    torch.backends.cudnn.benchmark = True
+    grid = [(s, a, b, g) for s in ('S', 'L') if cuda or s == 'S' for a in (('none', 'bf16') if cuda else ('none',))
+            for b in ((24, 8) if cuda else (2,)) for g in ((False, True) if cuda else (False,))]
+    print(f"train_step on {torch.cuda.get_device_name(device) if cuda else 'CPU'}: {args.img_size}x{args.img_size}, "
+          f'9 classes, AdamW, deep supervision; {args.warmup} warm-up + {args.steps} timed steps')
+    rows = []
+    for size, amp, batch, graph in grid:
+        try:
+            rows.append(train_row(size, amp, batch, graph, args, device))
+        except torch.cuda.OutOfMemoryError:
+            rows.append(dict(model=f'DANIE-{size}', amp=amp, batch=batch, mode='out of memory'))
+        torch.cuda.empty_cache() if cuda else None
+    table(rows, [('model', 8, ''), ('amp', 5, ''), ('batch', 5, 'd'), ('mode', 6, ''), ('img_s', 8, '.1f'),
+                 ('ms', 8, '.1f'), ('ready_s', 7, '.1f'), ('peak_gib', 8, '.2f'),
+                 ('kernels' if cuda else 'operators', 9, 'd'), ('peak_share', 10, '.1%')])
+    if not cuda:  # forward + loss + backward of DANIE-S against its bare MaxViT-T backbone
+        net = danie.danie('S', num_classes=9, img_size=args.img_size).to(memory_format=danie.MEMORY_FORMAT)
+        x, t = torch.randn(2, 3, args.img_size, args.img_size), torch.randint(0, 9, (2, args.img_size, args.img_size))
+        ops = {k: count_ops(lambda: (net.zero_grad(set_to_none=True), fn().backward())) for k, fn in (
+            ('danie', lambda: train.criterion(*net(x), t)), ('backbone', lambda: sum(f.mean() for f in net.sap(x))))}
+        rows.append(dict(model='DANIE-S beyond MaxViT-T', **ops, added=ops['danie'] - ops['backbone']))
+        print(f"operators of forward + loss + backward, batch 2: DANIE-S {ops['danie']}, its MaxViT-T backbone "
+              f"{ops['backbone']}, added by DANIE {rows[-1]['added']}")
+    return rows
+
+
+def bench_eval(args, device):
+    """binary_metrics against medpy on Synapse-sized volumes; evaluate() on a volume and on ISIC-sized images."""
+    from medpy.metric import binary as mb
+    shape, rows = (150, 512, 512), []
+    grid = np.ogrid[tuple(slice(0, s) for s in shape)]
+    ball = lambda c, r: sum(((g - ci) / ri) ** 2 for g, ci, ri in zip(grid, c, r)) <= 1  # noqa: E731
+    for name, (c1, r1, c2, r2) in {'liver-sized': ((75, 260, 200), (30, 80, 100), (78, 266, 195), (28, 84, 96)),
+                                   'kidney-sized': ((70, 300, 360), (18, 30, 25), (72, 303, 357), (17, 31, 27)),
+                                   'pancreas-sized': ((80, 250, 280), (8, 20, 45), (81, 253, 276), (7, 18, 47))}.items():
+        gt, pred = ball(c1, r1), ball(c2, r2)
+        t0 = time.perf_counter()
+        ours = evaluate.binary_metrics(pred, gt)
+        t1 = time.perf_counter()
+        ref = dict(dice=mb.dc(pred, gt), iou=mb.jc(pred, gt), hd95=mb.hd95(pred, gt), asd=mb.assd(pred, gt))
+        rows.append(dict(what=f'metrics, {name}', ours_s=t1 - t0, medpy_s=time.perf_counter() - t1,
+                         max_diff=max(abs(ours[k] - ref[k]) for k in evaluate.METRICS)))
+    rng, spec = np.random.default_rng(0), data.SPECS['synapse']
+    volume = data.Item('v', rng.random((args.slices, 512, 512), dtype=np.float32), np.zeros((args.slices, 512, 512)))
+    images = [data.Item(f'i{i}', rng.integers(0, 256, hw + (3,), dtype=np.uint8), np.zeros(hw, np.int64))
+              for i, hw in zip(range(args.images), [(767, 1022), (1129, 1504), (2016, 3024)] * args.images)]
+    for what, cases, s in (('evaluate, a volume', [volume], spec), ('evaluate, ISIC images', images,
+                                                                     data.SPECS['isic2017'])):
+        net = danie.danie('S', num_classes=s.num_classes, img_size=args.img_size).to(device, memory_format=
+                                                                                     danie.MEMORY_FORMAT)
+        evaluate.evaluate(net, cases[:1], s, args.img_size, device=device, progress=False)  # warm-up
+        t0 = time.perf_counter()
+        evaluate.evaluate(net, cases, s, args.img_size, device=device, progress=False, distances=False,
+                          workers=4 if device.type == 'cuda' else 0)
+        rows.append(dict(what=what, ours_s=(time.perf_counter() - t0) / len(cases)))
+    print(f'metrics against medpy on {shape} volumes; evaluate() on {device}: s per case (a volume of {args.slices} '
+          f'512x512 slices; ISIC images of 0.8 to 6 MP), DANIE-S at {args.img_size}')
+    table(rows, [('what', 30, ''), ('ours_s', 9, '.3f'), ('medpy_s', 9, '.2f'), ('max_diff', 9, '.1e')])
+    return rows
+
+
+def bench_data(args, device):
+    """Training samples/s through the DataLoader: a first pass (decoding, caching), then a second."""
+    root = args.root or data.default_root(args.data)
+    if args.data == 'demo' and not Path(root).exists():
+        data.make_demo(root)
+    ds = data.train_set(args.data, root, args.img_size, val_cases=0)
+    sub = torch.utils.data.Subset(ds, range(min(len(ds), args.images * args.batch)))
+    loader = data.make_loader(sub, args.batch, shuffle=True, workers=args.workers)
+    rows = []
+    for what in ('first pass', 'second pass'):
+        t0 = time.perf_counter()
+        n = sum(len(x) for x, _ in loader)
+        rows.append(dict(what=f'{args.data}, {what}', samples=n, samples_s=n / (time.perf_counter() - t0)))
+    print(f'{len(ds)} training samples at {root}, {args.img_size}x{args.img_size}, {args.workers} workers')
+    table(rows, [('what', 24, ''), ('samples', 8, 'd'), ('samples_s', 10, '.1f')])
+    return rows
+
+
+def bench_predict(args, device):
+    """predict.py's whole path on a 512x512x150 float NIfTI volume in Hounsfield units, with a random DANIE-S."""
+    import nibabel as nib
+    tmp = Path(tempfile.mkdtemp(prefix='danie-bench-'))
+    hu = np.random.default_rng(0).uniform(-1000, 1000, (512, 512, 150)).astype(np.float32)
+    nib.save(nib.Nifti1Image(hu, np.diag([0.7, 0.7, 2.5, 1.0])), str(tmp / 'ct.nii.gz'))
+    info = dict(name='synapse', root='', label_map='transunet', val_cases=None, seed=0,
+                spec=asdict(data.SPECS['synapse']))
+    torch.save(danie.checkpoint(danie.danie('S', num_classes=9, img_size=args.img_size), data=info, args={},
+                                init='random', epoch=0, step=0, metric=None), tmp / 'random-S.pth')
+    t0 = time.perf_counter()
+    predict.main(['--ckpt', str(tmp / 'random-S.pth'), '--input', str(tmp / 'ct.nii.gz'), '--out', str(tmp / 'pred'),
+                  '--amp', args.amp, '--device', str(device), '--no-progress'])
+    rows = [dict(what='512x512x150 CT, read to written', seconds=time.perf_counter() - t0)]
+    table(rows, [('what', 34, ''), ('seconds', 8, '.1f')])
+    return rows
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='The speed tables of DANIE, on the real code.')
+    p.add_argument('what', nargs='+', choices=('model', 'train', 'eval', 'data', 'predict'))
+    p.add_argument('--img-size', type=int, default=224, help='model input size (default 224)')
+    p.add_argument('--warmup', type=int, default=3, help='untimed steps or rounds')
+    p.add_argument('--steps', type=int, default=10, help='timed steps or rounds')
+    p.add_argument('--slices', type=int, default=16, help='eval: slices in the timed volume')
+    p.add_argument('--images', type=int, default=6, help='eval: ISIC-sized images; data: batches per pass')
+    p.add_argument('--data', default='demo', choices=data.DATASETS, help='data: the dataset')
+    p.add_argument('--root', help='data: its folder')
+    p.add_argument('--batch', type=int, default=8, help='data: batch size')
+    p.add_argument('--workers', type=int, default=2, help='data: loader processes')
+    p.add_argument('--amp', choices=tuple(danie.AMP_DTYPES), default='none', help='predict: autocast dtype')
+    p.add_argument('--device', type=predict.device_arg, help='default: the best there is')
+    p.add_argument('--out', help='also write DIR/bench-<what>.json')
+    args = p.parse_args(argv)
+    device, results = args.device or predict.device_arg(None), {}
+    for what in args.what:
+        print(f'== {what}')
+        results[what] = globals()[f'bench_{what}'](args, device)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / f'bench-{what}.json').write_text(json.dumps(results[what], indent=2, default=str))
+    return results
+
+
+if __name__ == '__main__':
+    main()

@@ -20,8 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# -----------------------------------------------------------------------------
-# helpers
+# ---- helpers
 
 
 def conv_bn_gelu(c_in, c_out, stride=1):
@@ -40,8 +39,7 @@ class ConvBlock(nn.Sequential):
         super().__init__(conv_bn_gelu(c_in, c_out), conv_bn_gelu(c_out, c_out))
 
 
-# -----------------------------------------------------------------------------
-# blocks: HAP, hierarchical-attentional perception (Sec. 3.3)
+# ---- blocks: HAP, hierarchical-attentional perception (Sec. 3.3)
 
 
 class ChannelAttention(nn.Module):
@@ -153,8 +151,7 @@ class HAP(nn.Module):
         return self.block(A_d.view(*A_d.shape, 1, 1) * h)  # Eq. (5): (B,C,1,1) * (B,C,H,W)
 
 
-# -----------------------------------------------------------------------------
-# blocks: the Joint Preservation components ES and EH (Sec. 3.4)
+# ---- blocks: the Joint Preservation components ES and EH (Sec. 3.4)
 
 
 class ES(nn.Module):

@@ -34,8 +34,7 @@ import train
 BF16_PEAK_TFLOPS = {'H100 80GB HBM3': 989.0, 'H100 PCIe': 756.0, 'H100 NVL': 835.0, 'H200': 989.0,
                     'A100': 312.0, 'RTX 3090': 71.0, 'RTX 4090': 165.0, 'L40S': 362.0}
 
-# -----------------------------------------------------------------------------
-# helpers
+# ---- helpers
 
 
 def _sync(device):
@@ -73,8 +72,7 @@ def table(rows, cols):
     for r in rows:
         print(' '.join(f'{"-" if r.get(c) is None else format(r[c], f):>{w}}' for c, w, f in cols), flush=True)
 
-# -----------------------------------------------------------------------------
-# the tables
+# ---- the tables
 
 
 def bench_model(args, device):
@@ -172,9 +170,10 @@ def bench_eval(args, device):
     shape, rows = (150, 512, 512), []
     grid = np.ogrid[tuple(slice(0, s) for s in shape)]
     ball = lambda c, r: sum(((g - ci) / ri) ** 2 for g, ci, ri in zip(grid, c, r)) <= 1  # noqa: E731
-    for name, (c1, r1, c2, r2) in {'liver-sized': ((75, 260, 200), (30, 80, 100), (78, 266, 195), (28, 84, 96)),
-                                   'kidney-sized': ((70, 300, 360), (18, 30, 25), (72, 303, 357), (17, 31, 27)),
-                                   'pancreas-sized': ((80, 250, 280), (8, 20, 45), (81, 253, 276), (7, 18, 47))}.items():
+    organs = {'liver-sized': ((75, 260, 200), (30, 80, 100), (78, 266, 195), (28, 84, 96)),
+              'kidney-sized': ((70, 300, 360), (18, 30, 25), (72, 303, 357), (17, 31, 27)),
+              'pancreas-sized': ((80, 250, 280), (8, 20, 45), (81, 253, 276), (7, 18, 47))}
+    for name, (c1, r1, c2, r2) in organs.items():
         gt, pred = ball(c1, r1), ball(c2, r2)
         t0 = time.perf_counter()
         ours = evaluate.binary_metrics(pred, gt)
@@ -236,8 +235,7 @@ def bench_predict(args, device):
     table(rows, [('what', 34, ''), ('seconds', 8, '.1f')])
     return rows
 
-# -----------------------------------------------------------------------------
-# CLI
+# ---- CLI
 
 
 def main(argv=None):

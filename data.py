@@ -1,11 +1,8 @@
 """
-The data of DANIE (Sec. 4.1-4.2): the five benchmarks in the layouts people download and the user's own (an image
-folder, nnU-Net v2's raw layout), each one row of LAYOUTS; their splits; the Sec. 4.2 recipe per dataset (SPECS);
-TransUNet's augmentation; the resize to the model's input and its inverse; a synthetic demo set.
-
-Offers: SPECS, get_spec, spec_from_dict; Item; train_set -> TrainSet ((epoch, index) -> image (3,S,S), label (S,S));
-eval_cases -> Cases (whole cases as stored); make_loader; prepare_input, restore_size; normalise; read_image,
-read_nifti, read_arrays, voxel_order; output_dir; make_demo (also `python data.py --make-demo DIR`); DataError.
+The data of DANIE (Sec. 4.1-4.2): the five benchmarks as downloaded and the user's own (image folders, nnU-Net
+v2's raw layout) as rows of LAYOUTS, with splits and Sec. 4.2 recipes (get_spec); train_set -> TrainSet ((epoch,
+index) -> image (3,S,S), label (S,S)), TransUNet-augmented; eval_cases -> Cases (whole cases as stored);
+prepare_input, restore_size: the resize to the model's input and back; make_demo: a synthetic demo set.
 """
 
 import argparse
@@ -31,109 +28,98 @@ from PIL import Image
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-# -----------------------------------------------------------------------------
-# constants and the Sec. 4.2 recipe per dataset
+# ---- constants: the datasets' Sec. 4.2 recipes (SPECS) and on-disk layouts (LAYOUTS)
 
-# NOTE(impl): mean/std of timm's maxvit_*_tf_224 weights (ImageNet's), repeated: data.py does not import model.py.
+# NOTE(impl): timm's maxvit_*_tf_224 mean/std (ImageNet's).
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-ROT_DEGREES = 20.0                 # TransUNet's rotation range, [-20, 20] degrees
-VAL_FRACTION = 0.1                 # NOTE(impl): held-out validation, 10% of the training cases; the paper has none
-# NOTE(impl): without a test list, 20% of the user's cases are the test split, seeded with 0: it never moves.
-TEST_FRACTION, TEST_SEED = 0.2, 0
+ROT_DEGREES = 20.0                 # TransUNet's rotations: [-20, 20] degrees
+VAL_FRACTION = 0.1                 # NOTE(impl): validation held out: 10% of training cases (paper: none)
+TEST_FRACTION, TEST_SEED = 0.2, 0  # NOTE(impl): without a test list, 20% of the user's cases, seed 0
 ISIC2018_SPLIT = (1815, 259, 520)  # the paper's train/val/test (Azad et al.) of the 2594 images
-ISIC_FG = 128                      # NOTE(impl): ISIC masks are 0/255: foreground >= 128, as for resampled masks
-CT_WINDOW = (-125.0, 275.0)        # Synapse/TransUNet: clip HU to this window, then scale to [0, 1]
+ISIC_FG = 128                      # NOTE(impl): ISIC masks are 0/255: foreground >= 128, as resampled masks
+CT_WINDOW = (-125.0, 275.0)        # Synapse/TransUNet: clip HU to this window, scale to [0, 1]
 INTENSITIES = ('ct', 'mri', 'zscore', 'rgb', 'none')
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 NIFTI_SUFFIXES, ARRAY_SUFFIXES = ('.nii.gz', '.nii'), ('.npy.h5', '.h5', '.npz')
-CACHE_MAX_BYTES = 8 << 30          # the largest disk cache of resized RGB training pairs
+CACHE_MAX_BYTES = 8 << 30          # the largest disk cache of resized RGB pairs
 SYNAPSE_CLASSES = ('background', 'spleen', 'kidney_r', 'kidney_l', 'gallbladder', 'liver', 'stomach', 'aorta',
                    'pancreas')     # the ids of TransUNet's files
 SYNAPSE_TABLE1 = (7, 4, 3, 2, 5, 8, 1, 6)  # Table 1: Aorta, GB, KL, KR, Liver, PC, SP, SM
-# CASCADE's files keep BTCV's 13 labels: 1-4 as TransUNet's, 5 esophagus, 6 liver, 7 stomach, 8 aorta, 9 IVC,
-# 10 veins, 11 pancreas, 12/13 adrenals. NOTE(impl): 'cascade' maps them to TransUNet's ids (CASCADE: 11->5).
-CASCADE_LUT = np.array([0, 1, 2, 3, 4, 0, 5, 6, 7, 0, 0, 8, 0, 0], np.int64)
+# CASCADE's files: BTCV's 13 labels (5 esophagus, 6 liver, 7 stomach, 8 aorta, 9-10 veins, 11 pancreas, 12-13 adrenals)
+CASCADE_LUT = np.array([0, 1, 2, 3, 4, 0, 5, 6, 7, 0, 0, 8, 0, 0], np.int64)  # NOTE(impl): 'cascade' -> TransUNet's ids
 LABEL_MAPS = ('transunet', 'cascade')
 
 
 class DataError(Exception):
-    """A dataset on disk is missing, incomplete or not in the expected format."""
+    """A dataset on disk is missing, incomplete or in an unexpected format."""
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One dataset: classes, the table's order, the Sec. 4.2 recipe, where it is published and how it lies."""
+    """A dataset: classes, table order, Sec. 4.2 recipe, where it is published, its files."""
     name: str
     num_classes: int
     class_names: tuple     # by label id; 'background' at 0
-    kind: str              # 'volume' (scored per 3-D case) or 'image'
+    kind: str              # 'volume' (scored whole) or 'image'
     report_order: tuple    # class ids in the paper's table order
     epochs: int            # Sec. 4.2
     batch_size: int        # Sec. 4.2
-    where: str             # where it is published
-    layout: str            # its files, in words
-    img_size: int = 224    # NOTE(impl): the paper gives no size; 224 is the ImageNet MaxViT's and the peers'
+    where: str
+    layout: str
+    img_size: int = 224    # NOTE(impl): not in the paper: ImageNet MaxViT's and the peers' size
     lr: float = 1e-4       # AdamW (Sec. 4.2)
-    intensity: str = 'none'  # normalise()'s rule for raw inputs: 'ct', 'mri', 'zscore', 'rgb'
-    figure: str = 'mean'   # the table's figure, which picks best.pth: case means, or 'pooled_256' (Table 3)
+    intensity: str = 'none'  # normalise()'s rule for raw inputs
+    figure: str = 'mean'   # the table's figure, which picks best.pth: case means or 'pooled_256' (Table 3)
 
 
 _SYNAPSE = 'ROOT/train_npz/*.npz, ROOT/test_vol_h5/*.npy.h5, optional ROOT/lists_Synapse/*.txt'
-_ISIC = dict(kind='image', report_order=(1,), epochs=200, batch_size=8, intensity='rgb', figure='pooled_256')
+_ISIC = dict(num_classes=2, class_names=('background', 'lesion'), kind='image', report_order=(1,), epochs=200,
+             batch_size=8, where='challenge.isic-archive.com', intensity='rgb', figure='pooled_256')
 SPECS = {
     'synapse': DatasetSpec('synapse', 9, SYNAPSE_CLASSES, 'volume', SYNAPSE_TABLE1, 300, 24,
                            'github.com/Beckschen/TransUNet', _SYNAPSE, intensity='ct'),
     'acdc': DatasetSpec('acdc', 4, ('background', 'RV', 'Myo', 'LV'), 'volume', (1, 2, 3), 400, 12,
                         'MT-UNet and SSL4MIS on GitHub', "MT-UNet's ROOT/{train,valid,test}/*.npz, ROOT/lists_ACDC, "
                         "or SSL4MIS's ROOT/data/slices/*.h5, ROOT/data/*.h5, ROOT/*.list", intensity='mri'),
-    'isic2017': DatasetSpec('isic2017', 2, ('background', 'lesion'), where='challenge.isic-archive.com', **_ISIC,
+    'isic2017': DatasetSpec('isic2017', **_ISIC,
                             layout='ROOT/ISIC-2017_{Training,Validation,Test_v2}_{Data,Part1_GroundTruth}'),
-    'isic2018': DatasetSpec('isic2018', 2, ('background', 'lesion'), where='challenge.isic-archive.com', **_ISIC,
+    'isic2018': DatasetSpec('isic2018', **_ISIC,
                             layout='ROOT/ISIC2018_Task1-2_Training_Input, ROOT/ISIC2018_Task1_Training_GroundTruth'),
-    # NOTE(impl): GlaS batch size 8: Sec. 4.2 gives only the epochs; 8 as for the other 2-D sets.
+    # NOTE(impl): GlaS batch 8, as the other 2-D sets: Sec. 4.2 gives only epochs.
     'glas': DatasetSpec('glas', 2, ('background', 'gland'), 'image', (1,), 100, 8, 'warwick.ac.uk (GlaS)',
                         'ROOT/{train,testA,testB}_N.bmp, _N_anno.bmp', intensity='rgb'),
-    # NOTE(impl): the demo's recipe (10 epochs, batch 4, 64 px, lr 3e-4, from scratch) is ours, for a 2-core CPU.
-    'demo': DatasetSpec('demo', 9, SYNAPSE_CLASSES, 'volume', SYNAPSE_TABLE1, 10, 4, 'python data.py --make-demo',
-                        _SYNAPSE, img_size=64, lr=3e-4, intensity='ct'),
 }
+SPECS['demo'] = replace(SPECS['synapse'], name='demo', epochs=10, batch_size=4, where='python data.py --make-demo',
+                        img_size=64, lr=3e-4)  # NOTE(impl): the demo's recipe is ours, for a 2-core CPU.
 FOLDER = 'ROOT/images/*, ROOT/masks/* (same stems), ROOT/classes.txt or --num-classes, optional ROOT/*.txt'
 NNUNET = 'ROOT/dataset.json, ROOT/imagesTr/CASE_0000.*, ROOT/labelsTr/CASE.*, optional imagesTs/, labelsTs/'
-DATASETS = tuple(SPECS) + ('folder', 'nnunet')  # what --data accepts: the fixed sets, then the user's own
-
-# -----------------------------------------------------------------------------
-# the layouts: each dataset one row of folders, name patterns, array keys and splits (ROOT-relative)
+DATASETS = tuple(SPECS) + ('folder', 'nnunet')  # --data: the fixed sets, then the user's own
 
 
 @dataclass(frozen=True)
 class Split:
-    """One split's files: a folder, their names, their masks, an optional list."""
+    """A split's files: a folder (ROOT-relative), their names and masks, an optional list."""
     folder: str              # '' = ROOT
-    name: str                # regex on a file's stem; groups: id (volume or image), case (patient), index (slice)
-    suffix: tuple            # the file endings
-    masks: str = None        # image + mask layouts: the masks' folder, and
+    name: str                # regex on a stem; groups: id (volume or image), case (patient), index (slice)
+    suffix: tuple
+    masks: str = None        # 'pair', 'nifti': the masks' folder and
     mask: tuple = ()         # a mask's names ('{id}' replaced; the first that exists)
-    list: tuple = ()         # list files of names: the split's order and subset
-    id: str = None           # the volume id from the groups, where slices name it otherwise (ACDC)
-    optional: bool = False   # without its folder or list the split is absent, not an error
+    list: tuple = ()         # list files: the split's order and subset
+    id: str = None           # the volume id from the groups, if slices name it otherwise (ACDC)
+    optional: bool = False   # without its folder or list: absent, not an error
 
 
 @dataclass(frozen=True)
 class Layout:
-    """One on-disk layout: how its files are read and where each split lies."""
-    reader: str              # 'arrays' (.npz/.h5 slices and volumes), 'pair' (image + mask), 'nifti'
+    """An on-disk layout: how its files are read, where each split lies."""
+    reader: str          # 'arrays' (.npz/.h5 slices, volumes), 'pair' (image + mask), 'nifti'
     train: Split
-    val: Split = None        # None: held out of train, by whole case
+    val: Split = None    # None: held out of train by whole case
     test: Split = None
     keys: tuple = ('image', 'label')  # 'arrays': the image and label arrays
-    fg: int = 0              # 'pair': binary masks, foreground = value >= fg; 0: masks hold class ids
-    aspect: bool = True      # 'pair': a mask has its image's aspect ratio (else: a mis-paired mask)
-    carve: str = None        # 'seeded': without a test split, 20% of train is test; 'isic2018': the paper's counts
-
-
-def _isic2017(part):
-    return Split(f'ISIC-2017_{part}_Data', r'ISIC_\d+', ('.jpg', '.jpeg', '.png'), f'ISIC-2017_{part}_Part1_GroundTruth',
-                 ('{id}_segmentation.png',))
+    fg: int = 0          # 'pair': foreground = mask >= fg; 0: masks hold class ids
+    aspect: bool = True  # 'pair': a mask has its image's aspect ratio (else: mis-paired)
+    carve: str = None    # 'seeded': no test split: 20% of train; 'isic2018': the paper's counts
 
 
 _TRANSUNET = Layout('arrays', Split('train_npz', r'(?P<id>.+)_slice(?P<index>\d+)', ('.npz',),
@@ -142,7 +128,7 @@ _TRANSUNET = Layout('arrays', Split('train_npz', r'(?P<id>.+)_slice(?P<index>\d+
 _MTUNET = dict(name=r'(?P<case>case_\d+)_slice(?P<phase>ED|ES)_(?P<index>\d+)', suffix=('.npz',),
                id='{case}_volume_{phase}')
 _MASKS = tuple('{id}' + x for x in IMAGE_SUFFIXES + tuple(map(str.upper, IMAGE_SUFFIXES)))
-# NOTE(impl): ACDC is held out by patient (ED and ES together), GlaS by image: its names carry no patient id.
+# NOTE(impl): ACDC is held out by patient (ED with ES), GlaS by image (no patient ids).
 LAYOUTS = {
     'synapse': (_TRANSUNET,),
     'demo': (_TRANSUNET,),
@@ -151,25 +137,26 @@ LAYOUTS = {
                     *(Split('data', '.+', ('.h5',), list=(f'{k}.list',), optional=True) for k in ('val', 'test'))),
              Layout('arrays', *(Split(k, list=(f'lists_ACDC/{k}.txt',), **_MTUNET) for k in ('train', 'valid')),
                     Split('test', '.+', ('.npz',), list=('lists_ACDC/test.txt',)), keys=('img', 'label'))),
-    'isic2017': (Layout('pair', *map(_isic2017, ('Training', 'Validation', 'Test_v2')), fg=ISIC_FG, aspect=False),),
+    'isic2017': (Layout('pair', *(Split(f'ISIC-2017_{k}_Data', r'ISIC_\d+', ('.jpg', '.jpeg', '.png'),
+                                        f'ISIC-2017_{k}_Part1_GroundTruth', ('{id}_segmentation.png',))
+                                  for k in ('Training', 'Validation', 'Test_v2')), fg=ISIC_FG, aspect=False),),
     'isic2018': (Layout('pair', Split('ISIC2018_Task1-2_Training_Input', r'ISIC_\d+', ('.jpg', '.jpeg'),
                                       'ISIC2018_Task1_Training_GroundTruth', ('{id}_segmentation.png',)),
                         fg=ISIC_FG, aspect=False, carve='isic2018'),),
-    'glas': (Layout('pair', Split('', r'train_\d+', ('.bmp',), '', ('{id}_anno.bmp',)),  # instance ids: fg = > 0
+    'glas': (Layout('pair', Split('', r'train_\d+', ('.bmp',), '', ('{id}_anno.bmp',)),  # instance ids: fg > 0
                     test=Split('', r'test[AB]_\d+', ('.bmp',), '', ('{id}_anno.bmp',)), fg=1),),
-    'folder': (Layout('pair', *(Split('images', '.+', IMAGE_SUFFIXES, 'masks', _MASKS, (f'{k}.txt',), optional=k != 'train')
-                                for k in ('train', 'val', 'test')), carve='seeded'),),
+    'folder': (Layout('pair', *(Split('images', '.+', IMAGE_SUFFIXES, 'masks', _MASKS, (f'{k}.txt',),
+                                      optional=k != 'train') for k in ('train', 'val', 'test')), carve='seeded'),),
 }
 
 
 def _nnunet_layout(ending):
-    """nnU-Net v2 raw: imagesTr/CASE_0000<ending> + labelsTr/CASE<ending>; imagesTs/labelsTs the test split."""
+    """nnU-Net v2 raw: imagesTr/CASE_0000<ending>, labelsTr/CASE<ending>; imagesTs, labelsTs: test."""
     tr, ts = (Split(f'images{k}', '.+', ('_0000' + ending,), f'labels{k}', ('{id}' + ending,), optional=k == 'Ts')
               for k in ('Tr', 'Ts'))
     return Layout('nifti' if ending in NIFTI_SUFFIXES else 'pair', tr, test=ts, carve='seeded')
 
-# -----------------------------------------------------------------------------
-# helpers: one reader per kind of file (arrays, image + mask, NIfTI); every failure names the file
+# ---- helpers: a reader per kind of file (arrays, image + mask, NIfTI); failures name the file
 
 
 def _fail(path, what, e):
@@ -178,18 +165,16 @@ def _fail(path, what, e):
 
 
 def read_arrays(path, keys=None):
-    """The named arrays of an .npz or .h5 file (keys=None: all of them, as a dict)."""
+    """The named arrays of an .npz or .h5 file; keys=None: all, as a dict."""
     h5 = not str(path).endswith('.npz')
     try:
         with (h5py.File(path, 'r') if h5 else np.load(path)) as f:
             have = list(f.keys()) if h5 else f.files
-            if keys is not None and any(k not in have for k in keys):
-                raise DataError(f'{path}: expected {"datasets" if h5 else "arrays"} {list(keys)}, found {have}')
-            return {k: f[k][()] for k in have} if keys is None else [f[k][()] for k in keys]
-    except DataError:
-        raise
-    except Exception as e:  # zipfile, pickle, HDF5 and OS errors all mean a corrupt file
+            if keys is None or all(k in have for k in keys):
+                return {k: f[k][()] for k in have} if keys is None else [f[k][()] for k in keys]
+    except Exception as e:  # zipfile, pickle, HDF5 and OS errors: a corrupt file
         raise _fail(path, 'h5' if h5 else 'npz', e) from None
+    raise DataError(f'{path}: expected {"datasets" if h5 else "arrays"} {list(keys)}, found {have}')
 
 
 def _read_pil(path):
@@ -201,8 +186,7 @@ def _read_pil(path):
 
 
 def read_image(path):
-    """An image -> uint8 RGB (H,W,3) from its real bit depth: 16-bit by its full range (65535 -> 255, as
-    scikit-image's img_as_ubyte), float from [0, 1]; other ranges are refused, never clipped."""
+    """An image -> uint8 RGB (H,W,3): 16-bit by full range (img_as_ubyte), float from [0, 1]; others refused."""
     a = _read_pil(path)
     if a.ndim == 2 and a.dtype not in (np.uint8, bool):
         hi = 1 if a.dtype.kind == 'f' else 65535
@@ -215,12 +199,12 @@ def read_image(path):
 def _check_cascade(labels, name):
     """label_map='cascade' on TransUNet's 9-class files would make liver background."""
     if np.asarray(labels).max() <= 8:
-        raise DataError(f'{name}: label_map=cascade expects the 13 BTCV labels, but no label above 8 in the whole '
-                        "case: TransUNet's 9-class files? Use --label-map transunet")
+        raise DataError(f'{name}: label_map=cascade expects 13 BTCV labels, but no label above 8 in the whole case; '
+                        'use --label-map transunet')
 
 
 def _labels(a, path, num_classes, lut=None):
-    """Stored labels (often float) -> int64 class ids; non-integers and ids outside the classes are refused."""
+    """Stored labels (often float) -> int64 class ids; refuses non-integers and unknown ids."""
     a = np.asarray(a)
     if a.dtype.kind == 'f' and not np.array_equal(a, np.round(a)):  # NaN also fails here
         raise DataError(f'{path}: labels must be integers, found {a[a != np.round(a)].flat[0]}')
@@ -231,7 +215,7 @@ def _labels(a, path, num_classes, lut=None):
         if a.min() < 0 or a.max() >= len(lut):
             raise DataError(f'{path}: raw label {a.min() if a.min() < 0 else a.max()} outside the 13 BTCV labels '
                             'of label_map=cascade')
-        if a.ndim == 3:  # a whole volume
+        if a.ndim == 3:
             _check_cascade(a, path)
         a = lut[a]
     if a.min() < 0 or a.max() >= num_classes:
@@ -242,7 +226,7 @@ def _labels(a, path, num_classes, lut=None):
 
 
 def _arrays_pair(path, keys, num_classes, lut=None):
-    """A slice or volume of an .npz/.h5 file: (image float32, label int64) of one 2-D or 3-D shape."""
+    """An .npz/.h5 slice or volume -> (image float32, label int64) of one 2-D or 3-D shape."""
     img, lab = (np.asarray(a) for a in read_arrays(path, keys))
     if img.shape != lab.shape or img.ndim not in (2, 3):
         raise DataError(f'{path}: image {img.shape} and label {lab.shape} must be equal 2-D or 3-D shapes')
@@ -252,7 +236,7 @@ def _arrays_pair(path, keys, num_classes, lut=None):
 def _image_pair(img_path, mask_path, fg, num_classes, aspect):
     """An RGB image as stored, and its labels at the mask's size: binary (>= fg) or class ids."""
     image, mask = read_image(img_path), _read_pil(mask_path)
-    mask = mask * 255 if mask.dtype == bool else mask.max(axis=2) if mask.ndim == 3 else mask  # 1-bit, RGB(A)
+    mask = mask * 255 if mask.dtype == bool else mask.max(axis=2) if mask.ndim == 3 else mask  # 1-bit, RGB
     (hi, wi), (hm, wm) = image.shape[:2], mask.shape
     if aspect and abs(hi * wm - hm * wi) > max(hi, wi, hm, wm):  # beyond a pixel of rounding
         raise DataError(f'{mask_path}: a {hm}x{wm} mask of the {hi}x{wi} image {img_path}: another aspect ratio')
@@ -262,8 +246,7 @@ def _image_pair(img_path, mask_path, fg, num_classes, aspect):
 
 
 def read_nifti(path, voxels=True):
-    """A NIfTI file -> (its voxels as stored, squeezed to (X,Y,Z), the nibabel image: affine and header);
-    voxels=False: the shape instead of the voxels, from the header alone."""
+    """A NIfTI file -> (its voxels squeezed to (X,Y,Z), or their shape if voxels=False; the nibabel image)."""
     try:
         img = nib.load(str(path))
         shape = tuple(img.shape[:3]) + tuple(d for d in img.shape[3:] if d != 1)  # (X,Y,Z,1) -> (X,Y,Z)
@@ -276,15 +259,14 @@ def read_nifti(path, voxels=True):
     return a, img
 
 
-# NOTE(impl): volumes are sliced along the 3rd voxel axis (rows the 2nd, columns the 1st), without reorientation,
-# as the public Synapse conversion (SAMed's preprocess_data.py) and SSL4MIS's ACDC script do.
+# NOTE(impl): slices on voxel axis 3, rows on 2, not reoriented, as the SAMed (Synapse) and SSL4MIS (ACDC) conversions.
 def voxel_order(a):
     """(X,Y,Z) voxels <-> (Z,Y,X) slices; the transpose is its own inverse."""
     return np.ascontiguousarray(np.transpose(a, (2, 1, 0)))
 
 
 def _nifti_pair(img_path, lab_path, intensity, num_classes):
-    """A raw NIfTI volume and its labels -> (image float32 (D,H,W) normalised, label int64 (D,H,W))."""
+    """A raw NIfTI volume and its labels -> (normalised image float32, label int64), (D,H,W) each."""
     (img, _), (lab, _) = read_nifti(img_path), read_nifti(lab_path)
     if img.shape != lab.shape:
         raise DataError(f'{lab_path}: label shape {lab.shape} differs from its image {img_path} {img.shape}')
@@ -292,11 +274,11 @@ def _nifti_pair(img_path, lab_path, intensity, num_classes):
 
 
 def _stack(reads, name):
-    """A volume (D,H,W) from its slices' readers, in slice order."""
-    pairs = [read() for read in reads]
-    if len({p[0].shape for p in pairs}) != 1:
-        raise DataError(f'volume {name}: its slices have different shapes {sorted({p[0].shape for p in pairs})}')
-    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+    """A volume (D,H,W) from its slices' readers."""
+    images, labels = zip(*(read() for read in reads))
+    if len({a.shape for a in images}) != 1:
+        raise DataError(f'volume {name}: its slices have different shapes {sorted({a.shape for a in images})}')
+    return np.stack(images), np.stack(labels)
 
 
 def _remove_if_owner(path, pid):
@@ -305,7 +287,7 @@ def _remove_if_owner(path, pid):
 
 
 class DiskCache:
-    """Arrays decoded once, by the first process that needs them, into .npy files that loader workers share."""
+    """Arrays decoded once, by the first process to need them, into .npy files the workers share."""
 
     def __init__(self):
         self.dir = tempfile.mkdtemp(prefix='danie-cache-')
@@ -313,36 +295,35 @@ class DiskCache:
 
     def get(self, key, make):
         paths = [os.path.join(self.dir, f'{key}.{i}.npy') for i in (0, 1)]
-        if not os.path.exists(paths[1]):  # written last: a reader never sees half a pair
-            for path, a in zip(paths, make()):  # racing workers write whole files; the last rename wins
+        if not os.path.exists(paths[1]):  # written last: no reader sees half a pair
+            for path, a in zip(paths, make()):  # racing workers write whole files
                 np.save(f'{path}.{os.getpid()}.npy', a)
                 os.replace(f'{path}.{os.getpid()}.npy', path)
         return [np.load(p, mmap_mode='r') for p in paths]
 
 
 def _cached_slice(cache, key, read, k):
-    """Slice k of a volume decoded once into the cache -> (image float32 (H,W), label int64 (H,W))."""
+    """Slice k of a volume decoded once into the cache -> (image float32, label int64), (H,W) each."""
     img, lab = cache.get(key, lambda: [a.astype(np.uint8) if i else a for i, a in enumerate(read())])
     return np.array(img[k]), lab[k].astype(np.int64)
 
-# -----------------------------------------------------------------------------
-# blocks: a dataset's splits as Items, from its layout row
+# ---- blocks: a dataset's splits as Items, from its layout row
 
 
 @dataclass
 class Item:
-    """One training slice or image, or one evaluation case (a volume or an image), and how to read it."""
-    id: str                     # the volume or image: what evaluation reports
-    image: np.ndarray = None    # once read: volume float32 (D,H,W) or RGB uint8 (H,W,3), as stored
-    label: np.ndarray = None    # int64 (D,H,W) / (H,W), the size scores are computed at; None: no labels
-    read: object = None         # () -> (image, label): a partial, which pickles into loader workers
-    case: str = None            # the patient: the unit of the validation split
-    index: int = None           # a slice's position in its volume (None: a whole volume or an image)
-    files: tuple = ()           # the files it is read from
-    geometry: object = None     # a NIfTI input's nibabel image: the shape, affine and header a prediction keeps
+    """A training slice or image, or an evaluation case (volume or image), and how to read it."""
+    id: str                   # the volume or image, as evaluation reports it
+    image: np.ndarray = None  # once read: float32 (D,H,W) or RGB uint8 (H,W,3), as stored
+    label: np.ndarray = None  # int64 (D,H,W) or (H,W), scored at this size; None: no labels
+    read: object = None       # () -> (image, label): a partial (pickles into workers)
+    case: str = None          # the patient: the unit of the validation split
+    index: int = None         # a slice's position in its volume
+    files: tuple = ()
+    geometry: object = None   # a NIfTI input's nibabel image: affine and header for its prediction
 
     def load(self):
-        """This item with its image and label read (itself, if they are)."""
+        """This item with its image and label read."""
         return self if self.read is None else replace(self, read=None, **dict(zip(('image', 'label'), self.read())))
 
 
@@ -360,13 +341,13 @@ class Cases(Sequence):
 
 
 def _match(s, name):
-    """A file name's match against a split's names (its stem against s.name), or None."""
+    """A file name's stem matched against a split's names, or None."""
     stem = next((name[:-len(x)] for x in s.suffix if name.lower().endswith(x)), None)
     return re.fullmatch(s.name, stem) if stem is not None else None
 
 
 def _files(root, s, spec):
-    """A split's files, in its list's order or sorted by name; None where an optional split is absent."""
+    """A split's files, in its list's order or by name; None if an optional split is absent."""
     folder, lst = root / s.folder, next((root / f for f in s.list if (root / f).is_file()), None)
     dirs = [folder] + ([root / s.masks] if s.masks is not None else [])
     if s.optional and (not all(d.is_dir() for d in dirs) or s.list and lst is None):
@@ -390,7 +371,7 @@ def _files(root, s, spec):
 
 
 def _items(root, s, layout, spec, label_map):
-    """One Item per file of a split, with its reader; None where the split is absent."""
+    """An Item per file of a split; None where the split is absent."""
     items, lut = [], CASCADE_LUT if label_map == 'cascade' else None
     for f in s and _files(root, s, spec) or ():
         m = _match(s, f.name)
@@ -413,53 +394,55 @@ def _items(root, s, layout, spec, label_map):
 
 
 def _layout(spec, root):
-    """The layout row that a dataset root holds, and the folder that holds it (ROOT or a subfolder)."""
+    """The layout row a dataset root holds, and its folder (ROOT or a subfolder)."""
     root = Path(root)
+    how = f'write it with `python data.py --make-demo {root}`' if spec.name == 'demo' else f'see {spec.where}'
     if not root.is_dir():
-        how = f'write it with `python data.py --make-demo {root}`' if spec.name == 'demo' else spec.where
         raise DataError(f"dataset root '{root}' (--root) not found: expected {spec.name} as {spec.layout}; {how}")
     rows = (_nnunet_layout(_nnunet(root)[2]),) if spec.name == 'nnunet' else LAYOUTS[spec.name]
-    for r in [root] + sorted(d for d in root.iterdir() if d.is_dir()):  # a download may unpack into a subfolder
+    for r in [root] + sorted(d for d in root.iterdir() if d.is_dir()):  # downloads unpack into subfolders
         for row, s in ((row, s) for row in rows for s in (row.train, row.test) if s):
             if (r / s.folder).is_dir() if s.folder else any(_match(s, p.name) for p in r.iterdir()):
                 return row, r
     what = 'neither ACDC layout' if len(rows) > 1 else f'no {spec.name} files'
-    how = 'run `python data.py --make-demo ROOT`' if spec.name == 'demo' else f'published at {spec.where}'
     raise DataError(f'{root}: {what} found; expected {spec.layout}; {how}')
 
 
 def _volumes(items):
-    """Evaluation cases from a split's Items: slices stacked into volumes, the rest as they are."""
+    """A split's Items as evaluation cases: slices stacked into volumes."""
     vols = {}
     for it in sorted(items, key=lambda it: (it.id, it.index or 0)):
         vols.setdefault(it.id, []).append(it)
-    return [Item(v, read=partial(_stack, [s.read for s in ss], v), case=ss[0].case, files=sum((s.files for s in ss), ()))
-            for v, ss in vols.items()] if any(it.index is not None for it in items) else items
+    stacked = [Item(v, read=partial(_stack, [s.read for s in ss], v), case=ss[0].case,
+                    files=sum((s.files for s in ss), ())) for v, ss in vols.items()]
+    return stacked if any(it.index is not None for it in items) else items
 
 
 def isic2018_split(names):
     """The paper's ISIC 2018 split (Azad et al.): the first 1815 / next 259 / last 520 of the SORTED names."""
-    names, (n_train, n_val, _) = sorted(names), ISIC2018_SPLIT
-    if len(names) != sum(ISIC2018_SPLIT):
-        # NOTE(impl): another count than 2594 is split in the same proportions, with a warning.
-        warnings.warn(f'ISIC 2018: {len(names)} images, not {sum(ISIC2018_SPLIT)}; split as {ISIC2018_SPLIT}')
-        n_train, n_val = (round(len(names) * n / sum(ISIC2018_SPLIT)) for n in (n_train, n_val))
-    # NOTE(impl): sorted names; Azad et al. took an unsorted glob, whose order depends on the file system.
+    # NOTE(impl): sorted (Azad et al.: an unsorted glob); other counts split in the same proportions.
+    names, total = sorted(names), sum(ISIC2018_SPLIT)
+    if len(names) != total:
+        warnings.warn(f'ISIC 2018: {len(names)} images, not {total}; split as {ISIC2018_SPLIT}')
+    n_train, n_val = (round(len(names) * n / total) for n in ISIC2018_SPLIT[:2])
     return names[:n_train], names[n_train:n_train + n_val], names[n_train + n_val:]
 
 
-def _seeded(cases, seed, k):
-    """k of the cases, by a seeded permutation of their sorted ids (whole patients or volumes)."""
-    cases = sorted(cases)
-    return {cases[i] for i in np.random.default_rng(seed).permutation(len(cases))[:k]}
+def _hold_out(items, n, seed, what):
+    """(held, kept): n of the items' cases (a count or fraction), by a seeded permutation of the sorted ids."""
+    cases = sorted({it.case for it in items})
+    k = max(1, int(n * len(cases) + 0.5)) if 0 < n < 1 else int(n)
+    if k >= len(cases):
+        raise DataError(f'{what} holds out {k} of the {len(cases)} training cases; none would be left')
+    held = {cases[i] for i in np.random.default_rng(seed).permutation(len(cases))[:k]}
+    return [it for it in items if it.case in held], [it for it in items if it.case not in held]
 
 
 def _split(spec, root, split, label_map='transunet', val_cases=None, seed=0):
-    """The Items of a dataset's split: 'test', 'val' (the official one, else cases held out of training; none for
-    val_cases=0) or 'train' (less those); None where the dataset has no such split."""
+    """A split's Items: 'test', 'val' (official, else held-out training cases) or 'train' (the rest); None if absent."""
     if label_map not in LABEL_MAPS or label_map == 'cascade' and spec.name != 'synapse':
-        raise DataError(f"label map '{label_map}' (--label-map): expected one of {', '.join(LABEL_MAPS)}; "
-                        "label_map='cascade' is for Synapse's 13-label files")
+        raise DataError(f"--label-map {label_map}: expected {' or '.join(LABEL_MAPS)}; label_map='cascade' is for "
+                        "Synapse's 13-label files")
     layout, root = _layout(spec, root)
     listed = {k: partial(_items, root, getattr(layout, k), layout, spec, label_map) for k in ('train', 'val', 'test')}
     official = val_cases is None and (layout.carve == 'isic2018' or bool(layout.val) and (
@@ -468,43 +451,35 @@ def _split(spec, root, split, label_map='transunet', val_cases=None, seed=0):
         return listed[split]()
     test = listed['test']() if layout.carve == 'seeded' else None
     taken = {it.id for it in (test or []) + (layout.carve == 'seeded' and listed['val']() or [])}
-    pool = [it for it in listed['train']() if it.id not in taken]  # the user's {val,test}.txt pick from train
+    pool = [it for it in listed['train']() if it.id not in taken]  # a user's val.txt, test.txt pick from train
     if layout.carve == 'isic2018':
         train, val, test = ([it for it in pool if it.id in set(p)] for p in isic2018_split(it.id for it in pool))
         if split == 'val' and official:
             return val
         pool = train
     elif layout.carve == 'seeded' and not test:
-        cases = {it.case for it in pool}
-        if len(cases) < 2:
-            raise DataError(f'{root}: {len(cases)} case(s) cannot be split into training and test')
-        held = _seeded(cases, TEST_SEED, max(1, int(TEST_FRACTION * len(cases) + 0.5)))
-        test, pool = ([it for it in pool if (it.case in held) == t] for t in (True, False))
+        test, pool = _hold_out(pool, TEST_FRACTION, TEST_SEED, f'{root}: the test split')
     if split == 'test':
         return test
-    # NOTE(impl): an explicit val_cases holds training cases out even where an official validation split exists.
-    cases, val_cases = {it.case for it in pool}, VAL_FRACTION if val_cases is None else val_cases
-    k = 0 if official else max(1, int(val_cases * len(cases) + 0.5)) if 0 < val_cases < 1 else int(val_cases)
-    if k >= len(cases):
-        raise DataError(f'val_cases={val_cases} holds out {k} of the {len(cases)} training cases; none would be left')
-    held = _seeded(cases, seed, k)
-    return [it for it in pool if (it.case in held) == (split == 'val')]
+    # NOTE(impl): an explicit val_cases holds cases out even beside an official val split.
+    n = 0 if official else VAL_FRACTION if val_cases is None else val_cases
+    val, train = _hold_out(pool, n, seed, f'val_cases={n}')
+    return val if split == 'val' else train
 
-
-# -----------------------------------------------------------------------------
-# blocks: resize, augmentation, normalisation: the same functions in training and evaluation
+# ---- blocks: resize, augmentation, normalisation (for training and evaluation); the training set
 
 
 def _zoom(a, size, order):
-    """A slice (H,W) to (size,size) by scipy's spline of `order`: 3 images, 0 labels, as TransUNet."""
+    """A slice (H,W) to (size,size), scipy's spline: order 3 images, 0 labels, as TransUNet."""
     return a if a.shape == (size, size) else ndimage.zoom(a, (size / a.shape[0], size / a.shape[1]), order=order)
 
 
 def _pil_resize(a, size, resample):
-    """An RGB image (H,W,3) or label map (H,W) of bytes to (size,size), on PIL's one pixel-centre grid."""
-    # NOTE(impl): PIL bicubic with reducing_gap=3 (box pre-reduction) keeps megapixel ISIC images fast.
-    return a if a.shape[:2] == (size, size) else np.array(Image.fromarray(a).resize((size, size), resample,
-                                                                                     reducing_gap=3.0))
+    """An RGB image (H,W,3) or label map (H,W) of bytes to (size,size), on PIL's pixel-centre grid."""
+    if a.shape[:2] == (size, size):
+        return a
+    # NOTE(impl): PIL bicubic with reducing_gap=3 (box pre-reduction): fast on megapixel ISIC images.
+    return np.array(Image.fromarray(a).resize((size, size), resample, reducing_gap=3.0))
 
 
 def _augment(img, lab, rng):
@@ -513,109 +488,103 @@ def _augment(img, lab, rng):
         k, axis = int(rng.integers(4)), int(rng.integers(2))
         img, lab = np.flip(np.rot90(img, k), axis), np.flip(np.rot90(lab, k), axis)
     elif rng.random() < 0.5:
-        # NOTE(impl): angle uniform in [-20, 20], the image bilinear (TransUNet: an integer angle, nearest for both).
-        angle = float(rng.uniform(-ROT_DEGREES, ROT_DEGREES))
-        # PIL rotates float ('F'), uint8 ('L') and RGB arrays about one centre and fills with 0 (background)
+        # NOTE(impl): angle uniform in [-20, 20], the image bilinear (TransUNet: integer angle, nearest for both).
+        angle = float(rng.uniform(-ROT_DEGREES, ROT_DEGREES))  # PIL: one centre for 'F', 'L', RGB; fills with 0
         img, lab = (np.array(Image.fromarray(np.ascontiguousarray(a)).rotate(angle, resample=r))
                     for a, r in ((img, Image.BILINEAR), (lab, Image.NEAREST)))
     return np.ascontiguousarray(img), np.ascontiguousarray(lab)
 
 
-def _to_input(x, mean, std):
+def _to_input(x):
     """A resized slice (S,S) float or RGB (S,S,3) uint8 -> normalised float32 tensor (3,S,S)."""
     if x.ndim == 2:
-        x = x[None].astype(np.float32, copy=False)  # (1,S,S): the grayscale slice feeds all 3 RGB inputs
+        x = x[None].astype(np.float32, copy=False)  # (1,S,S): a gray slice feeds all 3 inputs
     else:
         x = x.transpose(2, 0, 1).astype(np.float32) / np.float32(255)  # (H,W,3) -> (3,S,S) in [0,1]
-    m, s = (np.asarray(v, np.float32)[:, None, None] for v in (mean, std))
+    m, s = (np.asarray(v, np.float32)[:, None, None] for v in (MEAN, STD))
     return torch.from_numpy((x - m) / s)  # broadcast to (3,S,S)
 
 
-def prepare_input(images, img_size, mean=MEAN, std=STD):
-    """Slices (N,H,W) float or RGB images (N,H,W,3) uint8 -> the model's input (N,3,S,S), as in training."""
+def prepare_input(images, img_size):
+    """Slices (N,H,W) float or RGB images (N,H,W,3) uint8 -> the model's input (N,3,S,S), as training's."""
     a = np.asarray(images)
     if a.ndim == 3 and a.dtype != np.uint8:
-        return torch.stack([_to_input(_zoom(x.astype(np.float32), img_size, 3), mean, std) for x in a])
+        return torch.stack([_to_input(_zoom(x.astype(np.float32), img_size, 3)) for x in a])
     if a.ndim == 4 and a.shape[-1] == 3 and a.dtype == np.uint8:
-        return torch.stack([_to_input(_pil_resize(x, img_size, Image.BICUBIC), mean, std) for x in a])
+        return torch.stack([_to_input(_pil_resize(x, img_size, Image.BICUBIC)) for x in a])
     raise ValueError(f'prepare_input: expected float slices (N,H,W) or uint8 RGB (N,H,W,3), got {a.dtype} {a.shape}')
 
 
 def _nearest_index(n_in, n_out, grid):
-    """Source index of each output pixel of ndimage.zoom(order=0) along an axis, in scipy's float64 steps."""
-    if grid:  # pixel-centre grid (PIL's, grid_mode=True): centres map onto centres
+    """Each output pixel's source index in a nearest resize along an axis, in float64 as scipy's."""
+    if grid:  # pixel-centre grid (PIL's): centres map onto centres
         c = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
-    else:  # corner-aligned grid (scipy's default): first and last pixels map onto each other
+    else:  # corner-aligned grid (scipy's zoom): first and last pixels align
         c = np.arange(n_out) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 1.0)
     return np.clip(np.floor(c + 0.5), 0, n_in - 1).astype(np.int64)
 
 
 def restore_size(labels, out_hw, kind):
-    """Label maps (N,S,S) (an integer tensor, any device) -> (N,H,W), nearest: prepare_input's inverse, on the
-    grid of its resize: scipy's corner-aligned one for volumes, PIL's pixel-centre one for images."""
+    """Label maps (N,S,S), an integer tensor -> (N,H,W), nearest, on prepare_input's grid: its inverse."""
     if kind not in ('volume', 'image'):
         raise ValueError(f"restore_size: kind must be 'volume' or 'image', got {kind!r}")
     if tuple(labels.shape[-2:]) == tuple(out_hw):
         return labels
-    # NOTE(impl): the argmax label map is resized back, nearest (TransUNet's test_single_volume), not the logits.
+    # NOTE(impl): the argmax labels are resized back, not the logits (TransUNet's test_single_volume).
     iy, ix = (torch.from_numpy(_nearest_index(n, m, kind == 'image')).to(labels.device)
               for n, m in zip(labels.shape[-2:], out_hw))
     return labels.index_select(-2, iy).index_select(-1, ix)  # (N,S,S) -> (N,H,S) -> (N,H,W)
 
 
 def normalise(image, intensity):
-    """A raw input -> the values training slices hold: 'ct', 'mri', 'zscore'; 'rgb', 'none' as given."""
+    """A raw input -> the values training slices hold ('rgb', 'none': as given)."""
     if intensity not in INTENSITIES:
         raise DataError(f"intensity {intensity!r} (--intensity): expected one of {', '.join(INTENSITIES)}")
     if intensity in ('rgb', 'none'):
         return image
     a = np.asarray(image, dtype=np.float32)
-    if intensity == 'ct':  # Synapse/TransUNet: clip HU to the abdominal window, scale to [0, 1]
+    if intensity == 'ct':
         return (np.clip(a, *CT_WINDOW) - CT_WINDOW[0]) / np.float32(CT_WINDOW[1] - CT_WINDOW[0])
-    if intensity == 'mri':  # NOTE(impl): per-volume min-max to [0, 1], as SSL4MIS wrote the ACDC h5 files.
+    if intensity == 'mri':  # NOTE(impl): per-volume min-max, as SSL4MIS wrote ACDC's h5 files.
         return (a - a.min()) / max(float(a.max() - a.min()), 1e-8)
-    # NOTE(impl): 'zscore', nnU-Net's rule for non-CT channels: the whole volume's mean and std.
-    return (a - a.mean()) / max(float(a.std()), 1e-8)
-
-# -----------------------------------------------------------------------------
-# blocks: the training set
+    return (a - a.mean()) / max(float(a.std()), 1e-8)  # NOTE(impl): 'zscore': nnU-Net's non-CT rule, per volume
 
 
 class TrainSet(Dataset):
     """Training samples -> (image float32 (3,S,S) normalised, label int64 (S,S)), TransUNet-augmented."""
 
-    def __init__(self, samples, spec, img_size, *, seed=0, augment=True, mean=MEAN, std=STD, cache=None):
-        self.samples, self.spec, self.img_size, self.seed = samples, spec, img_size, seed
-        self.augment, self.mean, self.std, self.cache = augment, tuple(mean), tuple(std), cache
-        self.cases = sorted({s.case for s in samples})
+    def __init__(self, samples, spec, img_size, *, seed=0, augment=True, cache=None):
+        self.samples, self.spec, self.img_size, self.seed, self.augment = samples, spec, img_size, seed, augment
+        self.cache, self.cases = cache, sorted({s.case for s in samples})
 
     def __len__(self):
         return len(self.samples)
 
     def _resized(self, i):
-        img, lab = self.samples[i].read()  # image and mask resized to S each on its own
-        return [_pil_resize(a, self.img_size, r) for a, r in ((img, Image.BICUBIC), (lab.astype(np.uint8),
-                                                                                     Image.NEAREST))]
+        img, lab = self.samples[i].read()
+        size = self.img_size
+        return [_pil_resize(img, size, Image.BICUBIC), _pil_resize(lab.astype(np.uint8), size, Image.NEAREST)]
 
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)  # a plain index is epoch 0
-        # NOTE(impl): one generator per (seed, epoch, index): the same whatever the workers, an exact resume.
+        # NOTE(impl): a generator per (seed, epoch, index): the same for any workers, exact on resume.
         rng = np.random.default_rng([self.seed, int(epoch), int(i)])
         if self.spec.kind == 'image':
-            # NOTE(impl): RGB pairs are resized to S once (cached), then augmented at S (TransUNet: at native size).
+            # NOTE(impl): RGB pairs are resized once (cached), then augmented at S (TransUNet: at native size).
             pair = self.cache.get(f'rgb{i}', partial(self._resized, i)) if self.cache else self._resized(i)
             img, lab = _augment(*pair, rng) if self.augment else pair
         else:
             img, lab = self.samples[i].read()
-            lab = lab.astype(np.uint8)  # class ids < 256; PIL and zoom are faster on bytes
-            if self.augment:  # TransUNet: augment at the native size, then resize
+            lab = lab.astype(np.uint8)  # faster in PIL and zoom
+            if self.augment:  # TransUNet: augment at native size, then resize
                 img, lab = _augment(img, lab, rng)
             img, lab = _zoom(img.astype(np.float32), self.img_size, 3), _zoom(lab, self.img_size, 0)
-        return _to_input(np.asarray(img), self.mean, self.std), torch.from_numpy(lab.astype(np.int64))
+        return _to_input(np.asarray(img)), torch.from_numpy(lab.astype(np.int64))
+
 
 class EpochSampler(Sampler):
-    """This rank's share of a shuffle fixed by (seed, epoch), from sample `skip` on, as (epoch, index) keys: rank r
-    takes every world-th index, so the ranks' k-th batches make one global batch for any number of GPUs."""
+    """This rank's every world-th index of a (seed, epoch) shuffle, from sample `skip` on, as (epoch, index) keys:
+    the ranks' k-th batches form one global batch for any number of GPUs."""
 
     def __init__(self, dataset, seed, rank, world):
         self.order, self.epoch, self.skip = DistributedSampler(dataset, world, rank, seed=seed, drop_last=True), 0, 0
@@ -630,10 +599,7 @@ class EpochSampler(Sampler):
     def __len__(self):
         return len(self.order) - self.skip
 
-
-
-# -----------------------------------------------------------------------------
-# top level: specs, the training set, evaluation cases, the loader, output folders
+# ---- top level: specs, the training set, evaluation cases, the loader; the demo set and the CLI
 
 
 def default_root(name):
@@ -657,13 +623,13 @@ def _nnunet(root):
     if not isinstance(labels, dict) or sorted(labels.values()) != list(range(max(2, len(labels)))):
         raise DataError(f'{path}: label ids must be 0..K-1, background 0, K >= 2 (no region-based labels): {labels}')
     channels = [channels[k] for k in sorted(channels, key=int)]
-    if len(channels) > 1:  # NOTE(impl): DANIE takes one channel (or one RGB image): it reads channel 0.
+    if len(channels) > 1:  # NOTE(impl): DANIE takes one channel (or RGB): channel 0.
         warnings.warn(f'{path}: {len(channels)} channels {channels}; DANIE reads channel 0 ({channels[0]}) only')
     return tuple(sorted(labels, key=labels.get)), channels, ending
 
 
 def get_spec(name, root=None, num_classes=None):
-    """The DatasetSpec of --data NAME: fixed for the benchmarks, read from ROOT for 'folder' and 'nnunet'."""
+    """The DatasetSpec of --data NAME: fixed for the benchmarks, from ROOT for 'folder' and 'nnunet'."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}' (--data): expected one of {', '.join(DATASETS)}")
     root, channels, ending, file = Path(root or default_root(name)), ['rgb'], '.png', Path(root or '') / 'classes.txt'
@@ -684,8 +650,7 @@ def get_spec(name, root=None, num_classes=None):
                         f'{len(names)} classes')
     if name in SPECS:
         return SPECS[name]
-    # NOTE(impl): the user's images train with ISIC's recipe (200 epochs, batch 8), nnU-Net volumes with Synapse's
-    # (300, 24) and the intensity rule of their channel 0 ('CT', else a z-score); the paper has no such sets.
+    # NOTE(impl): user images get ISIC's recipe, volumes Synapse's and channel 0's intensity rule.
     volume = ending in NIFTI_SUFFIXES
     return DatasetSpec(name, len(names), names, 'volume' if volume else 'image', tuple(range(1, len(names))),
                        300 if volume else 200, 24 if volume else 8, str(root), NNUNET if name == 'nnunet' else FOLDER,
@@ -693,7 +658,7 @@ def get_spec(name, root=None, num_classes=None):
 
 
 def spec_from_dict(d):
-    """The DatasetSpec a checkpoint recorded as a dict (dataclasses.asdict; tuples restored, unknown keys refused)."""
+    """The DatasetSpec a checkpoint recorded as a dict (asdict; tuples restored, unknown keys refused)."""
     names = {f.name for f in fields(DatasetSpec)}
     if not isinstance(d, dict) or set(d) - names:
         raise DataError(f'dataset spec: expected a dict with keys {sorted(names)}, got {d!r:.200}')
@@ -701,30 +666,27 @@ def spec_from_dict(d):
 
 
 def train_set(name, root, img_size, *, val_cases=None, seed=0, augment=True, label_map='transunet',
-              num_classes=None, mean=MEAN, std=STD, cache=True):
-    """The training samples of a dataset, less the cases held out for validation (val_cases=0: none)."""
-    if not isinstance(img_size, int) or img_size < 8:
-        raise DataError(f'img_size={img_size!r} (--img-size): expected an integer >= 8')
+              num_classes=None, cache=True):
+    """The training samples, less the cases held out for validation (val_cases=0: none)."""
     spec = get_spec(name, root, num_classes)
     items = _split(spec, root, 'train', label_map, val_cases, seed)
-    if label_map == 'cascade':  # the raw labels of one whole training case tell the two maps apart
+    if label_map == 'cascade':  # a whole training case's raw labels tell the maps apart
         first = [f for it in items if it.case == items[0].case for f in it.files]
-        _check_cascade([read_arrays(f, ('label',))[0].max() for f in first], f'training case {items[0].case} '
-                       f'({first[0].parent})')
+        maxima = [read_arrays(f, ('label',))[0].max() for f in first]
+        _check_cascade(maxima, f'training case {items[0].case} ({first[0].parent})')
     disk = DiskCache() if spec.kind == 'image' and cache and len(items) * img_size ** 2 * 4 < CACHE_MAX_BYTES else None
     if spec.kind == 'volume' and items[0].index is None:  # NIfTI volumes train slice by slice
-        # NOTE(impl): nnU-Net volumes are decoded once, on first use, into memory-mapped .npy files that the loader
-        # workers share: a .nii.gz read per slice would decompress the whole volume each time.
+        # NOTE(impl): decoded once into memory-mapped .npy files: a .nii.gz per slice would decompress it all.
         disk = DiskCache()
         items = [replace(it, read=partial(_cached_slice, disk, it.id, it.read, k), index=k) for it in items
                  for k in range(read_nifti(it.files[0], voxels=False)[0][2])]
-    ds = TrainSet(items, spec, img_size, seed=seed, augment=augment, mean=mean, std=std, cache=disk)
-    ds.samples[0].read()  # fail here, with the file's name, rather than inside a loader worker
+    ds = TrainSet(items, spec, img_size, seed=seed, augment=augment, cache=disk)
+    ds.samples[0].read()  # fail here, not in a loader worker
     return ds
 
 
 def eval_cases(name, root, split, *, val_cases=None, seed=0, label_map='transunet', num_classes=None):
-    """Whole cases as stored: split 'val' (official, held-out training cases, or none for val_cases=0) or 'test'."""
+    """Whole cases as stored, of split 'val' (as _split) or 'test'."""
     if split not in ('val', 'test'):
         raise DataError(f"split '{split}' (--split): expected 'val' or 'test'")
     spec = get_spec(name, root, num_classes)
@@ -735,7 +697,7 @@ def eval_cases(name, root, split, *, val_cases=None, seed=0, label_map='transune
 
 
 def make_loader(dataset, batch_size, *, shuffle, workers, sampler=None, drop_last=False):
-    """A DataLoader that keeps the GPU fed: workers, pinned memory on CUDA, persistent workers."""
+    """A DataLoader that keeps the GPU fed: pinned memory on CUDA, persistent workers."""
     if drop_last and len(dataset) < batch_size:
         raise DataError(f'batch size {batch_size} (--batch-size) is larger than the {len(dataset)} training samples')
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
@@ -744,7 +706,7 @@ def make_loader(dataset, batch_size, *, shuffle, workers, sampler=None, drop_las
 
 
 def output_dir(path, flag, inputs=()):
-    """The output folder of `flag`, created and checked before any work: writable, and not an input folder."""
+    """The output folder of `flag`, created and checked before any work: writable, not an input."""
     path = Path(path)
     if any(path.resolve() == Path(p).resolve() for p in inputs):
         raise DataError(f'{path} ({flag}) is also the input folder: outputs would be read back as inputs')
@@ -755,40 +717,32 @@ def output_dir(path, flag, inputs=()):
         raise DataError(f'{path} ({flag}): cannot write there ({e.strerror or e})') from None
     return path
 
-# -----------------------------------------------------------------------------
-# top level: the synthetic demo set (Synapse's layout and class ids, small slices, organ-like blobs)
 
 DEMO_SIZE, DEMO_SLICES = 96, 12            # slice side, slices per volume
 DEMO_TRAIN_CASES, DEMO_TEST_CASES = 15, 3  # VAL_FRACTION holds 2 of the 15 training volumes out
 DEMO_NOISE, DEMO_JITTER = 0.03, 0.04       # noise std (CT in [0,1]); shifts of anatomy and organs
-DEMO_MARK = 'DANIE_DEMO'                   # the file that marks a demo set written by make_demo
-# tissue -> (centre y, x, radius y, x: of the slice; z centre, half-extent: of the volume; intensity; texture).
-# Ids 1-8 are Synapse's organs; 9 body and 10 spine are anatomy in the image, background in the labels.
-DEMO_TISSUES = {
-    9: (0.50, 0.50, 0.42, 0.46, 0.5, 9.0, 0.30, 0.03),     # body (soft tissue)
-    10: (0.82, 0.50, 0.065, 0.07, 0.5, 9.0, 1.15, 0.10),   # spine: bright bone, coarse texture
-    5: (0.42, 0.30, 0.20, 0.17, 0.45, 0.70, 0.63, 0.03),   # liver: large, patient's right
-    4: (0.55, 0.43, 0.085, 0.075, 0.35, 0.35, 0.10, 0.01),  # gallbladder: dark bile
-    6: (0.37, 0.64, 0.13, 0.13, 0.55, 0.45, 0.41, 0.07),   # stomach: mottled contents
-    1: (0.50, 0.82, 0.11, 0.08, 0.55, 0.40, 0.74, 0.02),   # spleen
-    2: (0.70, 0.27, 0.09, 0.07, 0.45, 0.40, 0.85, 0.02),   # right kidney
-    3: (0.70, 0.73, 0.09, 0.07, 0.50, 0.40, 0.96, 0.02),   # left kidney
-    8: (0.52, 0.55, 0.055, 0.15, 0.45, 0.35, 0.52, 0.05),  # pancreas: elongated, lobulated
-    7: (0.66, 0.50, 0.065, 0.065, 0.5, 9.0, 1.08, 0.01),   # aorta: round, contrast-bright, every slice
+DEMO_MARK = 'DANIE_DEMO'                   # marks a folder make_demo wrote
+# tissue -> (centre y, x, radius y, x; z centre, z half-extent; intensity, texture), fractions of the volume
+DEMO_TISSUES = {  # 1-8: SYNAPSE_CLASSES; 9 body, 10 spine: anatomy in the image, background in the labels
+    9: (0.50, 0.50, 0.42, 0.46, 0.5, 9.0, 0.30, 0.03), 10: (0.82, 0.50, 0.065, 0.07, 0.5, 9.0, 1.15, 0.10),
+    5: (0.42, 0.30, 0.20, 0.17, 0.45, 0.70, 0.63, 0.03), 4: (0.55, 0.43, 0.085, 0.075, 0.35, 0.35, 0.10, 0.01),
+    6: (0.37, 0.64, 0.13, 0.13, 0.55, 0.45, 0.41, 0.07), 1: (0.50, 0.82, 0.11, 0.08, 0.55, 0.40, 0.74, 0.02),
+    2: (0.70, 0.27, 0.09, 0.07, 0.45, 0.40, 0.85, 0.02), 3: (0.70, 0.73, 0.09, 0.07, 0.50, 0.40, 0.96, 0.02),
+    8: (0.52, 0.55, 0.055, 0.15, 0.45, 0.35, 0.52, 0.05), 7: (0.66, 0.50, 0.065, 0.065, 0.5, 9.0, 1.08, 0.01),
 }
 
 
 def _demo_volume(rng):
-    """One synthetic abdominal volume: image float32 (D,S,S) about in [0,1], label uint8 (D,S,S)."""
+    """A synthetic abdominal volume: image float32 (D,S,S) about in [0,1], label uint8 (D,S,S)."""
     D, S = DEMO_SLICES, DEMO_SIZE
     z, y, x = np.meshgrid(np.linspace(0, 1, D), *[np.linspace(0, 1, S, dtype=np.float32)] * 2, indexing='ij')
     texture = ndimage.gaussian_filter(rng.standard_normal((D, S, S)).astype(np.float32), (0.7, 1.2, 1.2))
     image, tissue = np.zeros((D, S, S), np.float32), np.zeros((D, S, S), np.uint8)
-    shift = rng.uniform(-DEMO_JITTER, DEMO_JITTER, 2)  # the patient's position; each organ moves a little more
+    shift = rng.uniform(-DEMO_JITTER, DEMO_JITTER, 2)  # the patient's; each organ moves a little more
     for t, (cy, cx, ry, rx, zc, zh, level, amp) in DEMO_TISSUES.items():  # later tissues lie on top
         cy, cx = shift + (rng.uniform(-DEMO_JITTER, DEMO_JITTER, 2) if t < 9 else 0) + (cy, cx)
         ry, rx, zc = ry * rng.uniform(0.85, 1.15), rx * rng.uniform(0.85, 1.15), zc + rng.uniform(-0.08, 0.08)
-        f = 1 - ((z - zc) / zh) ** 2  # an ellipsoid: the cross-section shrinks towards its z ends
+        f = 1 - ((z - zc) / zh) ** 2  # an ellipsoid
         inside = (f >= 0.1) & (((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 < f)
         tissue[inside] = t
         image[inside] = level + (rng.uniform(-0.02, 0.02) if t < 9 else 0) + amp * texture[inside] / texture.std()
@@ -798,31 +752,29 @@ def _demo_volume(rng):
 
 
 def make_demo(root, seed=0):
-    """Write the synthetic set in Synapse's layout, deterministically: into a new or empty folder, or over a demo
-    set written before; never over anyone's files."""
+    """Write the synthetic set in Synapse's layout, deterministically, into a new or empty folder or a demo set."""
     root = Path(root)
     if root.is_dir() and any(root.iterdir()) and not (root / DEMO_MARK).is_file():
-        raise DataError(f'{root} holds files ({", ".join(sorted(os.listdir(root))[:3])}, ...) but no demo set: the '
-                        'demo set is written only into a new or empty folder')
+        raise DataError(f'{root} holds files ({", ".join(sorted(os.listdir(root))[:3])}, ...) but no demo set: '
+                        'demo sets are written only into new or empty folders')
     for d in ('train_npz', 'test_vol_h5', 'lists_Synapse'):
         output_dir(root / d, 'the demo folder')
     (root / DEMO_MARK).write_text('a synthetic DANIE demo set, written by data.make_demo\n')
     lists = {'train': [], 'test_vol': []}
     for c in range(DEMO_TRAIN_CASES + DEMO_TEST_CASES):
         name, (image, label) = f'case{c + 1:04d}', _demo_volume(np.random.default_rng([seed, c]))
-        for k in range(DEMO_SLICES) if c < DEMO_TRAIN_CASES else ():  # float labels, as TransUNet's files
-            lists['train'].append(f'{name}_slice{k:03d}')
-            np.savez(root / f'train_npz/{name}_slice{k:03d}.npz', image=image[k], label=label[k].astype(np.float32))
-        if c >= DEMO_TRAIN_CASES:
+        label = label.astype(np.float32)  # float labels, as TransUNet's files
+        if c < DEMO_TRAIN_CASES:
+            for k in range(DEMO_SLICES):
+                lists['train'].append(f'{name}_slice{k:03d}')
+                np.savez(root / f'train_npz/{name}_slice{k:03d}.npz', image=image[k], label=label[k])
+        else:
             with h5py.File(root / f'test_vol_h5/{name}.npy.h5', 'w') as f:
-                f['image'], f['label'] = image, label.astype(np.float32)
+                f['image'], f['label'] = image, label
             lists['test_vol'].append(name)
     for k, names in lists.items():
         (root / f'lists_Synapse/{k}.txt').write_text('\n'.join(names) + '\n')
     return root
-
-# -----------------------------------------------------------------------------
-# CLI: the demo set (the loader's speed: bench.py)
 
 
 def main(argv=None):

@@ -37,13 +37,12 @@ import data
 import model as danie
 import predict
 
-# -----------------------------------------------------------------------------
-# constants
+# ---- constants
 
 METRICS, ISIC_METRICS, COUNTS = ('dice', 'iou', 'hd95', 'asd'), ('se', 'sp', 'acc'), ('tp', 'fp', 'fn', 'tn')
 TABLE3_SIZE = 256                 # Azad et al. resize every ISIC mask to 256x256 before pooling
-# NOTE(impl): the empty-mask rule. TransUNet's, which most of the field copied (TransUNet issue 39), scores Dice 1
-# for an empty ground truth, so absent organs earn free points; ours is below, TransUNet's stays as --legacy.
+# NOTE(impl): the empty-mask rule. TransUNet's, which most of the field copied, scores Dice 1 for an empty ground
+# truth, so absent organs earn free points; ours is below, TransUNet's stays as --legacy.
 RULES = {
     'default': 'both empty: not counted for that class (NaN); one empty: Dice 0, IoU 0, HD95 = ASD = the '
                "array's diagonal in voxels (the worst distance that fits, as BraTS); ASD = one mean over both "
@@ -52,8 +51,7 @@ RULES = {
               'pred empty: all 0; ASD = the mean of the two directed means (medpy < 0.5 assd)',
 }
 
-# -----------------------------------------------------------------------------
-# helpers
+# ---- helpers
 
 
 def _nanmean(values):
@@ -81,8 +79,7 @@ def _bbox(mask, margin=1):
         box.append(slice(max(int(nz[0]) - margin, 0), min(int(nz[-1]) + 1 + margin, mask.shape[ax])))
     return tuple(box)
 
-# -----------------------------------------------------------------------------
-# blocks: metrics
+# ---- blocks: metrics
 
 
 def _surface_distances(a, b):
@@ -163,8 +160,7 @@ def load_case(item, spec, img_size, keep_image=False):
     label = torch.from_numpy(case.label.astype(np.uint8 if spec.num_classes <= 256 else np.int64))
     return replace(case, image=case.image if keep_image else None, label=label), x
 
-# -----------------------------------------------------------------------------
-# top level: the protocol
+# ---- top level: the protocol
 
 
 def case_rows(case_id, pred, gt, spec, legacy=False, distances=True):
@@ -186,7 +182,8 @@ def case_rows(case_id, pred, gt, spec, legacy=False, distances=True):
         if distances:
             row.update(binary_metrics(*(np.asarray((a == c).cpu()) for a in (pred, gt)), legacy=legacy))
         row.update({k: v for k, v in confusion_scores(*n).items() if k != 'dice'}, **dict(zip(COUNTS, n)))
-        rows.append({**row, **{f'{k}_256': v for k, v in zip(COUNTS, confusion_counts(p256, g256, (True,))[0].tolist())}})
+        counts = confusion_counts(p256, g256, (True,))[0].tolist()
+        rows.append({**row, **{f'{k}_256': v for k, v in zip(COUNTS, counts)}})
     return rows
 
 
@@ -250,8 +247,7 @@ def evaluate(model, cases, spec, img_size, *, device=None, batch_size=16, amp='n
                 cases=rows, timing=dict(predict_s=t_pred, metrics_s=t_metric, predict_s_per_case=t_pred / n,
                                         metrics_s_per_case=t_metric / n))
 
-# -----------------------------------------------------------------------------
-# top level: outputs: the table, per_case.csv and summary.json
+# ---- top level: outputs: the table, per_case.csv and summary.json
 
 
 def format_table(summary, spec):
@@ -265,7 +261,8 @@ def format_table(summary, spec):
         lines.append(f"{name:<14}{pct(c['dice'])} {pct(c['iou'])}{dst(c['hd95'])} {dst(c['asd'])}{c['n']:>5}")
     if spec.kind == 'volume':
         s = summary
-        lines.append(f"{'mean':<14}{pct(s['mean_dice'])} {pct(s['mean_iou'])}{dst(s['mean_hd95'])} {dst(s['mean_asd'])}")
+        lines.append(f"{'mean':<14}{pct(s['mean_dice'])} {pct(s['mean_iou'])}{dst(s['mean_hd95'])} "
+                     f"{dst(s['mean_asd'])}")
         short = ' '.join(f"{n}={pct(s['per_class'][n]['dice']).strip()}" for n in s['classes'])
         lines.append(f"paper row: DICE {pct(s['mean_dice']).strip()}  mIoU {pct(s['mean_iou']).strip()}  ASD "
                      f"{dst(s['mean_asd']).strip()}  HD95 {dst(s['mean_hd95']).strip()}  | {short}")
@@ -292,8 +289,7 @@ def write_results(summary, out_dir, extra=None):
     return out_dir / 'per_case.csv', out_dir / 'summary.json'
 
 
-# -----------------------------------------------------------------------------
-# CLI
+# ---- CLI
 
 
 def parse_args(argv=None):
@@ -332,7 +328,8 @@ def main(argv=None):
             raise danie.CheckpointError(f'{args.ckpt}: {e}') from None
         out = data.output_dir(args.out or Path(args.ckpt).resolve().parent / f'eval_{args.split}', '--out')
         save = args.save_pred and data.output_dir(args.save_pred, '--save-pred')
-        info, net = ckpt['data'], danie.from_checkpoint(ckpt, args.ckpt).to(args.device, memory_format=danie.MEMORY_FORMAT)
+        info = ckpt['data']
+        net = danie.from_checkpoint(ckpt, args.ckpt).to(args.device, memory_format=danie.MEMORY_FORMAT)
         root = args.root or info.get('root') or data.default_root(spec.name)
         opts = {k: info[k] for k in ('val_cases', 'seed', 'label_map') if info.get(k) is not None}
         try:

@@ -6,16 +6,15 @@ and four prediction heads summed into y (Eq. 12).
 
 Offers: `danie(size, num_classes, img_size, pretrained, pretrained_file, **switches)`, `DANIE`, `DANIEConfig`,
 `make_config`, `PRESETS`, `gmac`; the checkpoint layout of train.py, evaluate.py and predict.py (`checkpoint`,
-`load_checkpoint`, `from_checkpoint`); `AMP_DTYPES` and `autocast`, `MEMORY_FORMAT`.
+`save_checkpoint`, `load_checkpoint`, `from_checkpoint`); `AMP_DTYPES` and `autocast`, `MEMORY_FORMAT`.
 
 Why this architecture: the text alone (a patch embedding to H/4, one HAP block per stage) gives about 8.4 / 18.1
 GMAC for S / L at 224x224, 9 classes, far below Table 1's 13.29 / 26.55 (multiply-accumulates: MaxViT-T is 5.6 G
 there). A UNet-style HAP embedding from full resolution (ConvBlock(3->64) at HxW, ConvBlock(64->C1) at H/2) and
 HAP depths that mirror the MaxViT stages (2, 2, 5, 2) give 13.21 / 26.04 GMAC, within 1% / 2% of the paper.
-
-`python bench.py model` prints parameters, GMAC and CPU latency beside Table 1.
 """
 
+import io
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -28,24 +27,20 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from attention import EH, ES, HAP, ConvBlock, conv_bn_gelu
 
-# -----------------------------------------------------------------------------
-# constants and config (Sec. 4.2, Tables 1 and 5-7)
+# ---- constants and config (Sec. 4.2, Tables 1 and 5-7)
 
 PRESETS = {
     'S': dict(size='S', backbone='maxvit_tiny_tf_224', dims=(64, 128, 256, 512), depths=(2, 2, 5, 2)),
     'L': dict(size='L', backbone='maxvit_small_tf_224', dims=(96, 192, 384, 768), depths=(2, 2, 5, 2)),
 }
-# NOTE(impl): channels-last weights and inputs: cuDNN runs NHWC convolutions and BatchNorm natively
-# (the same function, tested).
-MEMORY_FORMAT = torch.channels_last
+MEMORY_FORMAT = torch.channels_last  # NOTE(impl): weights and inputs: cuDNN's native NHWC convolutions and BN
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # --amp of every script
 PAPER_GMAC = {'S': 13.29, 'L': 26.55}  # Table 1, 224x224, 9 classes ("GFLOPs" there are multiply-accumulates)
 FUSIONS = ('jp', 'add', 'concat_res', 'eh_add', 'es_add')
 ORDERS = ('channel_first', 'spatial_first')
 SWITCHES = ('hap', 'sap', 'spatial_att', 'channel_att', 'order', 'calibration', 'fusion')
-# which Joint Preservation component acts on which stream, per Table 7 row
 FUSION_PARTS = {'jp': (True, True), 'add': (False, False), 'eh_add': (False, True), 'es_add': (True, False),
-                'concat_res': (False, False)}
+                'concat_res': (False, False)}  # Table 7 row -> (ES on the SAP stream, EH on the HAP stream)
 FORMAT = 'danie-ckpt-v2'  # the checkpoint layout below
 CKPT_KEYS = ('config', 'model', 'data', 'args', 'init', 'epoch', 'step', 'metric')  # best.pth; last.pth + 'train'
 
@@ -91,9 +86,8 @@ def make_config(size='S', **overrides):
     """A fresh config from the S or L preset; overrides are any DANIEConfig fields."""
     if size not in PRESETS:
         raise ValueError(f'size must be one of {sorted(PRESETS)}, got {size!r}')
-    unknown = set(overrides) - {f.name for f in fields(DANIEConfig)}
-    if unknown:
-        raise ValueError(f'unknown config fields {sorted(unknown)}; switches are {SWITCHES}')
+    if unknown := sorted(set(overrides) - {f.name for f in fields(DANIEConfig)}):
+        raise ValueError(f'unknown config fields {unknown}; switches are {SWITCHES}')
     return DANIEConfig(**{**PRESETS[size], **overrides})
 
 
@@ -105,8 +99,7 @@ class CheckpointError(Exception):
     """A checkpoint file that is missing, unreadable, or not a DANIE checkpoint of this version."""
 
 
-# -----------------------------------------------------------------------------
-# helpers: pretrained MaxViT weights (Sec. 4.2), FLOPs, amp and device
+# ---- helpers: pretrained MaxViT weights (Sec. 4.2), FLOPs, amp and device
 
 
 def read_state_dict(path):
@@ -176,21 +169,29 @@ def autocast(device, amp):
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != 'none')
 
 
-# -----------------------------------------------------------------------------
-# helpers: the checkpoint layout (best.pth: CKPT_KEYS; last.pth: those and 'train', the state to resume)
-
-
-def bare(model):
-    """The DANIE inside a DistributedDataParallel and/or torch.compile wrapper."""
-    while hasattr(model, 'module') or hasattr(model, '_orig_mod'):
-        model = getattr(model, 'module', None) or model._orig_mod
-    return model
+# ---- helpers: the checkpoint layout (best.pth: CKPT_KEYS; last.pth: those and 'train', the state to resume)
 
 
 def checkpoint(model, **fields):
     """A checkpoint dict: the format, the model's config and weights, and `fields` (CKPT_KEYS, 'train')."""
-    net = bare(model)
-    return {'format': FORMAT, 'config': asdict(net.config), 'model': net.state_dict(), **fields}
+    while hasattr(model, 'module') or hasattr(model, '_orig_mod'):  # inside DDP or torch.compile
+        model = getattr(model, 'module', None) or model._orig_mod
+    return {'format': FORMAT, 'config': asdict(model.config), 'model': model.state_dict(), **fields}
+
+
+def save_checkpoint(path, ckpt):
+    """Write a checkpoint atomically (PATH.tmp, then a rename). A failed write names the file and the reason;
+    its .tmp goes, and the last good checkpoint stays as it was."""
+    path, blob = Path(path), io.BytesIO()
+    torch.save(ckpt, blob)
+    tmp = path.with_name(path.name + '.tmp')
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(blob.getbuffer())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f'{path}: cannot write it ({e.strerror or e}); the last good one is untouched') from None
 
 
 def load_checkpoint(path, resume=False):
@@ -245,8 +246,7 @@ def load_weights(net, state, name='checkpoint'):
     return net
 
 
-# -----------------------------------------------------------------------------
-# blocks: the two streams of the Dual Attention Encoder (Sec. 3.2-3.3), Joint Preservation (Sec. 3.4)
+# ---- blocks: the two streams of the Dual Attention Encoder (Sec. 3.2-3.3), Joint Preservation (Sec. 3.4)
 
 
 class HAPStream(nn.Module):
@@ -326,8 +326,7 @@ class JointPreservation(nn.Module):
         return self.block(torch.cat([e, u], dim=1))  # Eq. (11)
 
 
-# -----------------------------------------------------------------------------
-# top level: DANIE and its heads (Eq. 12)
+# ---- top level: DANIE and its heads (Eq. 12)
 
 
 class DANIE(nn.Module):

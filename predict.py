@@ -30,8 +30,7 @@ from tqdm import tqdm
 import data
 import model as danie
 
-# -----------------------------------------------------------------------------
-# constants
+# ---- constants
 
 FLIPS = ((-1,), (-2,), (-2, -1))  # TTA: horizontal, vertical, both (and the identity)
 INPUT_SUFFIXES = data.NIFTI_SUFFIXES + data.ARRAY_SUFFIXES + data.IMAGE_SUFFIXES
@@ -39,8 +38,7 @@ OVERLAY_SLICES = 3                # PNG overlays per predicted volume
 PALETTE = np.array([[0, 0, 0], [255, 0, 0], [0, 160, 255], [255, 200, 0], [0, 200, 0], [200, 0, 255],
                     [0, 255, 200], [255, 120, 0], [120, 120, 255]], np.uint8)  # class id -> overlay colour
 
-# -----------------------------------------------------------------------------
-# helpers
+# ---- helpers
 
 
 def device_arg(text):
@@ -55,8 +53,7 @@ def device_arg(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a device of this machine (it has: {', '.join(have)})")
     return d
 
-# -----------------------------------------------------------------------------
-# blocks: inference: a batched forward, the argmax and the resize back, on the model's device
+# ---- blocks: inference: a batched forward, the argmax and the resize back, on the model's device
 
 
 def _forward(model, x, tta=False):
@@ -93,8 +90,7 @@ def predict_case(model, case, spec, img_size, device, batch_size=16, amp='none',
     labels = data.restore_size(segment(model, x, device, batch_size, amp, tta), hw, spec.kind)
     return labels if spec.kind == 'volume' else labels[0]  # (D,H,W) / (H,W)
 
-# -----------------------------------------------------------------------------
-# blocks: the user's files in, label maps and overlays out
+# ---- blocks: the user's files in, label maps and overlays out
 
 
 def read_input(path):
@@ -182,8 +178,7 @@ def write_prediction(out, name, image, labels, spec, geometry=None, label=None, 
                         ).save(paths[-1])
     return paths
 
-# -----------------------------------------------------------------------------
-# top level: one file, then the command line
+# ---- top level: one file, then the command line
 
 
 def predict_file(model, path, spec, img_size, args):

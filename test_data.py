@@ -19,8 +19,7 @@ torch.set_num_threads(1)  # tiny tensors: more threads only add overhead, and st
 REAL_ISIC2017 = Path(os.environ.get('ISIC2017_ROOT', 'data/isic2017_train'))  # the real training folder, if present
 
 
-# -----------------------------------------------------------------------------
-# fixtures: tiny datasets in the public layouts
+# ---- fixtures: tiny datasets in the public layouts
 
 def slice_image(label):
     """An image whose pixel values encode the label (0.1 per class id), so alignment can be checked."""
@@ -90,8 +89,7 @@ def write_isic2017(root, splits=('Training', 'Validation', 'Test_v2'), n=3, img_
     return root
 
 
-# -----------------------------------------------------------------------------
-# specs
+# ---- specs
 
 def test_specs_are_consistent_and_synapse_reports_in_table1_order():
     for name, spec in data.SPECS.items():
@@ -107,8 +105,7 @@ def test_specs_are_consistent_and_synapse_reports_in_table1_order():
     assert data.default_root('synapse') == os.path.join('data', 'synapse')
 
 
-# -----------------------------------------------------------------------------
-# Synapse
+# ---- Synapse
 
 def test_synapse_train_items_val_volumes_and_float_labels_in_h5(tmp_path):
     vols = write_synapse(tmp_path)
@@ -148,8 +145,7 @@ def test_cascade_13_label_files_are_remapped_to_transunet_ids(tmp_path):
         data.train_set('synapse', tmp_path, 16, val_cases=0)
 
 
-# -----------------------------------------------------------------------------
-# ACDC, both public formats
+# ---- ACDC, both public formats
 
 def test_acdc_mtunet_npz_format(tmp_path):
     rng = np.random.default_rng(1)
@@ -212,8 +208,7 @@ def test_acdc_ssl4mis_h5_format(tmp_path):
     assert held.ids in (['patient001_frame01'], ['patient002_frame01']) and held[0].image.shape == (3, 18, 22)
 
 
-# -----------------------------------------------------------------------------
-# ISIC 2017, ISIC 2018, GlaS
+# ---- ISIC 2017, ISIC 2018, GlaS
 
 def test_isic2017_pairs_by_id_skips_superpixels_and_keeps_image_as_stored(tmp_path):
     write_isic2017(tmp_path)
@@ -278,8 +273,7 @@ def test_glas_bmp_instances_and_test_is_testA_plus_testB(tmp_path):
     assert test[0].label.sum() == 12 + 18 and test[0].label.max() == 1 and test[0].image.shape == (12, 16, 3)
 
 
-# -----------------------------------------------------------------------------
-# the validation split
+# ---- the validation split
 
 def test_casewise_validation_split_is_deterministic_and_never_leaks(tmp_path):
     write_synapse(tmp_path, n_cases=10, n_slices=2, size=8)
@@ -301,8 +295,7 @@ def test_casewise_validation_split_is_deterministic_and_never_leaks(tmp_path):
     assert len(data.eval_cases('synapse', tmp_path, 'val', val_cases=0)) == 0  # no validation: all 10 train
 
 
-# -----------------------------------------------------------------------------
-# augmentation and the shared input path
+# ---- augmentation and the shared input path
 
 def test_augmentation_keeps_labels_integer_and_aligned_grayscale(tmp_path):
     (tmp_path / 'train_npz').mkdir()
@@ -391,8 +384,7 @@ def test_make_loader_refuses_a_batch_larger_than_the_data(tmp_path):
     assert x.shape == (2, 3, 8, 8) and y.shape == (2, 8, 8)
 
 
-# -----------------------------------------------------------------------------
-# bad input: each gives a DataError that names the file or flag and what was expected
+# ---- bad input: each gives a DataError that names the file or flag and what was expected
 
 def test_missing_root_says_what_layout_and_where_published(tmp_path):
     with pytest.raises(DataError, match=r"root '.*nowhere' \(--root\) not found.*train_npz.*github.com/Beckschen"):
@@ -473,8 +465,7 @@ def test_make_demo_never_writes_into_a_folder_it_did_not_make(tmp_path, capsys):
     assert (tmp_path / 'demo' / data.DEMO_MARK).is_file() and 'wrote the demo set' in capsys.readouterr().out
 
 
-# -----------------------------------------------------------------------------
-# the synthetic demo set
+# ---- the synthetic demo set
 
 def test_demo_set_is_deterministic_in_synapse_layout_and_loads(tmp_path):
     a, b = data.make_demo(tmp_path / 'a'), data.make_demo(tmp_path / 'b')
@@ -503,8 +494,7 @@ def test_demo_set_is_deterministic_in_synapse_layout_and_loads(tmp_path):
     assert len(data.eval_cases('demo', a, 'val')) == 2 and len(data.eval_cases('demo', a, 'test')) == 3
 
 
-# -----------------------------------------------------------------------------
-# the real ISIC 2017 training folder (when present): 256-px images, full-resolution masks
+# ---- the real ISIC 2017 training folder (when present): 256-px images, full-resolution masks
 
 @pytest.mark.skipif(not REAL_ISIC2017.is_dir(), reason='real ISIC 2017 folder absent (set ISIC2017_ROOT)')
 def test_real_isic2017_training_folder_loads():
@@ -522,8 +512,7 @@ def test_real_isic2017_training_folder_loads():
         data.eval_cases('isic2017', REAL_ISIC2017, 'val')
 
 
-# -----------------------------------------------------------------------------
-# the interface other files use: specs, seeded items, no validation, the resize back
+# ---- the interface other files use: specs, seeded items, no validation, the resize back
 
 def test_get_spec_and_spec_dicts_round_trip():
     assert data.DATASETS[-2:] == ('folder', 'nnunet') and set(data.SPECS) < set(data.DATASETS)
@@ -593,8 +582,7 @@ def test_cascade_refuses_transunet_9_label_files(tmp_path):
         data.eval_cases('synapse', tmp_path, 'test', label_map='cascade')[0]
 
 
-# -----------------------------------------------------------------------------
-# the user's own data: an image folder and nnU-Net v2's raw layout
+# ---- the user's own data: an image folder and nnU-Net v2's raw layout
 
 def write_folder(root, n=5, classes=('background', 'cell', 'nucleus')):
     (root / 'images').mkdir(parents=True)
@@ -653,7 +641,8 @@ def test_folder_dataset_trains_and_evaluates_with_class_names(tmp_path):
     (root / 'test.txt').write_text('img0\nimg3\n')
     (root / 'val.txt').write_text('img1\n')
     assert data.eval_cases('folder', root, 'test').ids == ['img0', 'img3']
-    assert data.eval_cases('folder', root, 'val').ids == ['img1'] and data.train_set('folder', root, 8).cases == ['img2', 'img4']
+    assert data.eval_cases('folder', root, 'val').ids == ['img1']
+    assert data.train_set('folder', root, 8).cases == ['img2', 'img4']
     (root / 'classes.txt').unlink()
     assert data.get_spec('folder', root, num_classes=3).class_names == ('background', 'class1', 'class2')
     with pytest.raises(DataError, match='no classes.txt .*--num-classes'):
@@ -715,7 +704,8 @@ def test_nnunet_png_and_clear_errors(tmp_path):
     (root / 'dataset.json').write_text('{"channel_names": {"0": "R"}, "labels": {"background": 0, "edge": 1}, '
                                        '"file_ending": ".png"}')
     assert data.get_spec('nnunet', root).kind == 'image'
-    assert len(data.train_set('nnunet', root, 8, val_cases=0)) == 2 and data.eval_cases('nnunet', root, 'test')[0].label.sum() == 10
+    assert len(data.train_set('nnunet', root, 8, val_cases=0)) == 2
+    assert data.eval_cases('nnunet', root, 'test')[0].label.sum() == 10
     (root / 'dataset.json').write_text('{"channel_names": {"0": "R"}, "labels": {"background": 0, "edge": 1}, '
                                        '"file_ending": ".mha"}')
     with pytest.raises(DataError, match="dataset.json: file_ending '.mha' is not supported"):
@@ -752,8 +742,7 @@ def test_normalise_intensity_rules():
         data.normalise(mri, 'pet')
 
 
-# -----------------------------------------------------------------------------
-# the numbers a resize or a rule could change silently
+# ---- the numbers a resize or a rule could change silently
 
 def centre_nearest(a, S):
     """Pixel-centre nearest neighbour to S x S, written out: source row floor((i + 0.5) H / S)."""
@@ -793,8 +782,7 @@ def test_isic_foreground_is_128_and_above(tmp_path):
     np.testing.assert_array_equal(label[0], [0, 0, 0, 1, 1, 1, 1, 1])
 
 
-# -----------------------------------------------------------------------------
-# faults: images at their real bit depth, masks that do not belong to their image
+# ---- faults: images at their real bit depth, masks that do not belong to their image
 
 def test_images_are_read_at_their_bit_depth_never_clipped(tmp_path):
     a8 = np.random.default_rng(0).integers(0, 256, (12, 10), dtype=np.uint8)

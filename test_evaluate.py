@@ -32,8 +32,7 @@ def check(m, **expected):
         assert m[k] == pytest.approx(v, abs=1e-12), (k, m[k], v)
 
 
-# -----------------------------------------------------------------------------
-# metrics: hand-made masks with known answers
+# ---- metrics: hand-made masks with known answers
 
 def test_cubes_offset_by_k_voxels_3d():
     # cubes of side 8 shifted by k along axis 0. Each surface's distances to the other (worked out by hand,
@@ -92,8 +91,7 @@ def test_shape_mismatch_raises():
         E.binary_metrics(np.ones((3, 3), bool), np.ones((3, 4), bool))
 
 
-# -----------------------------------------------------------------------------
-# agreement with medpy (dc, jc, hd95, assd) to 1e-6
+# ---- agreement with medpy (dc, jc, hd95, assd) to 1e-6
 
 def _random_masks(rng, ndim):
     from scipy import ndimage
@@ -125,8 +123,7 @@ def test_agrees_with_medpy(ndim):
     assert n >= 30
 
 
-# -----------------------------------------------------------------------------
-# empty masks: the default rule and TransUNet's (--legacy)
+# ---- empty masks: the default rule and TransUNet's (--legacy)
 
 def test_empty_mask_default_rule():
     full, empty = cube((6, 8, 10), (1, 1, 1), (2, 3, 4)), np.zeros((6, 8, 10), bool)
@@ -172,8 +169,7 @@ def test_summary_means_under_both_rules():
     assert s['rule'] == 'legacy'
 
 
-# -----------------------------------------------------------------------------
-# ISIC: pooled confusion matrix vs per-image means
+# ---- ISIC: pooled confusion matrix vs per-image means
 
 def test_isic_pooled_vs_per_image():
     # image 1: 8-pixel lesion found exactly; image 2: 1-pixel lesion missed, 1 false positive pixel.
@@ -201,8 +197,7 @@ def test_isic_pooled_vs_per_image():
     assert glas['mean_dice'] == pytest.approx(0.5)
 
 
-# -----------------------------------------------------------------------------
-# checkpoints
+# ---- checkpoints
 
 def tiny_model(num_classes=2, img_size=32):
     # HAP stream only (Table 5's A.2 switch) with narrow widths: a checkpoint of a few hundred kB
@@ -279,8 +274,7 @@ def test_cli_reports_checkpoint_errors(tmp_path, capsys):
     assert err.startswith('error: ') and 'none.pth' in err and 'Traceback' not in err
 
 
-# -----------------------------------------------------------------------------
-# protocol and end to end on the demo set
+# ---- protocol and end to end on the demo set
 
 class Constant(torch.nn.Module):
     """Predicts class 1 on the left half of the input and 0 elsewhere; returns (y, heads) like DANIE."""
@@ -362,8 +356,7 @@ def test_cli_end_to_end_demo(tmp_path, capsys):
     assert summary['split'] == 'val' and summary['rule'] == 'legacy' and 0.0 <= summary['mean_dice'] <= 1.0
 
 
-# -----------------------------------------------------------------------------
-# checkpoint layout: best.pth (no training state) and last.pth (with it)
+# ---- checkpoint layout: best.pth (no training state) and last.pth (with it)
 
 def test_make_checkpoint_best_and_last(tmp_path):
     torch.manual_seed(0)
@@ -394,11 +387,9 @@ def test_checkpoint_of_wrapped_model_and_prefix_hint():
         M.from_checkpoint(ck)
 
 
-# -----------------------------------------------------------------------------
-# the device path equals the former numpy path (scipy zoom, numpy counts)
+# ---- the device path equals the former numpy path (scipy zoom, numpy counts)
 
-# -----------------------------------------------------------------------------
-# ISIC at Table 3's resolution: Azad et al.'s mask resize, pooled at 256x256
+# ---- ISIC at Table 3's resolution: Azad et al.'s mask resize, pooled at 256x256
 
 @pytest.mark.parametrize('hw', [(1024, 1536), (700, 500), (200, 150), (767, 1022), (256, 256)])
 def test_table_resize_is_pillow_bilinear(hw):
@@ -462,8 +453,7 @@ def test_volumes_are_scored_whole_not_slice_by_slice():
     assert x['hd95'] == pytest.approx(2.0) and s['n_cases'] == 1
 
 
-# -----------------------------------------------------------------------------
-# faults: every flag checked before any work, one line each
+# ---- faults: every flag checked before any work, one line each
 
 def test_device_and_out_are_checked_before_any_case_is_scored(tmp_path, capsys, monkeypatch):
     path = tmp_path / 'best.pth'

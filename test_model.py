@@ -33,8 +33,7 @@ def meta_gmac(model, img_size=224):
         return gmac(model, img_size)
 
 
-# -----------------------------------------------------------------------------
-# whole model
+# ---- whole model
 
 
 @pytest.mark.parametrize('size,img_size,num_classes', [('S', 64, 9), ('L', 64, 4)])
@@ -105,8 +104,7 @@ def test_bad_config_is_a_clear_error(bad):
         make_config('S', **bad)
 
 
-# -----------------------------------------------------------------------------
-# blocks
+# ---- blocks
 
 
 def test_conv_block_definition():
@@ -167,8 +165,7 @@ def test_hap_orders_differ():
     assert not torch.allclose(a(x), b(x))
 
 
-# -----------------------------------------------------------------------------
-# ablations (Tables 5-7) and GMAC
+# ---- ablations (Tables 5-7) and GMAC
 
 
 ABLATIONS = {
@@ -209,8 +206,7 @@ def test_cheaper_variants_cost_less():
     assert 11.0 < bare < 12.0 and jp > 2 * bare
 
 
-# -----------------------------------------------------------------------------
-# pretrained weights from a local file (Sec. 4.2)
+# ---- pretrained weights from a local file (Sec. 4.2)
 
 
 def test_local_weights_file_loads(tmp_path, capsys):
@@ -254,8 +250,7 @@ def test_data_normalisation_matches_the_backbones_pretrained_config():
         assert tuple(cfg['mean']) == data.MEAN and tuple(cfg['std']) == data.STD
 
 
-# -----------------------------------------------------------------------------
-# the batched blocks compute the functions of the per-branch code they replaced (same weights, same keys)
+# ---- the batched blocks compute the functions of the per-branch code they replaced (same weights, same keys)
 
 
 class RefChannelAttention(nn.Module):

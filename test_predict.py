@@ -39,8 +39,7 @@ def _best(tmp_path, spec_name, num_classes, img_size=32):
                          spec=spec_name), path)
     return path
 
-# -----------------------------------------------------------------------------
-# inference: the resize back, batching, TTA
+# ---- inference: the resize back, batching, TTA
 
 
 def test_predict_case_resizes_back_and_batches():
@@ -87,8 +86,7 @@ def test_tta_equals_plain_on_flip_equivariant_model():
     p1 = (2 * torch.sigmoid(torch.tensor(1.0)) + 2 * 0.5) / 4  # softmax(0, 1) on the left, softmax(0, 0) right
     assert torch.allclose(P._forward(Constant(), x, tta=True)[:, 1].detach(), p1.expand(3, 16, 16))
 
-# -----------------------------------------------------------------------------
-# the user's files in, label maps out
+# ---- the user's files in, label maps out
 
 
 def test_nifti_input_with_non_identity_affine_is_written_back_in_its_geometry(tmp_path):
@@ -161,8 +159,7 @@ def test_preprocessed_inputs_and_bad_files(tmp_path):
     with pytest.raises(DataError, match='nokey.npz: expected a 2-D or 3-D array image'):
         P.read_input(tmp_path / 'nokey.npz')
 
-# -----------------------------------------------------------------------------
-# the command line
+# ---- the command line
 
 
 def test_input_folder_of_pngs_and_a_bad_file(tmp_path, capsys):
@@ -213,8 +210,7 @@ def test_intensity_follows_the_checkpoint(tmp_path, monkeypatch):
     P.predict_file(Pointwise(), tmp_path / 'v.nii.gz', data.SPECS['synapse'], 16, args)
     assert labels.shape == (2, 20, 24) and seen == ['ct', 'mri']
 
-# -----------------------------------------------------------------------------
-# faults: nothing lost, nothing silent
+# ---- faults: nothing lost, nothing silent
 
 
 def test_twins_keep_their_endings_and_out_is_never_the_input(tmp_path, capsys):

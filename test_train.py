@@ -81,8 +81,7 @@ def log_rows(out):
         return list(csv.DictReader(f))
 
 
-# -----------------------------------------------------------------------------
-# loss (Eq. 13)
+# ---- loss (Eq. 13)
 
 # one image, two pixels, two classes: logits L give probabilities (1/2, 1/2) and (1/4, 3/4), target (0, 1)
 L = torch.tensor([[[[0.0, 0.0]], [[0.0, math.log(3)]]]])  # (1,2,1,2)
@@ -128,8 +127,7 @@ def test_criterion_is_float32_under_bf16():
     assert loss.dtype == torch.float32 and math.isfinite(loss.item())
 
 
-# -----------------------------------------------------------------------------
-# the loop
+# ---- the loop
 
 
 def test_training_lowers_the_loss_and_writes_outputs(tmp_path, demo_root, tiny):
@@ -320,8 +318,7 @@ def test_flags_given_are_used_and_defaults_come_from_the_spec(tmp_path):
     assert args.lr == 1e-4 and args.weight_decay == 1e-4  # Sec. 4.2
 
 
-# -----------------------------------------------------------------------------
-# multi-process and end to end
+# ---- multi-process and end to end
 
 
 def test_two_process_gloo_run_writes_one_checkpoint(tmp_path, demo_root):
@@ -388,7 +385,7 @@ def test_n_processes_train_as_one_and_resume_across_world_sizes(tmp_path, demo_r
         assert torch.allclose(one['model'][k], two['model'][k], atol=1e-5), k
     # a control: per-process Dice (the old way) trains another function
     p = torchrun(tmp_path, 2, *flags, '--out', str(tmp_path / 'local'), '--max-steps', '4',
-                 patch='train.global_sum = lambda world: None')
+                 patch='train.all_reduce = None')
     local = torch.load(tmp_path / 'local' / 'last.pth', weights_only=True)
     assert not all(torch.allclose(one['model'][k], local['model'][k], atol=1e-5) for k in one['model'])
 
@@ -456,8 +453,7 @@ def test_your_own_data_trains_two_steps_and_evaluates(tmp_path, layout):
     assert set(names) <= set(result['per_class']) and result['n_cases'] >= 1
 
 
-# -----------------------------------------------------------------------------
-# Eq. 13 against an independent float64 reference: TransUNet's DiceLoss + CE, outputs and gradients
+# ---- Eq. 13 against an independent float64 reference: TransUNet's DiceLoss + CE, outputs and gradients
 
 def ref_dice(logits, target, k, smooth=1e-5):
     """TransUNet's utils.DiceLoss, written out: softmax, one-hot, and per class (2 I + s) / (Z + Y + s) over the
@@ -504,8 +500,7 @@ def test_folder_and_nnunet_take_their_own_recipe(tmp_path):
     args, _ = train.parse(['--data', 'nnunet', '--root', str(nnunet), '--out', str(tmp_path / 'b')])
     assert (args.epochs, args.batch_size) == (300, 24)
 
-# -----------------------------------------------------------------------------
-# faults: nothing lost, nothing silent
+# ---- faults: nothing lost, nothing silent
 
 
 def test_an_unwritable_out_is_refused_before_any_step(tmp_path, demo_root, tiny, monkeypatch, capsys):
@@ -520,7 +515,7 @@ def test_an_unwritable_out_is_refused_before_any_step(tmp_path, demo_root, tiny,
 
 
 def failing_write(path_end, at_call, exc):
-    """An open() for train.py whose write to the n-th file named *path_end writes a part, then raises exc."""
+    """An open() for model.py whose write to the n-th file named *path_end writes a part, then raises exc."""
     import builtins
     calls = []
 
@@ -540,16 +535,17 @@ def test_a_full_disk_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, 
                                                                       capsys):
     import errno
     flags = ['--batch-size', '64', '--epochs', '3']  # 2 steps per epoch
-    monkeypatch.setattr(train, 'open', failing_write('last.pth.tmp', 2, OSError(errno.ENOSPC, 'No space left on '
+    monkeypatch.setattr(danie_model, 'open', failing_write('last.pth.tmp', 2, OSError(errno.ENOSPC, 'No space left on '
                                                                                        'device')), raising=False)
     with pytest.raises(SystemExit) as e:
         run(tmp_path, demo_root, *flags)
     err = capsys.readouterr().err
-    assert e.value.code == 1 and f"{tmp_path / 'last.pth'}: cannot write it (No space left on device)" in err
+    msg = f"{tmp_path / 'last.pth'}: cannot write it (No space left on device); the last good one is untouched"
+    assert e.value.code == 1 and msg in err
     assert not list(tmp_path.glob('*.tmp')) and 'Traceback' not in err
     last = torch.load(tmp_path / 'last.pth', weights_only=True)
     assert last['epoch'] == 1 and [int(r['epoch']) for r in log_rows(tmp_path)] == [1]  # untouched, and the log
-    monkeypatch.delattr(train, 'open')
+    monkeypatch.delattr(danie_model, 'open')
     train.main(['--resume', str(tmp_path / 'last.pth')])  # room again: the run goes on from epoch 1
     rows = log_rows(tmp_path)
     assert [int(r['epoch']) for r in rows] == [1, 2, 3] and torch.load(tmp_path / 'last.pth')['step'] == 6
@@ -559,14 +555,14 @@ def test_a_full_disk_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, 
 def test_a_kill_in_the_gap_leaves_a_log_that_matches_its_checkpoint(tmp_path, demo_root, tiny, monkeypatch,
                                                                     capsys):
     flags = ['--batch-size', '64', '--epochs', '3']
-    monkeypatch.setattr(train, 'open', failing_write('last.pth.tmp', 2, KeyboardInterrupt()), raising=False)
+    monkeypatch.setattr(danie_model, 'open', failing_write('last.pth.tmp', 2, KeyboardInterrupt()), raising=False)
     with pytest.raises(SystemExit) as e:  # killed while epoch 2's last.pth was being written
         run(tmp_path, demo_root, *flags)
     assert e.value.code == 130 and '--resume' in capsys.readouterr().err
     assert (tmp_path / 'last.pth.tmp').is_file()  # what a kill leaves
     assert torch.load(tmp_path / 'last.pth', weights_only=True)['epoch'] == 1
     assert [int(r['epoch']) for r in log_rows(tmp_path)] == [1]  # the log holds no epoch the checkpoint lacks
-    monkeypatch.delattr(train, 'open')
+    monkeypatch.delattr(danie_model, 'open')
     with pytest.raises(SystemExit) as e:  # the same command again says exactly which flag continues it
         run(tmp_path, demo_root, *flags)
     assert e.value.code == 2 and f"continue it with --resume {tmp_path / 'last.pth'}" in capsys.readouterr().err

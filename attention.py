@@ -163,7 +163,7 @@ class ES(nn.Module):
 
     def forward(self, S_in):
         B, C, H, W = S_in.shape
-        # NOTE(impl): the C x C energies reach 2e5 and overflow fp16, so ES runs in fp32 under autocast (fp64 stays
+        # NOTE(impl): the C x C energies reach 6e4 at init, fp16's limit, so ES runs in fp32 under autocast (fp64 stays
         # fp64); train.py leaves TF32 matmuls off, so training and evaluation form them alike, in IEEE fp32.
         with torch.autocast(device_type='cuda' if S_in.is_cuda else 'cpu', enabled=False):
             S = S_in if S_in.dtype == torch.float64 else S_in.float()

@@ -14,6 +14,7 @@ Every table goes to stdout and, with --out DIR, to DIR/bench-<what>.json.
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -221,7 +222,7 @@ def bench_data(args, device):
 def bench_predict(args, device):
     """predict.py's whole path on a 512x512x150 float NIfTI volume in Hounsfield units, with a random DANIE-S."""
     import nibabel as nib
-    tmp = Path(tempfile.mkdtemp(prefix='danie-bench-'))
+    tmp = Path(tempfile.mkdtemp(prefix='danie-bench-'))  # removed at the end
     hu = np.random.default_rng(0).uniform(-1000, 1000, (512, 512, 150)).astype(np.float32)
     nib.save(nib.Nifti1Image(hu, np.diag([0.7, 0.7, 2.5, 1.0])), str(tmp / 'ct.nii.gz'))
     info = dict(name='synapse', root='', label_map='transunet', val_cases=None, seed=0,
@@ -229,9 +230,13 @@ def bench_predict(args, device):
     torch.save(danie.checkpoint(danie.danie('S', num_classes=9, img_size=args.img_size), data=info, args={},
                                 init='random', epoch=0, step=0, metric=None), tmp / 'random-S.pth')
     t0 = time.perf_counter()
-    predict.main(['--ckpt', str(tmp / 'random-S.pth'), '--input', str(tmp / 'ct.nii.gz'), '--out', str(tmp / 'pred'),
-                  '--amp', args.amp, '--device', str(device), '--no-progress'])
-    rows = [dict(what='512x512x150 CT, read to written', seconds=time.perf_counter() - t0)]
+    rc = predict.main(['--ckpt', str(tmp / 'random-S.pth'), '--input', str(tmp / 'ct.nii.gz'), '--out',
+                       str(tmp / 'pred'), '--amp', args.amp, '--device', str(device), '--no-progress'])
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(tmp)
+    if rc:
+        raise SystemExit(f'predict.py failed (exit {rc}): no time to report')
+    rows = [dict(what='512x512x150 CT, read to written', seconds=seconds)]
     table(rows, [('what', 34, ''), ('seconds', 8, '.1f')])
     return rows
 

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 # NOTE(impl): timm's maxvit_*_tf_224 mean/std (ImageNet's).
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-ROT_DEGREES = 20.0                 # TransUNet's rotations: [-20, 20] degrees
+ROT_DEGREES = 20.0                 # TransUNet: rotations in [-20, 20] deg
 VAL_FRACTION = 0.1                 # NOTE(impl): validation held out: 10% of training cases (paper: none)
 TEST_FRACTION, TEST_SEED = 0.2, 0  # NOTE(impl): without a test list, 20% of the user's cases, seed 0
 ISIC2018_SPLIT = (1815, 259, 520)  # the paper's train/val/test (Azad et al.) of the 2594 images
@@ -41,7 +41,7 @@ CT_WINDOW = (-125.0, 275.0)        # Synapse/TransUNet: clip HU to this window, 
 INTENSITIES = ('ct', 'mri', 'zscore', 'rgb', 'none')
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 NIFTI_SUFFIXES, ARRAY_SUFFIXES = ('.nii.gz', '.nii'), ('.npy.h5', '.h5', '.npz')
-CACHE_MAX_BYTES = 8 << 30          # the largest disk cache of resized RGB pairs
+CACHE_MAX_BYTES = 8 << 30          # the largest cache of RGB pairs
 SYNAPSE_CLASSES = ('background', 'spleen', 'kidney_r', 'kidney_l', 'gallbladder', 'liver', 'stomach', 'aorta',
                    'pancreas')     # the ids of TransUNet's files
 SYNAPSE_TABLE1 = (7, 4, 3, 2, 5, 8, 1, 6)  # Table 1: Aorta, GB, KL, KR, Liver, PC, SP, SM
@@ -52,6 +52,9 @@ LABEL_MAPS = ('transunet', 'cascade')
 
 class DataError(Exception):
     """A dataset on disk is missing, incomplete or in an unexpected format."""
+
+    def __str__(self):  # from a loader worker it comes with the worker's traceback: keep its last line
+        return super().__str__().splitlines()[-1].removeprefix(f'{__name__}.DataError: ')
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ def _nnunet_layout(ending):
 
 def _fail(path, what, e):
     return DataError(f'{path}: file not found' if isinstance(e, FileNotFoundError) else
-                     f'{path}: unreadable or corrupt {what} ({type(e).__name__}: {e})')
+                     f'{path}: unreadable or corrupt {what} ({type(e).__name__}: {str(e).split(". ")[0]})')
 
 
 def read_arrays(path, keys=None):
@@ -177,10 +180,11 @@ def read_arrays(path, keys=None):
     raise DataError(f'{path}: expected {"datasets" if h5 else "arrays"} {list(keys)}, found {have}')
 
 
-def _read_pil(path):
+def _read_pil(path, palette=False):
     try:
-        with Image.open(path) as im:
-            return np.array(im.convert('RGB') if im.mode not in ('1', 'L', 'I', 'I;16', 'I;16B', 'F') else im)
+        with Image.open(path) as im:  # as stored, else RGB; palette: its indices (class ids)
+            keep = im.mode in ('1', 'L', 'I', 'I;16', 'I;16B', 'F') or palette and im.mode == 'P'
+            return np.array(im if keep else im.convert('RGB'))
     except Exception as e:
         raise _fail(path, 'image', e) from None
 
@@ -197,7 +201,7 @@ def read_image(path):
 
 
 def _check_cascade(labels, name):
-    """label_map='cascade' on TransUNet's 9-class files would make liver background."""
+    """Refuses label_map='cascade' on 9-class files (liver would be background)."""
     if np.asarray(labels).max() <= 8:
         raise DataError(f'{name}: label_map=cascade expects 13 BTCV labels, but no label above 8 in the whole case; '
                         'use --label-map transunet')
@@ -235,7 +239,7 @@ def _arrays_pair(path, keys, num_classes, lut=None):
 
 def _image_pair(img_path, mask_path, fg, num_classes, aspect):
     """An RGB image as stored, and its labels at the mask's size: binary (>= fg) or class ids."""
-    image, mask = read_image(img_path), _read_pil(mask_path)
+    image, mask = read_image(img_path), _read_pil(mask_path, palette=not fg)
     mask = mask * 255 if mask.dtype == bool else mask.max(axis=2) if mask.ndim == 3 else mask  # 1-bit, RGB
     (hi, wi), (hm, wm) = image.shape[:2], mask.shape
     if aspect and abs(hi * wm - hm * wi) > max(hi, wi, hm, wm):  # beyond a pixel of rounding
@@ -687,8 +691,6 @@ def train_set(name, root, img_size, *, val_cases=None, seed=0, augment=True, lab
 
 def eval_cases(name, root, split, *, val_cases=None, seed=0, label_map='transunet', num_classes=None):
     """Whole cases as stored, of split 'val' (as _split) or 'test'."""
-    if split not in ('val', 'test'):
-        raise DataError(f"split '{split}' (--split): expected 'val' or 'test'")
     spec = get_spec(name, root, num_classes)
     items = _split(spec, root, split, label_map, val_cases, seed)
     if items is None:
@@ -698,8 +700,6 @@ def eval_cases(name, root, split, *, val_cases=None, seed=0, label_map='transune
 
 def make_loader(dataset, batch_size, *, shuffle, workers, sampler=None, drop_last=False):
     """A DataLoader that keeps the GPU fed: pinned memory on CUDA, persistent workers."""
-    if drop_last and len(dataset) < batch_size:
-        raise DataError(f'batch size {batch_size} (--batch-size) is larger than the {len(dataset)} training samples')
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)

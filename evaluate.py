@@ -42,7 +42,7 @@ import predict
 METRICS, ISIC_METRICS, COUNTS = ('dice', 'iou', 'hd95', 'asd'), ('se', 'sp', 'acc'), ('tp', 'fp', 'fn', 'tn')
 TABLE3_SIZE = 256                 # Azad et al. resize every ISIC mask to 256x256 before pooling
 # NOTE(impl): the empty-mask rule. TransUNet's, which most of the field copied, scores Dice 1 for an empty ground
-# truth, so absent organs earn free points; ours is below, TransUNet's stays as --legacy.
+# truth under a non-empty prediction, so absent organs earn free points; ours is below, theirs is --legacy.
 RULES = {
     'default': 'both empty: not counted for that class (NaN); one empty: Dice 0, IoU 0, HD95 = ASD = the '
                "array's diagonal in voxels (the worst distance that fits, as BraTS); ASD = one mean over both "
@@ -326,11 +326,13 @@ def main(argv=None):
             spec = data.spec_from_dict(ckpt['data']['spec'])
         except data.DataError as e:
             raise danie.CheckpointError(f'{args.ckpt}: {e}') from None
-        out = data.output_dir(args.out or Path(args.ckpt).resolve().parent / f'eval_{args.split}', '--out')
-        save = args.save_pred and data.output_dir(args.save_pred, '--save-pred')
         info = ckpt['data']
-        net = danie.from_checkpoint(ckpt, args.ckpt).to(args.device, memory_format=danie.MEMORY_FORMAT)
         root = args.root or info.get('root') or data.default_root(spec.name)
+        out = data.output_dir(args.out or Path(args.ckpt).resolve().parent / f'eval_{args.split}', '--out', [root])
+        save = args.save_pred and data.output_dir(args.save_pred, '--save-pred', [root])
+        if info.get('selected_on') == 'test' and args.split == 'test':
+            print('WARNING: this checkpoint was chosen by its Dice on the TEST split', file=sys.stderr)
+        net = danie.from_checkpoint(ckpt, args.ckpt).to(args.device, memory_format=danie.MEMORY_FORMAT)
         opts = {k: info[k] for k in ('val_cases', 'seed', 'label_map') if info.get(k) is not None}
         try:
             cases = data.eval_cases(info['name'], root, args.split, num_classes=spec.num_classes, **opts)
@@ -345,11 +347,14 @@ def main(argv=None):
     except (danie.CheckpointError, data.DataError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except OSError as e:  # a --save-pred write that failed after the checks
+        print(f'error: {e.filename}: {e.strerror}', file=sys.stderr)
+        return 1
     print(format_table(summary, spec))
     summary['timing']['total_s'] = time.perf_counter() - t_start
     extra = dict(ckpt=str(Path(args.ckpt).resolve()), split=args.split, root=str(root), limit=args.limit,
                  epoch=ckpt['epoch'], step=ckpt['step'], init=ckpt['init'], save_pred=args.save_pred,
-                 config=ckpt['config'])
+                 config=ckpt['config'], selected_on=info.get('selected_on'))
     try:
         paths = write_results(summary, out, extra)
     except OSError as e:

@@ -11,7 +11,7 @@ Offers: `danie(size, num_classes, img_size, pretrained, pretrained_file, **switc
 Why this architecture: the text alone (a patch embedding to H/4, one HAP block per stage) gives about 8.4 / 18.1
 GMAC for S / L at 224x224, 9 classes, far below Table 1's 13.29 / 26.55 (multiply-accumulates: MaxViT-T is 5.6 G
 there). A UNet-style HAP embedding from full resolution (ConvBlock(3->64) at HxW, ConvBlock(64->C1) at H/2) and
-HAP depths that mirror the MaxViT stages (2, 2, 5, 2) give 13.21 / 26.04 GMAC, within 1% / 2% of the paper.
+HAP depths that mirror the MaxViT stages (2, 2, 5, 2) give 13.20 / 26.04 GMAC, within 1% / 2% of the paper.
 """
 
 import io

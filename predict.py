@@ -186,7 +186,10 @@ def predict_file(model, path, spec, img_size, args):
     item = read_input(path)
     kind = 'image' if item.image.dtype == np.uint8 else 'volume'
     if item.geometry is not None:  # a raw NIfTI volume; RGB images are normalised by data.prepare_input
-        item = replace(item, image=data.normalise(item.image, args.intensity or spec.intensity))
+        rule = args.intensity or spec.intensity
+        if rule == 'rgb':
+            raise data.DataError(f'{path}: a volume, but the checkpoint learnt RGB images: choose --intensity')
+        item = replace(item, image=data.normalise(item.image, rule))
     labels = predict_case(model, replace(item, label=None), replace(spec, kind=kind), img_size, args.device,
                           args.batch_size, args.amp, tta=args.tta)
     return item, labels.cpu().numpy()

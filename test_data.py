@@ -375,11 +375,9 @@ def test_loader_workers_draw_different_augmentations(tmp_path):
     assert len(set(ys)) >= 4
 
 
-def test_make_loader_refuses_a_batch_larger_than_the_data(tmp_path):
+def test_make_loader_batches(tmp_path):  # a batch larger than the data: train.py refuses it (test_bad_flags)
     write_synapse(tmp_path, n_cases=2, n_slices=2, size=8)
     ds = data.train_set('synapse', tmp_path, 8, val_cases=0)
-    with pytest.raises(DataError, match='batch size 5 .*larger than the 4 training samples'):
-        data.make_loader(ds, 5, shuffle=True, workers=0, drop_last=True)
     x, y = next(iter(data.make_loader(ds, 2, shuffle=True, workers=0, drop_last=True)))
     assert x.shape == (2, 3, 8, 8) and y.shape == (2, 8, 8)
 
@@ -822,3 +820,27 @@ def test_folder_and_nnunet_train_with_their_own_recipe(tmp_path):
     folder, nnunet = write_folder(tmp_path / 'f'), write_nnunet(tmp_path / 'n')
     assert (data.get_spec('folder', folder).epochs, data.get_spec('folder', folder).batch_size) == (200, 8)
     assert (data.get_spec('nnunet', nnunet).epochs, data.get_spec('nnunet', nnunet).batch_size) == (300, 24)
+
+
+def test_palette_masks_give_their_indices_as_class_ids(tmp_path):
+    (tmp_path / 'images').mkdir()
+    (tmp_path / 'masks').mkdir()
+    for i in range(3):
+        Image.new('RGB', (8, 8), (90, 90, 90)).save(tmp_path / 'images' / f'img{i}.png')
+        mask = Image.fromarray(np.array([[0, 1, 2, 2]] * 4, np.uint8).repeat(2, 0).repeat(2, 1), mode='P')
+        mask.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0])  # ids 1, 2 drawn red and green
+        mask.save(tmp_path / 'masks' / f'img{i}.png')
+    labels = data.train_set('folder', tmp_path, 8, val_cases=0, num_classes=3, augment=False)[0][1]
+    assert labels[0].tolist() == [0, 0, 1, 1, 2, 2, 2, 2]
+
+
+def test_an_error_in_a_loader_worker_is_one_line(tmp_path):
+    write_synapse(tmp_path, n_cases=2, n_slices=2, size=8)
+    ds = data.train_set('synapse', tmp_path, 8, val_cases=0)
+    bad = ds.samples[-1].files[0]
+    bad.write_bytes(b'not an npz file')  # numpy would advise loading it with allow_pickle
+    with pytest.raises(DataError) as e:
+        list(data.make_loader(ds, 1, shuffle=False, workers=1))
+    msg = str(e.value)
+    assert msg.startswith(f'{bad}: unreadable or corrupt npz') and len(msg.splitlines()) == 1, msg
+    assert 'allow_pickle' not in msg and 'Traceback' not in msg

@@ -358,7 +358,7 @@ def test_cli_end_to_end_demo(tmp_path, capsys):
 
 # ---- checkpoint layout: best.pth (no training state) and last.pth (with it)
 
-def test_make_checkpoint_best_and_last(tmp_path):
+def test_checkpoint_best_and_last(tmp_path):
     torch.manual_seed(0)
     net = tiny_model()
     best, last = tmp_path / 'best.pth', tmp_path / 'last.pth'

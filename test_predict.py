@@ -68,13 +68,13 @@ def test_device_path_equals_numpy_path():
     img = data.Item('i', rng.integers(0, 256, (53, 71, 3), dtype=np.uint8), rng.integers(0, 2, (53, 71)))
     for case, kind in ((vol, 'volume'), (img, 'image')):
         spec = _spec(kind=kind, classes=('background', 'x'))
-        new = P.predict_case(Pointwise(), case, spec, 32, torch.device('cpu'), batch_size=2)
-        old = _scipy_predict(Pointwise(), case, spec, 32)
-        assert isinstance(new, torch.Tensor) and np.array_equal(new.numpy(), old) and 0 < old.mean() < 1
-    p, g = old.astype(bool), img.label.astype(bool)
+        ours = P.predict_case(Pointwise(), case, spec, 32, torch.device('cpu'), batch_size=2)
+        ref_map = _scipy_predict(Pointwise(), case, spec, 32)
+        assert isinstance(ours, torch.Tensor) and np.array_equal(ours.numpy(), ref_map) and 0 < ref_map.mean() < 1
+    p, g = ref_map.astype(bool), img.label.astype(bool)
     tp = np.count_nonzero(p & g)
     ref = [tp, np.count_nonzero(p) - tp, np.count_nonzero(g) - tp, p.size - np.count_nonzero(p | g)]
-    assert E.confusion_counts(new, torch.from_numpy(img.label), (1,)).tolist() == [ref]
+    assert E.confusion_counts(ours, torch.from_numpy(img.label), (1,)).tolist() == [ref]
 
 
 def test_tta_equals_plain_on_flip_equivariant_model():
@@ -209,6 +209,9 @@ def test_intensity_follows_the_checkpoint(tmp_path, monkeypatch):
     args.intensity = 'mri'
     P.predict_file(Pointwise(), tmp_path / 'v.nii.gz', data.SPECS['synapse'], 16, args)
     assert labels.shape == (2, 20, 24) and seen == ['ct', 'mri']
+    args.intensity = None  # an RGB checkpoint has no rule for Hounsfield units: refused, not guessed
+    with pytest.raises(data.DataError, match='v.nii.gz: a volume, but the checkpoint learnt RGB images'):
+        P.predict_file(Pointwise(), tmp_path / 'v.nii.gz', data.SPECS['isic2017'], 16, args)
 
 # ---- faults: nothing lost, nothing silent
 

@@ -13,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -217,6 +218,7 @@ def test_bad_flags(tmp_path, demo_root, capsys):
         (['--data', 'demo', '--weight-decay=-1e-4'], 'argument --weight-decay: expected a finite number >= 0'),
         (['--data', 'demo', '--batch-size', 'x'], "argument --batch-size: expected int, got 'x'"),
         (['--data', 'demo', '--val-cases=-1'], 'argument --val-cases'),
+        (['--data', 'demo', '--seed=-1'], "argument --seed: expected a finite number >= 0, got '-1'"),
         (['--resume', str(tmp_path / 'nothing.pth')], 'no checkpoint at'),
         (['--resume', str(tmp_path / 'garbage.pth')], 'garbage.pth: not a readable PyTorch checkpoint'),
     ]
@@ -383,7 +385,7 @@ def test_n_processes_train_as_one_and_resume_across_world_sizes(tmp_path, demo_r
     assert one['step'] == two['step'] == 4
     for k in one['model']:
         assert torch.allclose(one['model'][k], two['model'][k], atol=1e-5), k
-    # a control: per-process Dice (the old way) trains another function
+    # a control: a Dice per process (no all_reduce) trains another function
     p = torchrun(tmp_path, 2, *flags, '--out', str(tmp_path / 'local'), '--max-steps', '4',
                  patch='train.all_reduce = None')
     local = torch.load(tmp_path / 'local' / 'last.pth', weights_only=True)
@@ -582,6 +584,8 @@ def test_a_run_stopped_by_max_steps_continues_with_resume(tmp_path, demo_root, t
     with pytest.raises(SystemExit) as e:
         run(tmp_path, demo_root, '--batch-size', '8', '--epochs', '1')
     assert e.value.code == 2 and 'stopped at epoch 0/1 (step 3): continue it with --resume' in capsys.readouterr().err
+    run(tmp_path, demo_root, '--batch-size', '8', '--epochs', '1', '--max-steps', '3')  # the same command again
+    assert 'already holds this run, finished at step 3: nothing to do' in capsys.readouterr().out
     summary = train.main(['--resume', str(tmp_path / 'last.pth')])  # not "done": --max-steps was that call's
     assert summary['steps'] == 19 and summary['epochs'] == 1
 
@@ -605,3 +609,10 @@ def test_the_demo_never_writes_into_a_users_folder(tmp_path, tiny, capsys):
         run(tmp_path / 'out', str(tmp_path / 'mine'), '--batch-size', '64', '--epochs', '1')
     assert e.value.code == 2 and 'holds files (notes.txt' in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / 'mine').iterdir()) == ['notes.txt']
+    real = tmp_path / 'synapse' / 'train_npz' / 'case0001_slice000.npz'  # Synapse's layout, not a demo set
+    real.parent.mkdir(parents=True)
+    np.savez(real, image=np.zeros((8, 8)), label=np.zeros((8, 8)))
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / 'out', str(tmp_path / 'synapse'), '--batch-size', '64', '--epochs', '1')
+    assert e.value.code == 2 and 'holds files (train_npz' in capsys.readouterr().err
+    assert [p.name for p in real.parent.iterdir()] == [real.name] and np.load(real)['image'].shape == (8, 8)

@@ -212,11 +212,12 @@ class Run:
 def prepare(args, rank):
     """Rank 0 first: --out checked, a killed write's .tmp removed, the demo made."""
     if rank == 0:
-        data.output_dir(args.out, '--out')
+        data.output_dir(args.out, '--out', inputs=[args.root])
         for tmp in Path(args.out).glob('*.tmp'):
             tmp.unlink()
-        if args.data == 'demo' and not (Path(args.root) / 'train_npz').is_dir():
-            data.make_demo(args.root)
+        made = [Path(args.root) / f for f in (data.DEMO_MARK, 'lists_Synapse/test_vol.txt')]  # first, last
+        if args.data == 'demo' and not all(f.is_file() for f in made):
+            data.make_demo(args.root)  # refuses a folder it did not write
         print(f'init: {init_name(args)}', flush=True)
         if args.select_on_test:
             print('WARNING: --select-on-test chooses best.pth by its Dice on the TEST split', file=sys.stderr)
@@ -250,7 +251,7 @@ def setup(args, ckpt, rank, world, device):
 def train(args, ckpt, rank, world, device):
     """Each epoch: train_one_epoch, then (rank 0) validation, checkpoints, the log."""
     on_all_ranks(world, prepare, args, rank)  # a barrier: the other ranks wait for the demo
-    # NOTE(impl): matmuls stay IEEE fp32 (PyTorch's default), as in evaluation: ES's energies reach 2e5.
+    # NOTE(impl): matmuls stay IEEE fp32 (PyTorch's default), as in evaluation: see ES.forward.
     torch.backends.cudnn.benchmark = True  # one input size
     raw, opt, scaler, train_set, val = on_all_ranks(world, setup, args, ckpt, rank, world, device)
     sampler = data.EpochSampler(train_set, args.seed, rank, world)
@@ -269,10 +270,8 @@ def train(args, ckpt, rank, world, device):
         run.step, run.epoch_step, train_s = run.step + n, run.epoch_step + n, time.perf_counter() - t0
         run.epoch, run.epoch_step = (epoch + 1, 0) if run.epoch_step == skip + len(loader) else (epoch, run.epoch_step)
         run.elapsed += train_s
-        if rank == 0:
-            checkpoint(raw, opt, scaler, args, run, val, train_set.spec, world, device, loss, n * args.batch_size
-                       / train_s)
-        on_all_ranks(world, lambda: None)  # the others wait for rank 0
+        on_all_ranks(world, checkpoint if rank == 0 else lambda *a: None, raw, opt, scaler, args, run, val,
+                     train_set.spec, world, device, loss, n * args.batch_size / train_s)  # the others wait
     if rank == 0:
         ckpt = Path(args.out) / ('best.pth' if run.best_metric is not None else 'last.pth')
         summary = dict(best_val_dice=run.best_metric, best_epoch=run.best_epoch, epochs=run.epoch, steps=run.step,
@@ -358,7 +357,7 @@ def build_parser():
     a('--max-steps', type=number(int, 1), help='stop after this many steps')
     a('--amp', choices=tuple(danie.AMP_DTYPES), help='autocast dtype (default: none, fp32)')
     a('--compile', action='store_true', help='torch.compile the blocks')
-    a('--seed', type=int, default=0, help='of everything random')
+    a('--seed', type=number(int, 0), default=0, help='of everything random')
     a('--out', help='output folder (default: runs/<data>-<size>)')
     a('--resume', metavar='PATH', help='continue the run of PATH (a last.pth)')
     a('--val-every', type=number(int, 1), default=1, help='validate every N epochs')
@@ -414,13 +413,17 @@ def main(argv=None):
         args, ckpt = parse(argv)
         if ckpt is not None and not args.resume:  # the same command again: nothing is redone
             best = next(p for p in (Path(args.out) / 'best.pth', Path(args.out) / 'last.pth') if p.exists())
-            return print(f"{args.out} already holds this run, finished at epoch {ckpt['epoch']}/{args.epochs}: "
-                         f'nothing to do.\nnext: python evaluate.py --ckpt {best}')
+            end = f"epoch {ckpt['epoch']}/{args.epochs}" if ckpt['epoch'] >= args.epochs else f"step {ckpt['step']}"
+            return print(f'{args.out} already holds this run, finished at {end}: nothing to do.\n'
+                         f'next: python evaluate.py --ckpt {best}')
         rank, world, device = setup_distributed()
         return train(args, ckpt, rank, world, device)
     except (data.DataError, danie.CheckpointError, danie.PretrainedError, TrainError) as e:
         print(f'error: {e}', file=sys.stderr)
         raise SystemExit(1 if isinstance(e, TrainError) else 2)
+    except OSError as e:  # a write that failed after the checks
+        print(f'error: {e.filename}: {e.strerror}', file=sys.stderr)
+        raise SystemExit(1)
     except KeyboardInterrupt:
         last = args and Path(args.out) / 'last.pth'
         print(f'\ninterrupted; continue: python train.py --resume {last}' if last and last.exists() else

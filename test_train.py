@@ -408,7 +408,7 @@ def test_an_error_on_one_rank_ends_every_rank(tmp_path, demo_root):
     assert '(on another rank)' in p.stderr and not (tmp_path / 'out' / 'last.pth').exists()
 
 
-def test_end_to_end_demo_then_evaluate(tmp_path, demo_root):
+def test_end_to_end_demo_then_evaluate(tmp_path, demo_root, capsys):
     """The real DANIE-S for two steps; evaluate.py scores best.pth from the checkpoint alone."""
     summary = run(tmp_path, demo_root, '--batch-size', '4', '--max-steps', '2')
     assert summary['steps'] == 2 and summary['best_val_dice'] is not None
@@ -416,7 +416,13 @@ def test_end_to_end_demo_then_evaluate(tmp_path, demo_root):
     assert ck['config']['size'] == 'S' and ck['config']['img_size'] == 32 and ck['config']['num_classes'] == 9
     assert evaluate.main(['--ckpt', str(tmp_path / 'best.pth'), '--out', str(tmp_path / 'eval'),
                           '--no-progress']) == 0
-    assert (tmp_path / 'eval' / 'summary.json').exists()
+    assert (tmp_path / 'eval' / 'summary.json').exists() and 'TEST split' not in capsys.readouterr().err
+    ck['data']['selected_on'] = 'test'  # as --select-on-test records it
+    torch.save(ck, tmp_path / 'on_test.pth')
+    assert evaluate.main(['--ckpt', str(tmp_path / 'on_test.pth'), '--out', str(tmp_path / 'eval2'), '--limit', '1',
+                          '--no-progress']) == 0
+    assert 'WARNING: this checkpoint was chosen by its Dice on the TEST split' in capsys.readouterr().err
+    assert json.loads((tmp_path / 'eval2' / 'summary.json').read_text())['selected_on'] == 'test'
 
 
 def test_graph_mode_compiles_the_repeated_blocks_and_computes_the_same_steps():
@@ -600,6 +606,16 @@ def test_a_broken_validation_file_is_named_before_the_first_epoch(tmp_path, tiny
         run(tmp_path / 'out', str(root), '--batch-size', '64', '--epochs', '1')
     assert e.value.code == 2 and f'{case}_slice005.npz: unreadable or corrupt npz' in capsys.readouterr().err
     assert not steps
+
+
+def test_a_write_that_fails_after_the_checks_is_one_line(tmp_path, demo_root, tiny, capsys):
+    (tmp_path / 'summary.json').mkdir()  # the last file a run writes cannot be written
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, demo_root, '--batch-size', '64', '--max-steps', '1')
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.rstrip().endswith(f"error: {tmp_path / 'summary.json'}: Is a directory"), err
+    assert 'Traceback' not in err
+    assert (tmp_path / 'last.pth').is_file()  # the checkpoints before it stay
 
 
 def test_the_demo_never_writes_into_a_users_folder(tmp_path, tiny, capsys):

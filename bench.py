@@ -106,7 +106,9 @@ def train_row(size, amp, batch, graph, args, device):
     """One configuration: a fresh DANIE timed with train.train_step on random data."""
     torch.manual_seed(0)
     net = danie.danie(size, num_classes=9, img_size=args.img_size).to(device, memory_format=danie.MEMORY_FORMAT)
-    step_args = argparse.Namespace(amp=amp, supervision='deep', lr=1e-4, weight_decay=1e-4)
+    default = train.build_parser().get_default  # the Sec. 4.2 recipe as train.py runs it
+    step_args = argparse.Namespace(amp=amp, supervision=default('supervision'), lr=data.SPECS['synapse'].lr,
+                                   weight_decay=default('weight_decay'))
     opt, scaler = train.make_optimizer(net, step_args, device), torch.amp.GradScaler('cuda', enabled=amp == 'fp16')
     x = torch.randn(batch, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=danie.MEMORY_FORMAT)
     t = torch.randint(0, 9, (batch, args.img_size, args.img_size), device=device)
@@ -204,8 +206,8 @@ def bench_eval(args, device):
 def bench_data(args, device):
     """Training samples/s through the DataLoader: a first pass (decoding, caching), then a second."""
     root = args.root or data.default_root(args.data)
-    if args.data == 'demo' and not Path(root).exists():
-        data.make_demo(root)
+    if args.data == 'demo':
+        data.make_demo(root, reuse=True)
     ds = data.train_set(args.data, root, args.img_size, val_cases=0)
     sub = torch.utils.data.Subset(ds, range(min(len(ds), args.images * args.batch)))
     loader = data.make_loader(sub, args.batch, shuffle=True, workers=args.workers)

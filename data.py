@@ -1,6 +1,6 @@
 """
 The data of DANIE (Sec. 4.1-4.2): the five benchmarks as downloaded and the user's own (image folders, nnU-Net
-v2's raw layout) as rows of LAYOUTS, with splits and Sec. 4.2 recipes (get_spec); train_set -> TrainSet ((epoch,
+v2's raw layout) as rows of LAYOUTS, with splits and Sec. 4.2 recipes; train_set -> TrainSet ((epoch,
 index) -> image (3,S,S), label (S,S)), TransUNet-augmented; eval_cases -> Cases (whole cases as stored);
 prepare_input, restore_size: the resize to the model's input and back; make_demo: a synthetic demo set.
 """
@@ -175,7 +175,7 @@ def read_arrays(path, keys=None):
             have = list(f.keys()) if h5 else f.files
             if keys is None or all(k in have for k in keys):
                 return {k: f[k][()] for k in have} if keys is None else [f[k][()] for k in keys]
-    except Exception as e:  # zipfile, pickle, HDF5 and OS errors: a corrupt file
+    except Exception as e:  # zip, pickle, HDF5, OS errors: a corrupt file
         raise _fail(path, 'h5' if h5 else 'npz', e) from None
     raise DataError(f'{path}: expected {"datasets" if h5 else "arrays"} {list(keys)}, found {have}')
 
@@ -324,7 +324,7 @@ class Item:
     case: str = None          # the patient: the unit of the validation split
     index: int = None         # a slice's position in its volume
     files: tuple = ()
-    geometry: object = None   # a NIfTI input's nibabel image: affine and header for its prediction
+    geometry: object = None   # a NIfTI input's nibabel image (affine, header)
 
     def load(self):
         """This item with its image and label read."""
@@ -455,7 +455,7 @@ def _split(spec, root, split, label_map='transunet', val_cases=None, seed=0):
         return listed[split]()
     test = listed['test']() if layout.carve == 'seeded' else None
     taken = {it.id for it in (test or []) + (layout.carve == 'seeded' and listed['val']() or [])}
-    pool = [it for it in listed['train']() if it.id not in taken]  # a user's val.txt, test.txt pick from train
+    pool = [it for it in listed['train']() if it.id not in taken]  # a user's val/test lists pick from train
     if layout.carve == 'isic2018':
         train, val, test = ([it for it in pool if it.id in set(p)] for p in isic2018_split(it.id for it in pool))
         if split == 'val' and official:
@@ -603,7 +603,7 @@ class EpochSampler(Sampler):
     def __len__(self):
         return len(self.order) - self.skip
 
-# ---- top level: specs, the training set, evaluation cases, the loader; the demo set and the CLI
+# ---- top level: specs, training set, evaluation cases, loader; the demo set and the CLI
 
 
 def default_root(name):
@@ -618,8 +618,7 @@ def _nnunet(root):
     except (OSError, ValueError) as e:
         raise DataError(f'{path}: not found; expected {NNUNET}' if isinstance(e, FileNotFoundError) else
                         f'{path}: not valid JSON ({e})') from None
-    missing = [k for k in ('channel_names', 'labels', 'file_ending') if k not in meta]
-    if missing:
+    if missing := [k for k in ('channel_names', 'labels', 'file_ending') if k not in meta]:
         raise DataError(f'{path}: missing key(s) {missing}')
     ending, labels, channels = meta['file_ending'], meta['labels'], meta['channel_names']
     if ending not in NIFTI_SUFFIXES + ('.png',):
@@ -636,7 +635,8 @@ def get_spec(name, root=None, num_classes=None):
     """The DatasetSpec of --data NAME: fixed for the benchmarks, from ROOT for 'folder' and 'nnunet'."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}' (--data): expected one of {', '.join(DATASETS)}")
-    root, channels, ending, file = Path(root or default_root(name)), ['rgb'], '.png', Path(root or '') / 'classes.txt'
+    root = Path(root or default_root(name))
+    channels, ending, file = ['rgb'], '.png', root / 'classes.txt'
     if name in SPECS:
         names = SPECS[name].class_names
     elif name == 'nnunet':
@@ -721,7 +721,7 @@ def output_dir(path, flag, inputs=()):
 DEMO_SIZE, DEMO_SLICES = 96, 12            # slice side, slices per volume
 DEMO_TRAIN_CASES, DEMO_TEST_CASES = 15, 3  # VAL_FRACTION holds 2 of the 15 training volumes out
 DEMO_NOISE, DEMO_JITTER = 0.03, 0.04       # noise std (CT in [0,1]); shifts of anatomy and organs
-DEMO_MARK = 'DANIE_DEMO'                   # marks a folder make_demo wrote
+DEMO_MARK = 'DANIE_DEMO'                   # marks make_demo's folders
 # tissue -> (centre y, x, radius y, x; z centre, z half-extent; intensity, texture), fractions of the volume
 DEMO_TISSUES = {  # 1-8: SYNAPSE_CLASSES; 9 body, 10 spine: anatomy in the image, background in the labels
     9: (0.50, 0.50, 0.42, 0.46, 0.5, 9.0, 0.30, 0.03), 10: (0.82, 0.50, 0.065, 0.07, 0.5, 9.0, 1.15, 0.10),
@@ -751,15 +751,18 @@ def _demo_volume(rng):
     return image.astype(np.float32), np.where(tissue < 9, tissue, 0).astype(np.uint8)
 
 
-def make_demo(root, seed=0):
-    """Write the synthetic set in Synapse's layout, deterministically, into a new or empty folder or a demo set."""
+def make_demo(root, seed=0, reuse=False):
+    """Write the synthetic set (Synapse's layout) into a new or empty folder or over a demo set; reuse: keep
+    a finished one."""
     root = Path(root)
     if root.is_dir() and any(root.iterdir()) and not (root / DEMO_MARK).is_file():
         raise DataError(f'{root} holds files ({", ".join(sorted(os.listdir(root))[:3])}, ...) but no demo set: '
                         'demo sets are written only into new or empty folders')
+    if reuse and (root / 'lists_Synapse/test_vol.txt').is_file():  # written last
+        return root
     for d in ('train_npz', 'test_vol_h5', 'lists_Synapse'):
         output_dir(root / d, 'the demo folder')
-    (root / DEMO_MARK).write_text('a synthetic DANIE demo set, written by data.make_demo\n')
+    (root / DEMO_MARK).touch()
     lists = {'train': [], 'test_vol': []}
     for c in range(DEMO_TRAIN_CASES + DEMO_TEST_CASES):
         name, (image, label) = f'case{c + 1:04d}', _demo_volume(np.random.default_rng([seed, c]))
@@ -767,7 +770,7 @@ def make_demo(root, seed=0):
         if c < DEMO_TRAIN_CASES:
             for k in range(DEMO_SLICES):
                 lists['train'].append(f'{name}_slice{k:03d}')
-                np.savez(root / f'train_npz/{name}_slice{k:03d}.npz', image=image[k], label=label[k])
+                np.savez(root / 'train_npz' / lists['train'][-1], image=image[k], label=label[k])  # adds .npz
         else:
             with h5py.File(root / f'test_vol_h5/{name}.npy.h5', 'w') as f:
                 f['image'], f['label'] = image, label

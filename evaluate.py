@@ -156,7 +156,7 @@ def load_case(item, spec, img_size, keep_image=False):
     """DataLoader collate of evaluate(): a case read and prepared for the model in a worker while the device
     runs. The label travels as a uint8 tensor where the ids fit, the image only when it is written out."""
     case = item.load()
-    x = data.prepare_input(case.image if spec.kind == 'volume' else case.image[None], img_size)
+    x = predict.model_input(case, spec.kind, img_size)
     label = torch.from_numpy(case.label.astype(np.uint8 if spec.num_classes <= 256 else np.int64))
     return replace(case, image=case.image if keep_image else None, label=label), x
 
@@ -182,8 +182,8 @@ def case_rows(case_id, pred, gt, spec, legacy=False, distances=True):
         if distances:
             row.update(binary_metrics(*(np.asarray((a == c).cpu()) for a in (pred, gt)), legacy=legacy))
         row.update({k: v for k, v in confusion_scores(*n).items() if k != 'dice'}, **dict(zip(COUNTS, n)))
-        counts = confusion_counts(p256, g256, (True,))[0].tolist()
-        rows.append({**row, **{f'{k}_256': v for k, v in zip(COUNTS, counts)}})
+        n256 = confusion_counts(p256, g256, (True,))[0].tolist()
+        rows.append({**row, **{f'{k}_256': v for k, v in zip(COUNTS, n256)}})
     return rows
 
 
@@ -209,7 +209,7 @@ def summarize(rows, spec, legacy=False):
         per_image = {n: {m: _nanmean(r[m] for r in rows if r['class'] == n) for m in ('dice', 'iou') + ISIC_METRICS}
                      for n in names}
         out['per_image'] = {m: _nanmean(per_image[n][m] for n in names) for m in ('dice', 'iou') + ISIC_METRICS}
-    if getattr(spec, 'figure', 'mean') == 'pooled_256':
+    if spec.figure == 'pooled_256':
         out['mean_dice_per_image'], out['mean_dice'] = out['mean_dice'], out['pooled_256']['dice']
     return out
 
@@ -271,7 +271,7 @@ def format_table(summary, spec):
     for label, key in (('pooled 256', 'pooled_256'), ('pooled native', 'pooled_native'), ('per-image', 'per_image')):
         p = summary[key]
         lines.append(f"{label:<14}" + ' '.join(pct(p[k]) for k in ('dice', 'se', 'sp', 'acc', 'iou') if k in p))
-    if getattr(spec, 'figure', 'mean') == 'pooled_256':
+    if spec.figure == 'pooled_256':
         lines.append('the Table 3 figures: pooled 256 (every mask resized to 256x256 as Azad et al., one matrix)')
     return '\n'.join(lines)
 

@@ -128,7 +128,7 @@ def load_backbone_file(backbone, cfg, path):
         sd = timm.models.maxxvit.checkpoint_filter_fn(sd, full)
     except Exception as e:
         raise PretrainedError(f'{path!r} is not a {cfg.backbone} checkpoint ({type(e).__name__}: {e})') from None
-    bad = _key_report(full.state_dict(), {k: v for k, v in sd.items()}, skip='head.')
+    bad = _key_report(full.state_dict(), sd, skip='head.')
     if bad:
         raise PretrainedError(f'{path!r} is not a {cfg.backbone} checkpoint (DANIE-{cfg.size} needs '
                               f'{cfg.backbone}): {bad}')

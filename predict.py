@@ -11,7 +11,7 @@ Inputs: PNG/JPG/BMP/TIFF images (RGB or grayscale, 8 or 16 bits), NIfTI volumes,
 CASE_0000.nii.gz gives CASE.nii.gz, as nnU-Net's predictor names it; other inputs <name>_pred.nii.gz) and PNG
 overlays; labels.json.
 
-Offers: device_arg(), segment(), predict_case(), read_input(), output_names(), write_prediction().
+Offers: device_arg(), model_input(), segment(), predict_case(), read_input(), output_names(), write_prediction().
 """
 
 import argparse
@@ -80,11 +80,15 @@ def segment(model, x, device, batch_size=16, amp='none', tta=False):
     return torch.cat(labels)
 
 
+def model_input(case, kind, img_size):
+    """A case's image as the model's input (N,3,S,S): a volume's slices, an image as a batch of one."""
+    return data.prepare_input(case.image if kind == 'volume' else case.image[None], img_size)
+
+
 def predict_case(model, case, spec, img_size, device, batch_size=16, amp='none', x=None, tta=False):
     """The label map of one case (a data.Item) at its label's size, or its image's, on `device`:
-    data.prepare_input, segment, data.restore_size."""
-    if x is None:
-        x = data.prepare_input(case.image if spec.kind == 'volume' else case.image[None], img_size)  # (N,3,S,S)
+    model_input (unless x is given), segment, data.restore_size."""
+    x = model_input(case, spec.kind, img_size) if x is None else x  # (N,3,S,S)
     hw = case.label.shape[-2:] if case.label is not None else case.image.shape[-2:] if spec.kind == 'volume' \
         else case.image.shape[:2]
     labels = data.restore_size(segment(model, x, device, batch_size, amp, tta), hw, spec.kind)

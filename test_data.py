@@ -465,6 +465,18 @@ def test_make_demo_never_writes_into_a_folder_it_did_not_make(tmp_path, capsys):
 
 # ---- the synthetic demo set
 
+def test_make_demo_reuse_keeps_a_finished_set_and_finishes_a_broken_one(tmp_path):
+    root = data.make_demo(tmp_path / 'demo')
+    first = root / 'train_npz' / 'case0001_slice000.npz'
+    first.write_bytes(b'changed')  # a finished set is kept as it is
+    data.make_demo(root, reuse=True)
+    assert first.read_bytes() == b'changed'
+    (root / 'lists_Synapse' / 'test_vol.txt').unlink()  # the list written last is missing: a write was cut short
+    data.make_demo(root, reuse=True)
+    assert np.load(first)['image'].shape == (data.DEMO_SIZE, data.DEMO_SIZE)
+    assert (root / 'lists_Synapse' / 'test_vol.txt').is_file()
+
+
 def test_demo_set_is_deterministic_in_synapse_layout_and_loads(tmp_path):
     a, b = data.make_demo(tmp_path / 'a'), data.make_demo(tmp_path / 'b')
     train = (a / 'lists_Synapse' / 'train.txt').read_text().split()

@@ -215,9 +215,8 @@ def prepare(args, rank):
         data.output_dir(args.out, '--out', inputs=[args.root])
         for tmp in Path(args.out).glob('*.tmp'):
             tmp.unlink()
-        made = [Path(args.root) / f for f in (data.DEMO_MARK, 'lists_Synapse/test_vol.txt')]  # first, last
-        if args.data == 'demo' and not all(f.is_file() for f in made):
-            data.make_demo(args.root)  # refuses a folder it did not write
+        if args.data == 'demo':
+            data.make_demo(args.root, reuse=True)  # refuses a folder it did not write
         print(f'init: {init_name(args)}', flush=True)
         if args.select_on_test:
             print('WARNING: --select-on-test chooses best.pth by its Dice on the TEST split', file=sys.stderr)

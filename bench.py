@@ -106,13 +106,12 @@ def train_row(size, amp, batch, graph, args, device):
     """One configuration: a fresh DANIE timed with train.train_step on random data."""
     torch.manual_seed(0)
     net = danie.danie(size, num_classes=9, img_size=args.img_size).to(device, memory_format=danie.MEMORY_FORMAT)
-    default = train.build_parser().get_default  # the Sec. 4.2 recipe as train.py runs it
-    step_args = argparse.Namespace(amp=amp, supervision=default('supervision'), lr=data.SPECS['synapse'].lr,
-                                   weight_decay=default('weight_decay'))
-    opt, scaler = train.make_optimizer(net, step_args, device), torch.amp.GradScaler('cuda', enabled=amp == 'fp16')
+    spec, supervision = data.SPECS['synapse'], train.build_parser().get_default('supervision')  # Sec. 4.2's recipe
+    opt = train.make_optimizer(net, spec.lr, spec.weight_decay, device)
+    scaler = torch.amp.GradScaler('cuda', enabled=amp == 'fp16')
     x = torch.randn(batch, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=danie.MEMORY_FORMAT)
     t = torch.randint(0, 9, (batch, args.img_size, args.img_size), device=device)
-    step = lambda: train.train_step(net, opt, scaler, x, t, step_args, 9)  # noqa: E731
+    step = lambda: train.train_step(net, opt, scaler, x, t, amp, supervision, 9)  # noqa: E731
     t0 = time.perf_counter()
     if graph:
         torch._dynamo.reset()  # compiled from scratch: ready_s includes this row's compilation

@@ -71,6 +71,7 @@ class DatasetSpec:
     layout: str
     img_size: int = 224    # NOTE(impl): not in the paper: ImageNet MaxViT's and the peers' size
     lr: float = 1e-4       # AdamW (Sec. 4.2)
+    weight_decay: float = 1e-4  # AdamW (Sec. 4.2)
     intensity: str = 'none'  # normalise()'s rule for raw inputs
     figure: str = 'mean'   # the table's figure, which picks best.pth: case means or 'pooled_256' (Table 3)
 

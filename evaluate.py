@@ -41,6 +41,7 @@ import predict
 
 METRICS, ISIC_METRICS, COUNTS = ('dice', 'iou', 'hd95', 'asd'), ('se', 'sp', 'acc'), ('tp', 'fp', 'fn', 'tn')
 TABLE3_SIZE = 256                 # Azad et al. resize every ISIC mask to 256x256 before pooling
+ON_TEST = 'best.pth is chosen by its Dice on the TEST split (--select-on-test): its test figures are optimistic'
 # NOTE(impl): the empty-mask rule. TransUNet's, which most of the field copied, scores Dice 1 for an empty ground
 # truth under a non-empty prediction, so absent organs earn free points; ours is below, theirs is --legacy.
 RULES = {
@@ -214,7 +215,7 @@ def summarize(rows, spec, legacy=False):
     return out
 
 
-def evaluate(model, cases, spec, img_size, *, device=None, batch_size=16, amp='none', legacy=False,
+def evaluate(model, cases, spec, img_size, *, device=None, batch_size=predict.BATCH, amp='none', legacy=False,
              save_pred=None, progress=True, distances=None, workers=0):
     """The Sec. 4.3 protocol over `cases` (a Sequence of data.Item); the summary, with its per-case 'cases' rows.
 
@@ -301,8 +302,7 @@ def parse_args(argv=None):
     p.add_argument('--limit', type=int, help='score only the first N cases')
     p.add_argument('--legacy', action='store_true', help="TransUNet's empty-mask rule and medpy < 0.5's ASD, as the "
                                                          'published tables (evaluate.RULES)')
-    # NOTE(impl): 16 slices per forward pass at test time: Sec. 4.2 gives only training batch sizes
-    p.add_argument('--batch-size', type=int, default=16, help='slices per forward pass')
+    p.add_argument('--batch-size', type=int, default=predict.BATCH, help='slices per forward pass')
     p.add_argument('--amp', choices=tuple(danie.AMP_DTYPES), default='none', help='autocast dtype')
     p.add_argument('--device', type=predict.device_arg, help='cuda, cuda:N, mps or cpu (default: the best there is)')
     p.add_argument('--workers', type=int, help='processes reading cases ahead (default: 4 on a GPU, else 0)')
@@ -331,7 +331,7 @@ def main(argv=None):
         out = data.output_dir(args.out or Path(args.ckpt).resolve().parent / f'eval_{args.split}', '--out', [root])
         save = args.save_pred and data.output_dir(args.save_pred, '--save-pred', [root])
         if info.get('selected_on') == 'test' and args.split == 'test':
-            print('WARNING: this checkpoint was chosen by its Dice on the TEST split', file=sys.stderr)
+            print(f'WARNING: {ON_TEST}', file=sys.stderr)
         net = danie.from_checkpoint(ckpt, args.ckpt).to(args.device, memory_format=danie.MEMORY_FORMAT)
         opts = {k: info[k] for k in ('val_cases', 'seed', 'label_map') if info.get(k) is not None}
         try:

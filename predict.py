@@ -32,6 +32,7 @@ import model as danie
 
 # ---- constants
 
+BATCH = 16                        # NOTE(impl): slices per forward pass at test time (Sec. 4.2: training only)
 FLIPS = ((-1,), (-2,), (-2, -1))  # TTA: horizontal, vertical, both (and the identity)
 INPUT_SUFFIXES = data.NIFTI_SUFFIXES + data.ARRAY_SUFFIXES + data.IMAGE_SUFFIXES
 OVERLAY_SLICES = 3                # PNG overlays per predicted volume
@@ -67,7 +68,7 @@ def _forward(model, x, tta=False):
     return total / (1 + len(FLIPS))
 
 
-def segment(model, x, device, batch_size=16, amp='none', tta=False):
+def segment(model, x, device, batch_size=BATCH, amp='none', tta=False):
     """Label maps (N,S,S) uint8 on `device` of the prepared input x (N,3,S,S), batch_size slices per pass."""
     labels = []
     with torch.inference_mode():
@@ -85,7 +86,7 @@ def model_input(case, kind, img_size):
     return data.prepare_input(case.image if kind == 'volume' else case.image[None], img_size)
 
 
-def predict_case(model, case, spec, img_size, device, batch_size=16, amp='none', x=None, tta=False):
+def predict_case(model, case, spec, img_size, device, batch_size=BATCH, amp='none', x=None, tta=False):
     """The label map of one case (a data.Item) at its label's size, or its image's, on `device`:
     model_input (unless x is given), segment, data.restore_size."""
     x = model_input(case, spec.kind, img_size) if x is None else x  # (N,3,S,S)
@@ -220,7 +221,7 @@ def parse_args(argv=None):
     p.add_argument('--tta', action='store_true', help='flip test-time augmentation (mean softmax of 4 flips)')
     p.add_argument('--intensity', choices=data.INTENSITIES,
                    help="the normalisation of raw volumes (default: the checkpoint's data's)")
-    p.add_argument('--batch-size', type=int, default=16, help='slices per forward pass')
+    p.add_argument('--batch-size', type=int, default=BATCH, help='slices per forward pass')
     p.add_argument('--amp', choices=tuple(danie.AMP_DTYPES), default='none', help='autocast dtype')
     p.add_argument('--device', type=device_arg, help='cuda, cuda:N, mps or cpu (default: the best there is)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')

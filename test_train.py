@@ -1,7 +1,6 @@
 """Tests of train.py: the loss of Eq. 13 (Sec. 4.2) by hand, the loop, exact resume, DDP on gloo, the NaN guard,
 bad flags, and an end-to-end run on the demo set scored by evaluate.py. CPU, tiny, offline."""
 
-import argparse
 import copy
 import csv
 import dataclasses
@@ -167,8 +166,8 @@ def test_resume_mid_epoch_gives_the_same_weights(tmp_path, demo_root, tiny):
     assert (b['epoch'], b['step'], b['train']['epoch_step']) == (a['epoch'], a['step'], a['train']['epoch_step'])
     assert (a['epoch'], a['step'], a['train']['epoch_step']) == (1, 30, 11)
     assert a['model'].keys() == b['model'].keys()
-    for k in a['model']:
-        assert torch.equal(a['model'][k], b['model'][k]), k
+    for name in a['model']:
+        assert torch.equal(a['model'][name], b['model'][name]), name
     for sa, sb in zip(a['train']['optimizer']['state'].values(), b['train']['optimizer']['state'].values()):
         assert torch.equal(sa['exp_avg_sq'], sb['exp_avg_sq'])
     # a control: without the resume the weights do differ from a shorter run
@@ -263,7 +262,7 @@ def test_select_on_test_records_the_split_it_trained_on(tmp_path, demo_root, tin
     run(tmp_path, demo_root, '--batch-size', '64', '--max-steps', '1', '--select-on-test')
     last = torch.load(tmp_path / 'last.pth', weights_only=True)
     assert last['data']['val_cases'] == 0 and last['data']['selected_on'] == 'test'
-    assert 'chooses best.pth by its Dice on the TEST split' in capsys.readouterr().err
+    assert f'WARNING: {evaluate.ON_TEST}' in capsys.readouterr().err
 
 
 def test_running_a_finished_command_twice_is_safe(tmp_path, demo_root, tiny, capsys):
@@ -361,7 +360,7 @@ def torchrun(tmp_path, nproc, *flags, patch=''):
     script.write_text(textwrap.dedent(f"""
         import os, sys
         import data, test_train, train
-        train.build_model = lambda args, k, pretrained: test_train.TinyNoBN(k, args.img_size)
+        train.build_model = lambda args, num_classes, pretrained: test_train.TinyNoBN(num_classes, args.img_size)
         {patch}
         train.main(sys.argv[1:])
     """))
@@ -375,7 +374,7 @@ def torchrun(tmp_path, nproc, *flags, patch=''):
 def test_n_processes_train_as_one_and_resume_across_world_sizes(tmp_path, demo_root, monkeypatch):
     """Eq. 13's batch Dice over the global batch and the same global batches: 2 processes = 1, and a run
     stopped under 2 processes and resumed in 1 ends where a 1-process run does."""
-    monkeypatch.setattr(train, 'build_model', lambda args, k, pretrained: TinyNoBN(k, args.img_size))
+    monkeypatch.setattr(train, 'build_model', lambda args, num_classes, pretrained: TinyNoBN(num_classes, 32))
     flags = ['--data', 'demo', '--root', demo_root, '--img-size', '32', '--batch-size', '8', '--lr', '1e-2']
     run(tmp_path / 'one', demo_root, *flags[4:], '--max-steps', '4')
     p = torchrun(tmp_path, 2, *flags, '--out', str(tmp_path / 'two'), '--max-steps', '2')
@@ -383,13 +382,13 @@ def test_n_processes_train_as_one_and_resume_across_world_sizes(tmp_path, demo_r
     train.main(['--resume', str(tmp_path / 'two' / 'last.pth'), '--max-steps', '4'])
     one, two = (torch.load(tmp_path / r / 'last.pth', weights_only=True) for r in ('one', 'two'))
     assert one['step'] == two['step'] == 4
-    for k in one['model']:
-        assert torch.allclose(one['model'][k], two['model'][k], atol=1e-5), k
+    for name in one['model']:
+        assert torch.allclose(one['model'][name], two['model'][name], atol=1e-5), name
     # a control: a Dice per process (no all_reduce) trains another function
     p = torchrun(tmp_path, 2, *flags, '--out', str(tmp_path / 'local'), '--max-steps', '4',
                  patch='train.all_reduce = None')
     local = torch.load(tmp_path / 'local' / 'last.pth', weights_only=True)
-    assert not all(torch.allclose(one['model'][k], local['model'][k], atol=1e-5) for k in one['model'])
+    assert not all(torch.allclose(one['model'][n], local['model'][n], atol=1e-5) for n in one['model'])
 
 
 def test_an_error_on_one_rank_ends_every_rank(tmp_path, demo_root):
@@ -416,12 +415,12 @@ def test_end_to_end_demo_then_evaluate(tmp_path, demo_root, capsys):
     assert ck['config']['size'] == 'S' and ck['config']['img_size'] == 32 and ck['config']['num_classes'] == 9
     assert evaluate.main(['--ckpt', str(tmp_path / 'best.pth'), '--out', str(tmp_path / 'eval'),
                           '--no-progress']) == 0
-    assert (tmp_path / 'eval' / 'summary.json').exists() and 'TEST split' not in capsys.readouterr().err
+    assert (tmp_path / 'eval' / 'summary.json').exists() and evaluate.ON_TEST not in capsys.readouterr().err
     ck['data']['selected_on'] = 'test'  # as --select-on-test records it
     torch.save(ck, tmp_path / 'on_test.pth')
     assert evaluate.main(['--ckpt', str(tmp_path / 'on_test.pth'), '--out', str(tmp_path / 'eval2'), '--limit', '1',
                           '--no-progress']) == 0
-    assert 'WARNING: this checkpoint was chosen by its Dice on the TEST split' in capsys.readouterr().err
+    assert f'WARNING: {evaluate.ON_TEST}' in capsys.readouterr().err
     assert json.loads((tmp_path / 'eval2' / 'summary.json').read_text())['selected_on'] == 'test'
 
 
@@ -431,12 +430,11 @@ def test_graph_mode_compiles_the_repeated_blocks_and_computes_the_same_steps():
     plain = danie_model.danie('S', num_classes=3, img_size=32)
     graph = copy.deepcopy(plain)
     assert len(graph.compile_blocks(backend='eager')) == 11 + 4 + 11  # HAP blocks, JP stages, MaxViT blocks
-    args = argparse.Namespace(amp='none', supervision='deep', lr=1e-3, weight_decay=1e-4)
     x, t = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
-    opts = [train.make_optimizer(m, args, x.device) for m in (plain, graph)]
+    opts = [train.make_optimizer(m, 1e-3, 1e-4, x.device) for m in (plain, graph)]
     scaler = torch.amp.GradScaler('cuda', enabled=False)
     for _ in range(2):  # two steps, then inference mode: the graphs follow the weights and the mode
-        losses = [train.train_step(m, o, scaler, x, t, args, 3).item() for m, o in zip((plain, graph), opts)]
+        losses = [train.train_step(m, o, scaler, x, t, 'none', 'deep', 3).item() for m, o in zip((plain, graph), opts)]
         assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     with torch.inference_mode():
         assert torch.allclose(plain.eval()(x)[0], graph.eval()(x)[0], atol=1e-5)
@@ -463,19 +461,19 @@ def test_your_own_data_trains_two_steps_and_evaluates(tmp_path, layout):
 
 # ---- Eq. 13 against an independent float64 reference: TransUNet's DiceLoss + CE, outputs and gradients
 
-def ref_dice(logits, target, k, smooth=1e-5):
+def ref_dice(logits, target, num_classes, smooth=1e-5):
     """TransUNet's utils.DiceLoss, written out: softmax, one-hot, and per class (2 I + s) / (Z + Y + s) over the
-    batch, squared terms, averaged over the k classes with background."""
+    batch, squared terms, averaged over the classes with background."""
     prob = torch.softmax(logits, dim=1)
     loss = 0
-    for i in range(k):
+    for i in range(num_classes):
         p, t = prob[:, i], (target == i).to(prob.dtype)
         loss = loss + 1 - (2 * (p * t).sum() + smooth) / ((p * p).sum() + (t * t).sum() + smooth)
-    return loss / k
+    return loss / num_classes
 
 
-def ref_criterion(y, heads, target, mode, k):
-    eq13 = lambda z: 0.7 * ref_dice(z, target, k) + 0.3 * F.cross_entropy(z, target)  # noqa: E731
+def ref_criterion(y, heads, target, mode, num_classes):
+    eq13 = lambda z: 0.7 * ref_dice(z, target, num_classes) + 0.3 * F.cross_entropy(z, target)  # noqa: E731
     if mode == 'final':
         return eq13(y)
     if mode == 'deep':

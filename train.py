@@ -8,6 +8,7 @@ batch. Writes into --out: last.pth every epoch, best.pth at the best validation 
 """
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 import data
 import evaluate
-import model as danie
+import model
 
 # ---- constants
 
@@ -42,7 +43,7 @@ MAY_CHANGE = PER_CALL + ('root', 'out', 'epochs', 'val_every', 'amp', 'pretraine
 
 
 class TrainError(Exception):
-    """A run that cannot go on: a non-finite loss, a file that cannot be written."""
+    """A run that cannot go on: a file that cannot be written."""
 
 
 def number(kind, low, strict=False):
@@ -69,14 +70,13 @@ def init_name(args):
 
 def build_model(args, num_classes, pretrained):
     """DANIE-S/L with the switches of Tables 5-7, from ImageNet (Sec. 4.2) or scratch."""
-    return danie.danie(args.size, num_classes=num_classes, img_size=args.img_size, pretrained=pretrained and
+    return model.danie(args.size, num_classes=num_classes, img_size=args.img_size, pretrained=pretrained and
                        args.pretrained, pretrained_file=args.pretrained_file, **switches(args))
 
 
-def make_optimizer(model, args, device):
+def make_optimizer(net, lr, weight_decay, device):
     # NOTE(impl): AdamW's default betas and eps, decay on all parameters: Sec. 4.2 gives only lr and decay.
-    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                             fused=device.type in ('cuda', 'cpu'))
+    return torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay, fused=device.type in ('cuda', 'cpu'))
 
 
 def setup_distributed():
@@ -92,21 +92,20 @@ def setup_distributed():
     return int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), device
 
 
-def on_all_ranks(world, fn, *a):
-    """fn(*a) on every rank; if it fails on any, all raise (none waits)."""
-    result, error, errors = None, None, [None] * world
+@contextlib.contextmanager
+def all_ranks(world):
+    """Runs the block on every rank, then compares: if it failed on any rank, all raise (none waits)."""
+    error, errors = None, [None] * world
     try:
-        result = fn(*a)
-    except Exception as e:  # raised below
+        yield
+    except Exception as e:  # raised below, once every rank knows
         error = e
     if world > 1:
         dist.all_gather_object(errors, None if error is None else str(error))
     if error or any(errors):
         raise error or data.DataError(f'{next(e for e in errors if e)} (on another rank)')
-    return result
 
-
-# ---- steps: the loss of Eq. 13, one optimiser step, one epoch
+# ---- steps: the loss of Eq. 13, one optimiser step, one epoch, saving and logging
 
 
 def dice_loss(logits, target, num_classes=None, smooth=1e-5, reduce=None):
@@ -145,51 +144,74 @@ def criterion(y, heads, target, mode='deep', num_classes=None, reduce=None):
     return seg_loss(outputs, target, num_classes or y.shape[1], reduce)
 
 
-def train_step(net, opt, scaler, x, target, args, num_classes, reduce=None):
+def train_step(net, optimiser, scaler, x, target, amp, supervision, num_classes=None, reduce=None):
     """Forward, Eq. 13, backward, AdamW; the loss as a device tensor (no host sync)."""
-    with danie.autocast(x.device, args.amp):
+    with model.autocast(x.device, amp):
         y, heads = net(x)
-    loss = criterion(y, heads, target, args.supervision, num_classes, reduce)
-    opt.zero_grad(set_to_none=True)
+    loss = criterion(y, heads, target, supervision, num_classes, reduce)
+    optimiser.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    scaler.step(opt)
+    scaler.step(optimiser)
     scaler.update()
     return loss.detach()
 
 
-def train_one_epoch(net, opt, scaler, loader, args, run, world, device, master):
-    """One pass over the loader from the run's position; (mean loss, steps)."""
-    zero = torch.zeros((), device=device)
-    loss_sum, first_bad, bad_loss, n, k = zero.clone(), zero - 1, zero.clone(), 0, loader.dataset.spec.num_classes
+def train_one_epoch(net, optimiser, scaler, loader, device, amp, supervision, run, max_steps=None):
+    """The loader's batches from the run's position, up to max_steps in all; (mean loss, steps)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     reduce = all_reduce if world > 1 else None  # its backward sums the gradients too
-    bar = tqdm(total=run.epoch_step + len(loader), initial=run.epoch_step, desc=f'epoch {run.epoch + 1}/{args.epochs}',
-               leave=False, disable=not master)
-    for x, target in loader:
-        x = x.to(device, non_blocking=True, memory_format=danie.MEMORY_FORMAT)
-        loss = train_step(net, opt, scaler, x, target.to(device, non_blocking=True), args, k, reduce)
-        n += 1  # the NaN guard without host sync: the first bad step stays on the device
-        new_bad = (first_bad < 0) & ~torch.isfinite(loss)
-        first_bad, bad_loss = torch.where(new_bad, run.step + n, first_bad), torch.where(new_bad, loss, bad_loss)
-        loss_sum += loss
-        bar.update()
-        if args.max_steps is not None and run.step + n >= args.max_steps:
+    num_classes, losses = loader.dataset.spec.num_classes, []
+    for x, target in tqdm(loader, desc=f'epoch {run.epoch + 1}', leave=False, disable=rank > 0):
+        x = x.to(device, non_blocking=True, memory_format=model.MEMORY_FORMAT)
+        target = target.to(device, non_blocking=True)
+        losses.append(train_step(net, optimiser, scaler, x, target, amp, supervision, num_classes, reduce))
+        if max_steps is not None and run.step + len(losses) >= max_steps:
             break
-    bar.close()
-    # the last loss predates its update: check the weights too
-    weights_ok = torch.stack(torch._foreach_norm(list(net.parameters()))).isfinite().all()
-    stats = torch.stack([loss_sum / world, first_bad, bad_loss, (~weights_ok).float()])
-    if world > 1:  # one loss and one verdict on every rank: all stop together
-        dist.all_reduce(stats[:1])
-        dist.all_reduce(stats[1:2], op=dist.ReduceOp.MAX)
-    loss, bad, bad_loss, bad_weights = stats.tolist()  # the epoch's one host sync
-    if bad < 0 and bad_weights:
-        bad, bad_loss = run.step + n, float('nan')  # the last update broke the weights
-    if bad >= 0:
-        last = Path(args.out) / 'last.pth'
-        kept = f'the last good checkpoint is {last}' if last.exists() else 'no checkpoint was written'
-        raise TrainError(f'loss is {bad_loss} at step {int(bad)} (epoch {run.epoch + 1}); stopped, {kept}; '
-                         'try a lower --lr')
-    return loss / max(n, 1), n
+    norm = torch.stack(torch._foreach_norm(list(net.parameters()))).sum()  # the last loss predates its update
+    stats = torch.stack([*losses, norm]) / world
+    if world > 1:  # a sum: a NaN on any rank reaches every rank, and all stop together
+        dist.all_reduce(stats)
+    *losses, norm = stats.tolist()  # the epoch's one host read
+    bad = [(i, f'loss is {v}') for i, v in enumerate(losses) if not math.isfinite(v)]
+    if not math.isfinite(norm):
+        bad.append((len(losses) - 1, 'the weights are not finite'))
+    if bad:
+        raise FloatingPointError(f'{bad[0][1]} at step {run.step + bad[0][0] + 1} (epoch {run.epoch + 1})')
+    return sum(losses) / max(len(losses), 1), len(losses)
+
+
+def save(out, net, optimiser, scaler, run, fields, best, world):
+    """best.pth if `best`, then last.pth (and the training state), each atomic: a failed write keeps the last."""
+    fields = dict(fields, epoch=run.epoch, step=run.step)
+    state = {k: v for k, v in asdict(run).items() if k not in ('epoch', 'step')}
+    try:
+        if best:
+            model.save_checkpoint(out / 'best.pth', model.checkpoint(net, **fields))
+        model.save_checkpoint(out / 'last.pth', model.checkpoint(net, **fields, train=dict(
+            state, optimizer=optimiser.state_dict(), scaler=scaler.state_dict(), world_size=world)))
+    except model.CheckpointError as e:
+        raise TrainError(e) from None
+
+
+def log(out, rows, epochs):
+    """log.csv (each row written after its checkpoint), the epoch's line, progress.png (loss and Dice)."""
+    with open(out / 'log.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    row = rows[-1]
+    print(f"epoch {row['epoch']}/{epochs} | " + ' | '.join(f'{k} {v}' for k, v in row.items() if v != '' and
+                                                          k != 'epoch'), flush=True)
+    try:
+        from matplotlib.figure import Figure  # without pyplot's global state
+    except ImportError:  # a bare GPU image: no plot
+        return
+    ax = (fig := Figure(figsize=(7, 4))).add_subplot(xlabel='epoch', ylabel='training loss (Eq. 13)')
+    ax.plot([int(r['epoch']) for r in rows], [float(r['loss']) for r in rows])
+    if dice := [(int(r['epoch']), float(r['val_dice'])) for r in rows if r['val_dice']]:
+        ax.twinx().plot(*zip(*dice), 'o-', color='tab:orange', label='validation Dice')
+        fig.legend()
+    fig.savefig(out / 'progress.png', dpi=100)
 
 # ---- top level: the run
 
@@ -205,8 +227,8 @@ class Run:
     elapsed: float = 0.0    # seconds
     log: list = field(default_factory=list)  # the rows of log.csv
 
-    def done(self, args):
-        return self.epoch >= args.epochs or args.max_steps is not None and self.step >= args.max_steps
+    def done(self, epochs, max_steps):
+        return self.epoch >= epochs or max_steps is not None and self.step >= max_steps
 
 
 def prepare(args, rank):
@@ -219,110 +241,90 @@ def prepare(args, rank):
             data.make_demo(args.root, reuse=True)  # refuses a folder it did not write
         print(f'init: {init_name(args)}', flush=True)
         if args.select_on_test:
-            print('WARNING: --select-on-test chooses best.pth by its Dice on the TEST split', file=sys.stderr)
+            print(f'WARNING: {evaluate.ON_TEST}', file=sys.stderr)
 
 
 def setup(args, ckpt, rank, world, device):
-    """Training set, validation cases (each file read now), model, optimiser."""
+    """Training set, validation cases (each file read now), model, optimiser; the data the checkpoints record."""
+    split = 'test' if args.select_on_test else 'val'  # --select-on-test: nothing held out, best.pth on the test split
     common = dict(seed=args.seed, label_map=args.label_map, num_classes=args.num_classes,
                   val_cases=0 if args.select_on_test else args.val_cases)
     train_set = data.train_set(args.data, args.root, args.img_size, **common)
     if len(train_set) // world < args.batch_size // world:
         raise data.DataError(f'--batch-size {args.batch_size} is larger than the training set')
-    val = data.eval_cases(args.data, args.root, 'test' if args.select_on_test else 'val', **common) if rank == 0 else []
+    val = data.eval_cases(args.data, args.root, split, **common) if rank == 0 else []
     for item in getattr(val, 'items', []):  # a broken file fails now, not after an epoch
         item.read()
     torch.manual_seed(args.seed)  # one initialisation on every rank
     net = build_model(args, train_set.spec.num_classes, pretrained=ckpt is None)
     if ckpt is not None:
-        danie.load_weights(net, ckpt['model'], args.resume)
+        model.load_weights(net, ckpt['model'], args.resume)
     if world > 1 and device.type == 'cuda':
         # NOTE(impl): SyncBatchNorm on GPUs: BN sees the global batch (gloo on CPUs has none).
         net = timm.layers.convert_sync_batchnorm(net)
-    net = net.to(device, memory_format=danie.MEMORY_FORMAT)
-    opt, scaler = make_optimizer(net, args, device), torch.amp.GradScaler('cuda', enabled=args.amp == 'fp16')
+    net = net.to(device, memory_format=model.MEMORY_FORMAT)
+    optimiser = make_optimizer(net, args.lr, args.weight_decay, device)
+    scaler = torch.amp.GradScaler('cuda', enabled=args.amp == 'fp16')
     if ckpt is not None:
-        opt.load_state_dict(ckpt['train']['optimizer'])
+        optimiser.load_state_dict(ckpt['train']['optimizer'])
         scaler.load_state_dict(ckpt['train']['scaler'] or scaler.state_dict())  # empty: no fp16
-    return net, opt, scaler, train_set, val
+    record = dict(name=args.data, root=os.path.abspath(args.root), label_map=args.label_map, seed=args.seed,
+                  val_cases=common['val_cases'], spec=asdict(train_set.spec), selected_on=split)
+    return train_set, val, net, optimiser, scaler, record
 
 
 def train(args, ckpt, rank, world, device):
-    """Each epoch: train_one_epoch, then (rank 0) validation, checkpoints, the log."""
-    on_all_ranks(world, prepare, args, rank)  # a barrier: the other ranks wait for the demo
+    """Sec. 4.2's run: each epoch trains on every rank, then rank 0 validates, keeps the best, saves and logs."""
+    with all_ranks(world):  # the others wait for the demo
+        prepare(args, rank)
     # NOTE(impl): matmuls stay IEEE fp32 (PyTorch's default), as in evaluation: see ES.forward.
     torch.backends.cudnn.benchmark = True  # one input size
-    raw, opt, scaler, train_set, val = on_all_ranks(world, setup, args, ckpt, rank, world, device)
-    sampler = data.EpochSampler(train_set, args.seed, rank, world)
+    with all_ranks(world):
+        train_set, val, net, optimiser, scaler, record = setup(args, ckpt, rank, world, device)
+    sampler, per_rank = data.EpochSampler(train_set, args.seed, rank, world), args.batch_size // world
     # NOTE(impl): --batch-size is the global batch; drop_last: full batches only (BatchNorm).
-    loader = data.make_loader(train_set, args.batch_size // world, shuffle=False, workers=args.workers,
-                              sampler=sampler, drop_last=True)
-    net = DistributedDataParallel(raw, [device.index] if device.type == 'cuda' else None) if world > 1 else raw
+    loader = data.make_loader(train_set, per_rank, shuffle=False, workers=args.workers, sampler=sampler,
+                              drop_last=True)
+    ddp = DistributedDataParallel(net, [device.index] if device.type == 'cuda' else None) if world > 1 else net
     if args.compile:
-        raw.compile_blocks()
+        net.compile_blocks()
     state = {k: v for k, v in (ckpt or {}).get('train', {}).items() if k in Run.__annotations__}
     run = Run(ckpt['epoch'], ckpt['step'], **state) if ckpt else Run()
-    while not run.done(args):
-        epoch, skip, t0 = run.epoch, run.epoch_step, time.perf_counter()  # skip: steps done
-        sampler.set_epoch(epoch, skip * (args.batch_size // world))
-        loss, n = train_one_epoch(net, opt, scaler, loader, args, run, world, device, rank == 0)
-        run.step, run.epoch_step, train_s = run.step + n, run.epoch_step + n, time.perf_counter() - t0
-        run.epoch, run.epoch_step = (epoch + 1, 0) if run.epoch_step == skip + len(loader) else (epoch, run.epoch_step)
-        run.elapsed += train_s
-        on_all_ranks(world, checkpoint if rank == 0 else lambda *a: None, raw, opt, scaler, args, run, val,
-                     train_set.spec, world, device, loss, n * args.batch_size / train_s)  # the others wait
-    if rank == 0:
-        ckpt = Path(args.out) / ('best.pth' if run.best_metric is not None else 'last.pth')
+    out, spec, meta = Path(args.out), train_set.spec, dict(data=record, args=vars(args), init=init_name(args))
+    while not run.done(args.epochs, args.max_steps):
+        t0 = time.perf_counter()
+        sampler.set_epoch(run.epoch, run.epoch_step * per_rank)  # from the sample the run stopped at
+        loss, steps = train_one_epoch(ddp, optimiser, scaler, loader, device, args.amp, args.supervision, run,
+                                      args.max_steps)
+        seconds, epoch_over = time.perf_counter() - t0, steps == len(loader)
+        run.step, run.epoch_step, run.elapsed = run.step + steps, run.epoch_step + steps, run.elapsed + seconds
+        run.epoch, run.epoch_step = (run.epoch + 1, 0) if epoch_over else (run.epoch, run.epoch_step)
+        epoch = run.epoch + (run.epoch_step > 0)  # the epoch the log names: one stopped part way counts
+        with all_ranks(world):  # rank 0 validates and writes; the others wait here
+            if rank == 0:
+                t0, metric = time.perf_counter(), None
+                if len(val) and (run.done(args.epochs, args.max_steps) or epoch_over and epoch % args.val_every == 0):
+                    # validate: the table's figure, mean Dice (ISIC: pooled at 256x256), no distances
+                    metric = float(evaluate.evaluate(net, val, spec, args.img_size, device=device, amp=args.amp,
+                                                     progress=False, distances=False,
+                                                     workers=min(args.workers, 4))['mean_dice'])
+                best = metric is not None and metric > (-math.inf if run.best_metric is None else run.best_metric)
+                run.best_metric, run.best_epoch = (metric, epoch) if best else (run.best_metric, run.best_epoch)
+                run.elapsed += time.perf_counter() - t0
+                run.log.append(dict(epoch=epoch, step=run.step, loss=f'{loss:.6f}', val_dice='' if metric is None else
+                                    f'{metric:.6f}', best_dice='' if run.best_metric is None else
+                                    f'{run.best_metric:.6f}', images_per_s=f'{steps * args.batch_size / seconds:.2f}',
+                                    elapsed_s=f'{run.elapsed:.1f}'))
+                save(out, net, optimiser, scaler, run, dict(meta, metric=metric), best, world)
+                log(out, run.log, args.epochs)
+    if rank == 0:  # summary.json, and the next command
+        kept = out / ('best.pth' if run.best_metric is not None else 'last.pth')
         summary = dict(best_val_dice=run.best_metric, best_epoch=run.best_epoch, epochs=run.epoch, steps=run.step,
-                       checkpoint=str(ckpt))
-        (Path(args.out) / 'summary.json').write_text(json.dumps(summary, indent=2))
-        print(f'done: {run.epoch} epochs, {run.step} steps, {run.elapsed:.0f} s\nnext: python evaluate.py --ckpt',
-              ckpt)
+                       checkpoint=str(kept))
+        (out / 'summary.json').write_text(json.dumps(summary, indent=2))
+        print(f'done: {run.epoch} epochs, {run.step} steps, {run.elapsed:.0f} s')
+        print(f'next: python evaluate.py --ckpt {kept}')
         return summary
-
-
-def checkpoint(raw, opt, scaler, args, run, val, spec, world, device, loss, images_per_s):
-    """Rank 0 after an epoch: validation, best.pth, last.pth, then log.csv and progress.png (each row has its
-    checkpoint); a failed write keeps the last good one."""
-    t0, metric, epoch, out = time.perf_counter(), None, run.epoch + (run.epoch_step > 0), Path(args.out)
-    if len(val) and (run.done(args) or run.epoch_step == 0 and run.epoch % args.val_every == 0):
-        metric = float(evaluate.evaluate(raw, val, spec, args.img_size, device=device, amp=args.amp, progress=False,
-                                         distances=False, workers=min(args.workers, 4))['mean_dice'])
-    if metric is not None and math.isfinite(metric) and (run.best_metric is None or metric > run.best_metric):
-        run.best_metric, run.best_epoch = metric, epoch
-    run.elapsed += time.perf_counter() - t0
-    run.log.append(dict(epoch=epoch, step=run.step, loss=f'{loss:.6f}', val_dice='' if metric is None else
-                        f'{metric:.6f}', best_dice='' if run.best_metric is None else f'{run.best_metric:.6f}',
-                        images_per_s=f'{images_per_s:.2f}', elapsed_s=f'{run.elapsed:.1f}'))
-    info = dict(name=args.data, root=os.path.abspath(args.root), label_map=args.label_map, seed=args.seed,
-                val_cases=0 if args.select_on_test else args.val_cases, spec=asdict(spec),
-                selected_on='test' if args.select_on_test else 'val')
-    fields = dict(data=info, args=vars(args), init=init_name(args), epoch=run.epoch, step=run.step, metric=metric)
-    state = {k: v for k, v in asdict(run).items() if k not in ('epoch', 'step')}
-    try:
-        if run.best_epoch == epoch and metric is not None:
-            danie.save_checkpoint(out / 'best.pth', danie.checkpoint(raw, **fields))
-        danie.save_checkpoint(out / 'last.pth', danie.checkpoint(raw, **fields, train=dict(
-            state, optimizer=opt.state_dict(), scaler=scaler.state_dict(), world_size=world)))
-        with open(out / 'log.csv', 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=list(run.log[0]))
-            writer.writeheader()
-            writer.writerows(run.log)
-    except (danie.CheckpointError, OSError) as e:
-        raise TrainError(e if isinstance(e, danie.CheckpointError) else f'{out}/log.csv: {e.strerror}') from None
-    print(f'epoch {epoch}/{args.epochs} | step {run.step} | loss {loss:.4f} | {images_per_s:.1f} img/s | '
-          f'{run.elapsed:.0f} s' + ('' if metric is None else f' | Dice {metric:.4f} (best: epoch {run.best_epoch})'),
-          flush=True)
-    try:
-        from matplotlib.figure import Figure  # without pyplot's global state
-    except ImportError:  # a bare GPU image: no plot
-        return
-    ax = (fig := Figure(figsize=(7, 4))).add_subplot(xlabel='epoch', ylabel='training loss (Eq. 13)')
-    ax.plot([int(r['epoch']) for r in run.log], [float(r['loss']) for r in run.log])
-    if dice := [(int(r["epoch"]), float(r["val_dice"])) for r in run.log if r["val_dice"]]:
-        ax.twinx().plot(*zip(*dice), 'o-', color='tab:orange', label='validation Dice')
-        fig.legend()
-    fig.savefig(out / 'progress.png', dpi=100)
 
 # ---- CLI
 
@@ -343,18 +345,18 @@ def build_parser():
     a('--pretrained-file', help='ImageNet weights from a local file (offline)')
     for flag, row in (('hap', 'A.1'), ('sap', 'A.2'), ('spatial-att', 'A.3'), ('channel-att', 'A.4')):
         a(f'--no-{flag}', action='store_true', help=f'Table 5 {row} (with --fusion add)')
-    a('--order', choices=danie.ORDERS, default='channel_first', help="Table 6: HAP's order")
+    a('--order', choices=model.ORDERS, default='channel_first', help="Table 6: HAP's order")
     a('--no-calibration', action='store_true', help='Table 6: a plain average, not Eq. 4')
-    a('--fusion', choices=danie.FUSIONS, default='jp', help='Table 7; jp: Eq. 6-11')
+    a('--fusion', choices=model.FUSIONS, default='jp', help='Table 7; jp: Eq. 6-11')
     a('--epochs', type=number(int, 1), help='default (Sec. 4.2): Synapse 300, ACDC 400, ISIC 200, GlaS 100')
     a('--batch-size', type=number(int, 1), help='global; default (Sec. 4.2): 24, 12, 8, 8 (GlaS: ours)')
     a('--lr', type=number(float, 0, True), help='AdamW (default 1e-4, Sec. 4.2)')
-    a('--weight-decay', type=number(float, 0), default=1e-4, help='AdamW (default 1e-4, Sec. 4.2)')
+    a('--weight-decay', type=number(float, 0), help='AdamW (default 1e-4, Sec. 4.2)')
     # NOTE(impl): 'deep' by default, on p1..p4 (as CASCADE, whose recipe the paper repeats) and y: the paper
     # does not say where Eq. 13 applies.
     a('--supervision', choices=SUPERVISION, default='deep', help='where Eq. 13 applies')
     a('--max-steps', type=number(int, 1), help='stop after this many steps')
-    a('--amp', choices=tuple(danie.AMP_DTYPES), help='autocast dtype (default: none, fp32)')
+    a('--amp', choices=tuple(model.AMP_DTYPES), help='autocast dtype (default: none, fp32)')
     a('--compile', action='store_true', help='torch.compile the blocks')
     a('--seed', type=number(int, 0), default=0, help='of everything random')
     a('--out', help='output folder (default: runs/<data>-<size>)')
@@ -370,7 +372,7 @@ def parse(argv):
     path = Path(args.resume or Path(args.out or f"runs/{args.data}-{args.size or 'S'}") / 'last.pth')
     if args.resume and not path.is_file():
         parser.error(f'--resume: no checkpoint at {path}')
-    ckpt = danie.load_checkpoint(path, resume=True) if (args.resume or args.data) and path.is_file() else None
+    ckpt = model.load_checkpoint(path, resume=True) if (args.resume or args.data) and path.is_file() else None
     if ckpt is not None:  # the checkpoint's flags stand in for the defaults
         saved = {k: v for k, v in ckpt['args'].items() if k not in PER_CALL}
         args = parser.parse_args(argv, namespace=argparse.Namespace(**dict(saved, out=str(path.parent))))
@@ -383,8 +385,8 @@ def parse(argv):
         parser.error('--data is required (or --resume PATH)')
     spec = data.get_spec(args.data, args.root, args.num_classes)
     args.root, args.size, args.amp = args.root or data.default_root(args.data), args.size or 'S', args.amp or 'none'
-    args.epochs, args.batch_size = args.epochs or spec.epochs, args.batch_size or spec.batch_size
-    args.img_size, args.lr = args.img_size or spec.img_size, args.lr or spec.lr
+    for k in ('epochs', 'batch_size', 'img_size', 'lr', 'weight_decay'):  # unset: the dataset's recipe
+        setattr(args, k, getattr(spec, k) if getattr(args, k) is None else getattr(args, k))
     args.workers = (8 if torch.cuda.is_available() else 0) if args.workers is None else args.workers
     args.out = args.out or os.path.join('runs', f'{args.data}-{args.size}')
     # NOTE(impl): the demo trains from scratch (no download on a CPU); the rest from ImageNet (Sec. 4.2).
@@ -397,10 +399,10 @@ def parse(argv):
         if bad:
             parser.error(why)
     try:  # the model's checks: img_size, ablation switches that go together
-        danie.make_config(args.size, img_size=args.img_size, **switches(args))
+        model.make_config(args.size, img_size=args.img_size, **switches(args))
     except ValueError as e:
         parser.error(str(e))
-    if ckpt is not None and not args.resume and not Run(ckpt['epoch'], ckpt['step']).done(args):
+    if ckpt is not None and not args.resume and not Run(ckpt['epoch'], ckpt['step']).done(args.epochs, args.max_steps):
         parser.error(f"{args.out} already holds a run, stopped at epoch {ckpt['epoch']}/{args.epochs} (step "
                      f"{ckpt['step']}): continue it with --resume {path}, or choose another --out")
     return args, ckpt
@@ -417,9 +419,14 @@ def main(argv=None):
                          f'next: python evaluate.py --ckpt {best}')
         rank, world, device = setup_distributed()
         return train(args, ckpt, rank, world, device)
-    except (data.DataError, danie.CheckpointError, danie.PretrainedError, TrainError) as e:
+    except (data.DataError, model.CheckpointError, model.PretrainedError, TrainError) as e:
         print(f'error: {e}', file=sys.stderr)
         raise SystemExit(1 if isinstance(e, TrainError) else 2)
+    except FloatingPointError as e:  # train_one_epoch: a non-finite loss or weights
+        last = Path(args.out) / 'last.pth'
+        kept = f'the last good checkpoint is {last}' if last.exists() else 'no checkpoint was written'
+        print(f'error: {e}; stopped, {kept}; try a lower --lr', file=sys.stderr)
+        raise SystemExit(1)
     except OSError as e:  # a write that failed after the checks
         print(f'error: {e.filename}: {e.strerror}', file=sys.stderr)
         raise SystemExit(1)

@@ -61,7 +61,8 @@ def _forward(model, x, tta=False):
     """Class scores of x (n,3,S,S): y of Eq. 12, or with tta the mean softmax over the flips."""
     if not tta:
         return model(x)[0].float()
-    # NOTE(impl): --tta = mean softmax over identity, horizontal, vertical and both flips (nnU-Net's 2-D mirroring)
+    # NOTE(impl): --tta averages the softmax of the 4 flips, as nnU-Net v1 (v2 averages logits): one flip with
+    # extreme logits cannot outvote the other three, and the mean stays a probability.
     total = model(x)[0].float().softmax(1)
     for dims in FLIPS:
         total += model(x.flip(dims))[0].float().softmax(1).flip(dims)

@@ -319,6 +319,66 @@ def test_flags_given_are_used_and_defaults_come_from_the_spec(tmp_path):
     assert args.lr == 1e-4 and args.weight_decay == 1e-4  # Sec. 4.2
 
 
+
+# ---- each flag where it is used, on fixtures where the right rule and its neighbours differ
+
+
+def test_weight_decay_and_lr_reach_adamw_from_the_flag_or_the_spec(tmp_path, demo_root, tiny, monkeypatch):
+    def adamw(out):
+        group = torch.load(out / 'last.pth', weights_only=True)['train']['optimizer']['param_groups'][0]
+        return group['lr'], group['weight_decay']
+    run(tmp_path / 'flag', demo_root, '--batch-size', '64', '--max-steps', '1', '--weight-decay', '0.05', '--lr',
+        '0.002')
+    assert adamw(tmp_path / 'flag') == (0.002, 0.05)
+    # unset: the dataset's recipe, here one whose decay is neither 1e-4 nor its lr
+    monkeypatch.setitem(data.SPECS, 'demo', dataclasses.replace(data.SPECS['demo'], lr=0.003, weight_decay=0.02))
+    run(tmp_path / 'spec', demo_root, '--batch-size', '64', '--max-steps', '1')
+    assert adamw(tmp_path / 'spec') == (0.003, 0.02)
+
+
+def test_supervision_and_amp_reach_the_loss(tmp_path, demo_root, tiny, monkeypatch):
+    real, seen = train.criterion, []
+
+    def spy(y, heads, target, mode='deep', *a, **kw):
+        seen.append((mode, y.dtype))
+        return real(y, heads, target, mode, *a, **kw)
+
+    monkeypatch.setattr(train, 'criterion', spy)
+    run(tmp_path / 'a', demo_root, '--batch-size', '64', '--max-steps', '1', '--supervision', 'mutation',
+        '--amp', 'bf16')
+    run(tmp_path / 'b', demo_root, '--batch-size', '64', '--max-steps', '1')
+    assert seen == [('mutation', torch.bfloat16), ('deep', torch.float32)]
+
+
+def test_val_every_validates_every_nth_epoch_and_the_last(tmp_path, demo_root, tiny):
+    run(tmp_path, demo_root, '--batch-size', '64', '--epochs', '5', '--val-every', '2')  # 2 steps per epoch
+    assert [bool(r['val_dice']) for r in log_rows(tmp_path)] == [False, True, False, True, True]
+
+
+def test_best_pth_is_the_highest_validation_dice_not_the_latest(tmp_path, demo_root, tiny, monkeypatch):
+    dice = iter([0.6, 0.8, 0.8, 0.7])  # a tie after the best, then a drop: 'latest' and '>=' pick other epochs
+    monkeypatch.setattr(evaluate, 'evaluate', lambda *a, **kw: {'mean_dice': next(dice)})
+    summary = run(tmp_path, demo_root, '--batch-size', '64', '--epochs', '4')
+    assert (summary['best_epoch'], summary['best_val_dice']) == (2, 0.8)
+    assert torch.load(tmp_path / 'best.pth', weights_only=True)['epoch'] == 2
+    assert [r['best_dice'] for r in log_rows(tmp_path)] == ['0.600000', '0.800000', '0.800000', '0.800000']
+
+
+def test_ablation_switches_and_size_reach_the_model(tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(danie_model, 'danie', lambda size, **kw: built.append((size, kw)))
+    argv = ['--data', 'demo', '--out', str(tmp_path), '--size', 'L', '--order', 'spatial_first',
+            '--no-calibration', '--no-spatial-att', '--fusion', 'add']
+    args, _ = train.parse(argv)
+    train.build_model(args, 9, pretrained=True)
+    size, kw = built[0]
+    assert size == 'L' and kw['num_classes'] == 9 and kw['img_size'] == args.img_size
+    assert {k: kw[k] for k in danie_model.SWITCHES} == dict(hap=True, sap=True, spatial_att=False, channel_att=True,
+                                                           order='spatial_first', calibration=False, fusion='add')
+    train.build_model(train.parse(['--data', 'demo', '--out', str(tmp_path / 'b'), '--no-sap', '--no-channel-att',
+                                   '--fusion', 'add'])[0], 9, pretrained=True)
+    assert (built[1][1]['sap'], built[1][1]['channel_att'], built[1][1]['hap']) == (False, False, True)
+
 # ---- multi-process and end to end
 
 
@@ -405,6 +465,22 @@ def test_an_error_on_one_rank_ends_every_rank(tmp_path, demo_root):
     # both ranks end with the one-line error (rank 0 names it as another rank's), none waits at a barrier
     assert p.returncode != 0 and p.stderr.count('error: case0007_slice003.npz: unreadable') == 2, p.stderr[-3000:]
     assert '(on another rank)' in p.stderr and not (tmp_path / 'out' / 'last.pth').exists()
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path, demo_root):
+    patch = textwrap.dedent("""
+        real, calls = train.criterion, []
+        def criterion(*a, **kw):
+            calls.append(1)
+            loss = real(*a, **kw)
+            return loss * float('nan') if os.environ['RANK'] == '1' and len(calls) == 2 else loss
+        train.criterion = criterion
+    """).replace('\n', '\n        ')
+    p = torchrun(tmp_path, 2, '--data', 'demo', '--root', demo_root, '--img-size', '32', '--batch-size', '8',
+                 '--out', str(tmp_path / 'out'), '--max-steps', '4', patch=patch)
+    # both ranks name rank 1's loss and its step; none trains on, none waits
+    assert p.returncode != 0 and p.stderr.count('error: loss is nan at step 2 (epoch 1)') == 2, p.stderr[-3000:]
+    assert not (tmp_path / 'out' / 'last.pth').exists()
 
 
 def test_end_to_end_demo_then_evaluate(tmp_path, demo_root, capsys):

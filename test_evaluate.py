@@ -356,6 +356,34 @@ def test_cli_end_to_end_demo(tmp_path, capsys):
     assert summary['split'] == 'val' and summary['rule'] == 'legacy' and 0.0 <= summary['mean_dice'] <= 1.0
 
 
+def test_legacy_reaches_image_sets_scored_without_distances(tmp_path, monkeypatch):
+    """--legacy on images (overlap only, no HD95/ASD): an empty mask under a non-empty prediction scores Dice 1
+    under TransUNet's rule, 0 under ours; the other image is predicted exactly under both."""
+    from PIL import Image
+    root = tmp_path / 'd'
+    (root / 'images').mkdir(parents=True)
+    (root / 'masks').mkdir()
+    for i, lesion in enumerate((True, False)):
+        mask = np.zeros((16, 20), np.uint8)
+        mask[:, :10] = lesion  # Constant's left half, or nothing
+        Image.fromarray(np.full((16, 20, 3), 100, np.uint8)).save(root / 'images' / f'im{i}.png')
+        Image.fromarray(mask).save(root / 'masks' / f'im{i}.png')
+    (root / 'classes.txt').write_text('background\nlesion\n')
+    (root / 'test.txt').write_text('im0\nim1\n')
+    info = dict(name='folder', root=str(root), seed=0, spec=dataclasses.asdict(data.get_spec('folder', root)))
+    torch.save(M.checkpoint(tiny_model(), data=info, args={}, init='scratch', epoch=1, step=1, metric=None),
+               tmp_path / 'best.pth')
+    monkeypatch.setattr(M, 'from_checkpoint', lambda ckpt, name='checkpoint': Constant())
+    scores = {}
+    for flags in ([], ['--legacy']):
+        out = tmp_path / f'eval{len(flags)}'
+        assert E.main(['--ckpt', str(tmp_path / 'best.pth'), '--out', str(out), '--no-progress', *flags]) == 0
+        summary = json.loads((out / 'summary.json').read_text())
+        assert summary['n_cases'] == 2 and summary['mean_hd95'] is None  # no distances for images
+        scores[summary['rule']] = summary['mean_dice'], summary['mean_iou']
+    assert scores == {'default': (0.5, 0.5), 'legacy': (1.0, 1.0)}
+
+
 # ---- checkpoint layout: best.pth (no training state) and last.pth (with it)
 
 def test_checkpoint_best_and_last(tmp_path):

@@ -13,6 +13,7 @@ from scipy import ndimage
 
 import data
 import evaluate as E
+import model as M
 import predict as P
 from data import DataError
 from test_data import AFFINE, save_rgb, slice_image
@@ -159,6 +160,32 @@ def test_preprocessed_inputs_and_bad_files(tmp_path):
     with pytest.raises(DataError, match='nokey.npz: expected a 2-D or 3-D array image'):
         P.read_input(tmp_path / 'nokey.npz')
 
+
+def test_preprocessed_npz_and_h5_through_the_command_line(tmp_path, monkeypatch):
+    """TransUNet's .npy.h5 and MT-UNet's .npz volumes (already normalised: no intensity rule on top), a 2-D .npz:
+    each segmented by a model that marks dark pixels (< ImageNet's mean, 0.485) and written as NIfTI (W,H,D)."""
+    monkeypatch.setattr(M, 'from_checkpoint', lambda ckpt, name='checkpoint': Pointwise())
+    src, out = tmp_path / 'in', tmp_path / 'out'
+    src.mkdir()
+    left = np.zeros((3, 32, 32), np.int64)
+    left[:, :, :16] = 1  # dark on the left: class 1 there
+    top = np.zeros((2, 32, 32), np.int64)
+    top[:, :16] = 1  # dark at the top: a transposed write would put it on the left
+    np.savez(src / 'case_001_volume_ED.npz', img=np.where(left, 0.1, 0.9).astype(np.float32), label=left + 1)
+    with h5py.File(src / 'case0001.npy.h5', 'w') as f:
+        f['image'] = np.where(top, 0.1, 0.9).astype(np.float32)
+    np.savez(src / 's.npz', image=np.where(left[0], 0.1, 0.9).astype(np.float32))  # one slice
+    ckpt = _best(tmp_path, 'synapse', 9)  # Synapse's 'ct' rule would map 0.1 and 0.9 both to dark
+    assert P.main(['--ckpt', str(ckpt), '--input', str(src), '--out', str(out), '--no-progress']) == 0
+
+    def nifti(name):
+        return np.asarray(nib.load(str(out / f'{name}.nii.gz')).dataobj).transpose(2, 1, 0)  # (W,H,D) -> (D,H,W)
+    np.testing.assert_array_equal(nifti('case_001_volume_ED_pred'), left)
+    np.testing.assert_array_equal(nifti('case_001_volume_ED_gt'), left + 1)  # the file's label, beside it
+    np.testing.assert_allclose(nifti('case_001_volume_ED_img'), np.where(left, 0.1, 0.9))
+    np.testing.assert_array_equal(nifti('case0001_pred'), top)
+    np.testing.assert_array_equal(nifti('s_pred'), left[:1])
+
 # ---- the command line
 
 
@@ -182,6 +209,18 @@ def test_input_folder_of_pngs_and_a_bad_file(tmp_path, capsys):
     assert P.main(['--ckpt', str(ckpt), '--input', str(src / 'rgb.png'), '--out', str(out / 'one'), '--tta',
                    '--no-progress']) == 0
     assert np.asarray(Image.open(out / 'one' / 'rgb_pred.png')).shape == (40, 70)
+
+
+def test_tta_flag_reaches_the_forward_pass(tmp_path, monkeypatch):
+    # Constant marks the left half: alone, the left half is class 1; with its flips averaged, every pixel is
+    monkeypatch.setattr(M, 'from_checkpoint', lambda ckpt, name='checkpoint': Constant())
+    save_rgb(tmp_path / 'a.png', np.full((20, 30, 3), 90))
+    ckpt = _best(tmp_path, 'isic2017', 2)
+    for flags, out in (([], 'plain'), (['--tta'], 'tta')):
+        assert P.main(['--ckpt', str(ckpt), '--input', str(tmp_path / 'a.png'), '--out', str(tmp_path / out),
+                       '--no-progress', *flags]) == 0
+    plain, tta = (np.asarray(Image.open(tmp_path / out / 'a_pred.png')) for out in ('plain', 'tta'))
+    assert plain[:, :15].all() and not plain[:, 15:].any() and tta.all()
 
 
 def test_input_nifti_keeps_shape_and_affine_and_nnunet_names(tmp_path):

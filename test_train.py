@@ -187,18 +187,18 @@ def test_resume_refuses_a_different_run(tmp_path, demo_root, tiny, capsys):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, demo_root, tiny, monkeypatch, capsys):
     real, calls = train.criterion, []
 
-    def nan_at_step_3(*a, **kw):
+    def nan_at_step_5(*a, **kw):
         calls.append(1)
         loss = real(*a, **kw)
-        return loss * float('nan') if len(calls) == 3 else loss
+        return loss * float('nan') if len(calls) == 5 else loss
 
-    monkeypatch.setattr(train, 'criterion', nan_at_step_3)
-    with pytest.raises(SystemExit) as e:
-        run(tmp_path, demo_root, '--batch-size', '64', '--epochs', '5')  # 2 steps per epoch
+    monkeypatch.setattr(train, 'criterion', nan_at_step_5)
+    with pytest.raises(SystemExit) as e:  # 3 steps per epoch: step 5 is neither the first nor the last of epoch 2
+        run(tmp_path, demo_root, '--batch-size', '48', '--epochs', '5')
     err = capsys.readouterr().err
-    assert e.value.code == 1 and 'loss is nan at step 3 (epoch 2)' in err and 'last.pth' in err
+    assert e.value.code == 1 and 'loss is nan at step 5 (epoch 2)' in err and 'last.pth' in err
     last = torch.load(tmp_path / 'last.pth', weights_only=True)
-    assert last['step'] == 2 and all(torch.isfinite(v).all() for v in last['model'].values())
+    assert last['step'] == 3 and all(torch.isfinite(v).all() for v in last['model'].values())
     assert len(log_rows(tmp_path)) == 1
 
 
@@ -363,6 +363,13 @@ def test_best_pth_is_the_highest_validation_dice_not_the_latest(tmp_path, demo_r
     assert torch.load(tmp_path / 'best.pth', weights_only=True)['epoch'] == 2
     assert [r['best_dice'] for r in log_rows(tmp_path)] == ['0.600000', '0.800000', '0.800000', '0.800000']
 
+
+def test_val_cases_sets_how_many_training_cases_are_held_out(tmp_path, demo_root, tiny):
+    summary = run(tmp_path, demo_root, '--batch-size', '8', '--epochs', '1', '--val-cases', '4')
+    held = data.train_set('demo', demo_root, 32, val_cases=4)
+    assert len(held) == (data.DEMO_TRAIN_CASES - 4) * data.DEMO_SLICES != len(data.train_set('demo', demo_root, 32))
+    assert summary['steps'] == len(held) // 8
+    assert torch.load(tmp_path / 'last.pth', weights_only=True)['data']['val_cases'] == 4  # evaluate.py's split
 
 def test_ablation_switches_and_size_reach_the_model(tmp_path, monkeypatch):
     built = []

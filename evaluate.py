@@ -41,7 +41,7 @@ import predict
 
 METRICS, ISIC_METRICS, COUNTS = ('dice', 'iou', 'hd95', 'asd'), ('se', 'sp', 'acc'), ('tp', 'fp', 'fn', 'tn')
 TABLE3_SIZE = 256                 # Azad et al. resize every ISIC mask to 256x256 before pooling
-ON_TEST = 'best.pth is chosen by its Dice on the TEST split (--select-on-test): its test figures are optimistic'
+SELECTED_ON_TEST = 'best.pth is chosen by its Dice on the TEST split (--select-on-test): its test figures are optimistic'
 # NOTE(impl): the empty-mask rule. TransUNet's, which most of the field copied, scores Dice 1 for an empty ground
 # truth under a non-empty prediction, so absent organs earn free points; ours is below, theirs is --legacy.
 RULES = {
@@ -331,7 +331,7 @@ def main(argv=None):
         out = data.output_dir(args.out or Path(args.ckpt).resolve().parent / f'eval_{args.split}', '--out', [root])
         save = args.save_pred and data.output_dir(args.save_pred, '--save-pred', [root])
         if info.get('selected_on') == 'test' and args.split == 'test':
-            print(f'WARNING: {ON_TEST}', file=sys.stderr)
+            print(f'WARNING: {SELECTED_ON_TEST}', file=sys.stderr)
         net = danie.from_checkpoint(ckpt, args.ckpt).to(args.device, memory_format=danie.MEMORY_FORMAT)
         opts = {k: info[k] for k in ('val_cases', 'seed', 'label_map') if info.get(k) is not None}
         try:

@@ -262,7 +262,7 @@ def test_select_on_test_records_the_split_it_trained_on(tmp_path, demo_root, tin
     run(tmp_path, demo_root, '--batch-size', '64', '--max-steps', '1', '--select-on-test')
     last = torch.load(tmp_path / 'last.pth', weights_only=True)
     assert last['data']['val_cases'] == 0 and last['data']['selected_on'] == 'test'
-    assert f'WARNING: {evaluate.ON_TEST}' in capsys.readouterr().err
+    assert f'WARNING: {evaluate.SELECTED_ON_TEST}' in capsys.readouterr().err
 
 
 def test_running_a_finished_command_twice_is_safe(tmp_path, demo_root, tiny, capsys):
@@ -498,12 +498,12 @@ def test_end_to_end_demo_then_evaluate(tmp_path, demo_root, capsys):
     assert ck['config']['size'] == 'S' and ck['config']['img_size'] == 32 and ck['config']['num_classes'] == 9
     assert evaluate.main(['--ckpt', str(tmp_path / 'best.pth'), '--out', str(tmp_path / 'eval'),
                           '--no-progress']) == 0
-    assert (tmp_path / 'eval' / 'summary.json').exists() and evaluate.ON_TEST not in capsys.readouterr().err
+    assert (tmp_path / 'eval' / 'summary.json').exists() and evaluate.SELECTED_ON_TEST not in capsys.readouterr().err
     ck['data']['selected_on'] = 'test'  # as --select-on-test records it
     torch.save(ck, tmp_path / 'on_test.pth')
     assert evaluate.main(['--ckpt', str(tmp_path / 'on_test.pth'), '--out', str(tmp_path / 'eval2'), '--limit', '1',
                           '--no-progress']) == 0
-    assert f'WARNING: {evaluate.ON_TEST}' in capsys.readouterr().err
+    assert f'WARNING: {evaluate.SELECTED_ON_TEST}' in capsys.readouterr().err
     assert json.loads((tmp_path / 'eval2' / 'summary.json').read_text())['selected_on'] == 'test'
 
 

@@ -241,7 +241,7 @@ def prepare(args, rank):
             data.make_demo(args.root, reuse=True)  # refuses a folder it did not write
         print(f'init: {init_name(args)}', flush=True)
         if args.select_on_test:
-            print(f'WARNING: {evaluate.ON_TEST}', file=sys.stderr)
+            print(f'WARNING: {evaluate.SELECTED_ON_TEST}', file=sys.stderr)
 
 
 def setup(args, ckpt, rank, world, device):

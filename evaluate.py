@@ -41,7 +41,7 @@ import predict
 
 METRICS, ISIC_METRICS, COUNTS = ('dice', 'iou', 'hd95', 'asd'), ('se', 'sp', 'acc'), ('tp', 'fp', 'fn', 'tn')
 TABLE3_SIZE = 256                 # Azad et al. resize every ISIC mask to 256x256 before pooling
-SELECTED_ON_TEST = 'best.pth is chosen by its Dice on the TEST split (--select-on-test): its test figures are optimistic'
+SELECTED_ON_TEST = 'best.pth chosen by its Dice on the TEST split (--select-on-test): its test figures are optimistic'
 # NOTE(impl): the empty-mask rule. TransUNet's, which most of the field copied, scores Dice 1 for an empty ground
 # truth under a non-empty prediction, so absent organs earn free points; ours is below, theirs is --legacy.
 RULES = {

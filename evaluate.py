@@ -10,10 +10,12 @@ ACC of one confusion matrix pooled over the test images after Azad et al.'s resi
 ('pooled_256', the table's figures), beside the same pooled at native resolution and per-image means. GlaS
 (Table 4): per-image Dice and IoU. Surface = mask XOR its erosion (connectivity 1); HD95 = the 95th percentile of
 both directed distance sets; ASD = one mean over both surfaces' distances (medpy >= 0.5's assd). The values equal
-medpy's dc, jc, hd95, assd whenever both masks are non-empty; RULES states what happens when one is empty.
+medpy's dc, jc, hd95, assd whenever both masks are non-empty; RULES states what happens when one is empty. Each
+mean figure has a 95% percentile-bootstrap interval over the test cases; the paper's own row (PAPER) is printed
+under ours for the checkpoint's size on the five benchmarks.
 
 Offers: evaluate() (train.py validates with it), binary_metrics(), confusion_counts(), table_resize(), case_rows(),
-summarize(), format_table(), write_results(), RULES. The model's predictions come from predict.py.
+summarize(), bootstrap_ci(), format_table(), paper_row(), write_results(), RULES, PAPER. Predictions: predict.py.
 """
 
 import argparse
@@ -22,6 +24,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from scipy import ndimage
+from scipy import ndimage, stats
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -51,14 +54,33 @@ RULES = {
     'legacy': "TransUNet's calculate_metric_percase: pred non-empty and gt empty: Dice 1, IoU 1, HD95 0, ASD 0; "
               'pred empty: all 0; ASD = the mean of the two directed means (medpy < 0.5 assd)',
 }
+CI_LEVEL, CI_RESAMPLES, CI_SEED = 0.95, 1000, 0  # the percentile bootstrap over the test cases beside every mean
+# The paper's DANIE-S and DANIE-L rows as printed (Dice, IoU, SE, SP, ACC in %; ASD as printed, in no stated unit),
+# keyed as summarize()'s figures: the table's headline row, then Dice per class. A figure a table lacks is absent.
+PAPER = {
+    ('synapse', 'S'): (1, dict(dice=84.21, iou=75.42, asd=3.65, aorta=87.31, gallbladder=73.11, kidney_l=85.29,
+                               kidney_r=83.86, liver=95.20, pancreas=70.20, spleen=92.85, stomach=85.90)),
+    ('synapse', 'L'): (1, dict(dice=85.47, iou=76.60, asd=2.76, aorta=88.17, gallbladder=77.80, kidney_l=88.59,
+                               kidney_r=84.68, liver=94.84, pancreas=71.94, spleen=91.95, stomach=85.82)),
+    ('acdc', 'S'): (2, dict(dice=91.96, RV=89.61, Myo=90.37, LV=95.89)),
+    ('acdc', 'L'): (2, dict(dice=92.36, RV=90.12, Myo=90.99, LV=96.00)),  # Table 2; Sec. 4.4's text says RV 90.17
+    ('isic2017', 'S'): (3, dict(dice=93.84, se=92.92, sp=98.73, acc=97.58)),
+    ('isic2017', 'L'): (3, dict(dice=94.25, se=94.10, sp=98.61, acc=97.72)),
+    ('isic2018', 'S'): (3, dict(dice=93.32, se=95.34, sp=96.63, acc=96.28)),
+    ('isic2018', 'L'): (3, dict(dice=93.47, se=94.17, sp=97.27, acc=96.43)),
+    ('glas', 'S'): (4, dict(dice=91.28, iou=84.23)),
+    ('glas', 'L'): (4, dict(dice=92.65, iou=86.28)),
+}
 
 # ---- helpers
 
 
-def _nanmean(values):
-    """The mean of the finite values; NaN when there are none."""
-    v = [x for x in values if x is not None and not math.isnan(x)]
-    return float(np.mean(v)) if v else float('nan')
+def _mean(v, w):
+    """Weighted means that skip NaN: v (K, N), a value per case, w (B, N), a weight per case -> (K, B); NaN where no
+    case counts. w = 1 gives the figures; w = the times each case is drawn, one bootstrap replicate per row."""
+    ok = np.isfinite(v)
+    num, den = np.where(ok, v, 0.0) @ w.T, ok @ w.T  # (K, N) @ (N, B) -> (K, B)
+    return np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)
 
 
 def _json_safe(obj):
@@ -73,12 +95,9 @@ def _json_safe(obj):
 
 
 def _bbox(mask, margin=1):
-    """Slices of the bounding box of a non-empty mask, grown by `margin` and clipped to the array."""
-    box = []
-    for ax in range(mask.ndim):
-        nz = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
-        box.append(slice(max(int(nz[0]) - margin, 0), min(int(nz[-1]) + 1 + margin, mask.shape[ax])))
-    return tuple(box)
+    """Slices of the bounding box of a non-empty boolean mask, grown by `margin` and clipped to the array."""
+    box = ndimage.find_objects(mask.view(np.uint8))[0]  # the box of label 1
+    return tuple(slice(max(b.start - margin, 0), min(b.stop + margin, n)) for b, n in zip(box, mask.shape))
 
 # ---- blocks: metrics
 
@@ -138,9 +157,9 @@ def confusion_counts(pred, gt, classes):
 
 
 def confusion_scores(tp, fp, fn, tn):
-    """Dice, SE (recall), SP, ACC of one confusion matrix; NaN where a ratio is 0/0."""
+    """Dice, SE (recall), SP, ACC of confusion matrices (numbers or arrays of them); NaN where a ratio is 0/0."""
     def ratio(a, b):
-        return a / b if b else float('nan')
+        return a / np.where(b > 0, b, np.nan)
     return dict(dice=ratio(2 * tp, 2 * tp + fp + fn), se=ratio(tp, tp + fn), sp=ratio(tn, tn + fp),
                 acc=ratio(tp + tn, tp + fp + fn + tn))
 
@@ -188,30 +207,68 @@ def case_rows(case_id, pred, gt, spec, legacy=False, distances=True):
     return rows
 
 
-def _pooled(rows, names, suffix=''):
-    """Dice, SE, SP, ACC of the confusion matrix pooled over all rows, per class and averaged over classes."""
-    per = {n: confusion_scores(*(sum(r[k + suffix] for r in rows if r['class'] == n) for k in COUNTS)) for n in names}
-    return {m: _nanmean(per[n][m] for n in names) for m in ('dice',) + ISIC_METRICS}, per
+def _figures(names, values, counts, w):
+    """Every figure of summarize() under case weights w (B, N), as {(key, ..., metric): (B,) array}. values:
+    {metric: (K, N)} per class and case; counts: {suffix: (K, N, 4)}, image sets' confusion counts."""
+    out, ones = {}, np.ones((1, len(names)))
+    for m, v in values.items():  # the mean over cases per class, then over classes, each skipping NaN
+        per = _mean(v, w)  # (K, B)
+        mean = _mean(per.T, ones)[:, 0]
+        out.update({('per_class', n, m): p for n, p in zip(names, per)})
+        out.update({(f'mean_{m}',): mean} if m in METRICS else {})
+        if counts and m not in ('hd95', 'asd'):  # image sets: the per-image means beside the pooled figures
+            out['per_image', m] = mean
+    for suffix, c in counts.items():  # one confusion matrix per class, pooled over the drawn images
+        key = 'pooled_256' if suffix else 'pooled_native'
+        for m, per in confusion_scores(*np.einsum('knc,bn->ckb', c, w)).items():  # 4 x (K, B)
+            out.update({(f'{key}_per_class', n, m): p for n, p in zip(names, per)})
+            out[key, m] = _mean(per.T, ones)[:, 0]
+    return out
+
+
+def bootstrap_ci(statistic, n):
+    """(F, 2): the CI_LEVEL percentile-bootstrap interval of statistic(w) -> (F, B), where w (B, n) counts how often
+    each of n cases is drawn in each of CI_RESAMPLES resamples (scipy's, seeded); NaN below two cases.
+    NOTE(impl): a replicate where a figure is NaN (no drawn case counts for its class) is left out of its interval,
+    as the mean leaves such cases out (scipy's own interval would be NaN)."""
+    def drawn(i, axis=-1):  # scipy draws case indices i (B, n); w[b, j] = how often case j is in resample b
+        w = np.bincount((i + n * np.arange(len(i))[:, None]).ravel(), minlength=i.size).reshape(i.shape)
+        return statistic(w.astype(np.float64))
+    if n < 2:
+        return np.full((len(statistic(np.ones((1, n)))), 2), np.nan)
+    with warnings.catch_warnings():  # scipy's and numpy's warnings on NaN replicates, which are handled here
+        for category in (stats.DegenerateDataWarning, RuntimeWarning):
+            warnings.simplefilter('ignore', category)
+        res = stats.bootstrap((np.arange(n),), drawn, n_resamples=CI_RESAMPLES, method='percentile',
+                              vectorized=True, random_state=np.random.default_rng(CI_SEED))
+        return np.nanquantile(res.bootstrap_distribution, ((1 - CI_LEVEL) / 2, (1 + CI_LEVEL) / 2), axis=-1).T
 
 
 def summarize(rows, spec, legacy=False):
-    """The mean over cases per class, then over classes (skipping NaN); image sets also pooled (Table 3). mean_dice
-    is the table's figure, spec.figure: the case mean, or ISIC's Dice pooled at 256x256."""
-    names = [spec.class_names[c] for c in spec.report_order]
-    per_class = {n: {m: _nanmean(r[m] for r in rows if r['class'] == n) for m in METRICS} for n in names}
-    for n in names:  # the cases that count for the class (both-empty ones do not, under RULES' default)
-        per_class[n]['n'] = sum(not math.isnan(r['dice']) for r in rows if r['class'] == n)
+    """The mean over cases per class, then over classes (skipping NaN); image sets also pooled (Table 3). Each figure
+    has its bootstrap interval over the cases beside it, '<name>_ci'. mean_dice is the table's figure, spec.figure:
+    the case mean, or ISIC's Dice pooled at 256x256."""
+    names, cases = [spec.class_names[c] for c in spec.report_order], list(dict.fromkeys(r['case'] for r in rows))
+    at = {(r['case'], r['class']): r for r in rows}
+    grid = lambda k: np.array([[at[c, n][k] for c in cases] for n in names], float).reshape(len(names), -1)  # noqa
+    image = spec.kind == 'image'
+    values = {m: grid(m) for m in METRICS + (ISIC_METRICS if image else ())}  # (K, N) each
+    counts = {s: np.stack([grid(k + s) for k in COUNTS], -1) for s in ('', '_256')} if image else {}
+    figures = _figures(names, values, counts, np.ones((1, len(cases))))
+    ci = bootstrap_ci(lambda w: np.stack(list(_figures(names, values, counts, w).values())), len(cases))
     out = dict(rule='legacy' if legacy else 'default', rule_text=RULES['legacy' if legacy else 'default'],
-               n_cases=len({r['case'] for r in rows}), classes=names, per_class=per_class,
-               **{f'mean_{m}': _nanmean(per_class[n][m] for n in names) for m in METRICS})
-    if spec.kind == 'image':
-        out['pooled_native'], out['pooled_native_per_class'] = _pooled(rows, names)
-        out['pooled_256'], out['pooled_256_per_class'] = _pooled(rows, names, '_256')
-        per_image = {n: {m: _nanmean(r[m] for r in rows if r['class'] == n) for m in ('dice', 'iou') + ISIC_METRICS}
-                     for n in names}
-        out['per_image'] = {m: _nanmean(per_image[n][m] for n in names) for m in ('dice', 'iou') + ISIC_METRICS}
+               ci=f'{CI_LEVEL:.0%} percentile bootstrap over the cases, {CI_RESAMPLES} resamples, seed {CI_SEED}',
+               n_cases=len(cases), classes=names)
+    for ((*path, m), v), lo_hi in zip(figures.items(), ci.tolist()):
+        d = out
+        for key in path:
+            d = d.setdefault(key, {})
+        d.update({m: float(v[0]), f'{m}_ci': lo_hi})
+    for n, v in zip(names, values['dice']):  # the cases that count for the class (under RULES' default, not both-empty)
+        out['per_class'][n]['n'] = int(np.isfinite(v).sum())
     if spec.figure == 'pooled_256':
-        out['mean_dice_per_image'], out['mean_dice'] = out['mean_dice'], out['pooled_256']['dice']
+        for k in ('mean_dice', 'mean_dice_ci'):
+            out[k.replace('dice', 'dice_per_image')], out[k] = out[k], out['pooled_256'][k.removeprefix('mean_')]
     return out
 
 
@@ -251,30 +308,49 @@ def evaluate(model, cases, spec, img_size, *, device=None, batch_size=predict.BA
 # ---- top level: outputs: the table, per_case.csv and summary.json
 
 
+def paper_row(dataset, size):
+    """The paper's row for DANIE-<size> on a benchmark, in summarize()'s units; None for any other data."""
+    table, figures = PAPER.get((dataset, size), (None, None))
+    return figures and dict(model=f'DANIE-{size}', table=table,
+                            **{k: v if k == 'asd' else v / 100 for k, v in figures.items()})  # % -> fractions
+
+
 def format_table(summary, spec):
-    """The paper's layout: per-class rows in its order, then the one-line row of Tables 1-2 or the pooled rows."""
-    pct = lambda v: '   -  ' if v is None or math.isnan(v) else f'{100 * v:6.2f}'  # noqa: E731
-    dst = lambda v: '    -  ' if v is None or math.isnan(v) else f'{v:7.2f}'  # noqa: E731
-    lines = [f"{spec.name} | {summary['n_cases']} cases | rule: {summary['rule']} | Dice/IoU in %, HD95/ASD in voxels",
-             f"{'class':<14}{'Dice':>7}{'IoU':>7}{'HD95':>8}{'ASD':>8}{'n':>5}"]
-    for name in summary['classes']:
-        c = summary['per_class'][name]
-        lines.append(f"{name:<14}{pct(c['dice'])} {pct(c['iou'])}{dst(c['hd95'])} {dst(c['asd'])}{c['n']:>5}")
-    if spec.kind == 'volume':
-        s = summary
-        lines.append(f"{'mean':<14}{pct(s['mean_dice'])} {pct(s['mean_iou'])}{dst(s['mean_hd95'])} "
-                     f"{dst(s['mean_asd'])}")
-        short = ' '.join(f"{n}={pct(s['per_class'][n]['dice']).strip()}" for n in s['classes'])
-        lines.append(f"paper row: DICE {pct(s['mean_dice']).strip()}  mIoU {pct(s['mean_iou']).strip()}  ASD "
-                     f"{dst(s['mean_asd']).strip()}  HD95 {dst(s['mean_hd95']).strip()}  | {short}")
-        return '\n'.join(lines)
-    lines.append(f"{'':<14}{'Dice':>7}{'SE':>7}{'SP':>7}{'ACC':>7}{'IoU':>7}")
+    """The paper's layout: per-class rows in its order, then the one-line row of Tables 1-2 or the pooled rows. Each
+    figure has its interval beside it; summary['paper'] (paper_row()), where given, is printed under ours."""
+    def num(v, k):  # Dice and the other ratios in %, distances as they are
+        return '-' if v is None or math.isnan(v) else f"{v * (1 if k.endswith(('hd95', 'asd')) else 100):.2f}"
+    head = lambda label, names: f'{label:<14}' + ''.join(f'{k:>6}'.ljust(22) for k in names)  # noqa: E731
+
+    def cells(label, d, keys):  # figures and their intervals, if any, under the columns' names: ' 86.40 [83.10, 89.00]'
+        line = f'{label:<14}'
+        for k in keys:
+            lo, hi = d.get(f'{k}_ci') or (math.nan, math.nan)
+            ci = '' if math.isnan(lo) else f' [{num(lo, k)}, {num(hi, k)}]'
+            line += f'{num(d.get(k), k):>6}{ci}'.ljust(21) + ' '
+        return line
+    s, paper = summary, summary.get('paper')
+    ref = paper and f"{paper['model']} (T{paper['table']})"
+    lines = [f"{spec.name} | {s['n_cases']} cases | rule: {s['rule']} | Dice/IoU in %, HD95/ASD in voxels | "
+             f"[{CI_LEVEL:.0%} CI] over the cases, seed {CI_SEED}", head('class', ('Dice', 'IoU', 'HD95', 'ASD')) + 'n']
+    lines += [cells(n, s['per_class'][n], METRICS) + str(s['per_class'][n]['n']) for n in s['classes']]
+    if spec.kind == 'volume':  # the mean, then the row as Tables 1-2 print it: ours and, for a benchmark, the paper's
+        lines.append(cells('mean', s, [f'mean_{k}' for k in METRICS]))
+        keys = ['dice', 'iou', 'asd', 'hd95'] + s['classes']
+        ours = {**{k: s[f'mean_{k}'] for k in METRICS}, **{n: s['per_class'][n]['dice'] for n in s['classes']}}
+        width = [max(len(k), 6) + 1 for k in ['DICE', 'mIoU', 'ASD', 'HD95'] + s['classes']]
+        row = lambda label, vals: f'{label:<14}' + ''.join(f'{v:>{w}}' for v, w in zip(vals, width))  # noqa: E731
+        lines += [row('paper row', ['DICE', 'mIoU', 'ASD', 'HD95'] + s['classes'])]
+        lines += [row(label, [num(d.get(k), k) for k in keys]) for label, d in (('ours', ours), (ref, paper)) if d]
+        return '\n'.join(line.rstrip() for line in lines)
+    lines.append(head('', ('Dice', 'SE', 'SP', 'ACC', 'IoU')))
     for label, key in (('pooled 256', 'pooled_256'), ('pooled native', 'pooled_native'), ('per-image', 'per_image')):
-        p = summary[key]
-        lines.append(f"{label:<14}" + ' '.join(pct(p[k]) for k in ('dice', 'se', 'sp', 'acc', 'iou') if k in p))
+        lines.append(cells(label, s[key], [k for k in ('dice', 'se', 'sp', 'acc', 'iou') if k in s[key]]))
+        if paper and key == ('pooled_256' if spec.figure == 'pooled_256' else 'per_image'):  # the table's figures
+            lines.append(cells(ref, paper, ('dice', 'se', 'sp', 'acc', 'iou')))
     if spec.figure == 'pooled_256':
         lines.append('the Table 3 figures: pooled 256 (every mask resized to 256x256 as Azad et al., one matrix)')
-    return '\n'.join(lines)
+    return '\n'.join(line.rstrip() for line in lines)
 
 
 def write_results(summary, out_dir, extra=None):
@@ -350,6 +426,7 @@ def main(argv=None):
     except OSError as e:  # a --save-pred write that failed after the checks
         print(f'error: {e.filename}: {e.strerror}', file=sys.stderr)
         return 1
+    summary['paper'] = paper_row(spec.name, ckpt['config']['size'])  # None off the paper's benchmarks
     print(format_table(summary, spec))
     summary['timing']['total_s'] = time.perf_counter() - t_start
     extra = dict(ckpt=str(Path(args.ckpt).resolve()), split=args.split, root=str(root), limit=args.limit,

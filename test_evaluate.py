@@ -3,12 +3,15 @@ empty-mask rules, ISIC pooled vs per-image figures, checkpoint errors, and an en
 CPU, offline, fast."""
 
 import dataclasses
+import itertools
 import json
 import math
+import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from scipy import stats
 import torch
 
 import data
@@ -131,6 +134,13 @@ def test_empty_mask_default_rule():
     diag = math.sqrt(6 ** 2 + 8 ** 2 + 10 ** 2)
     for pred, gt in ((full, empty), (empty, full)):  # hallucinated or missed: worst distance, Dice 0
         check(E.binary_metrics(pred, gt), dice=0.0, iou=0.0, hd95=diag, asd=diag)
+
+
+def test_bbox_grows_by_the_margin_and_stops_at_the_edges():
+    m = np.zeros((6, 5, 4), bool)
+    m[2:4, 0:3, 3] = True
+    assert E._bbox(m) == (slice(1, 5), slice(0, 4), slice(2, 4))
+    assert E._bbox(m, margin=0) == (slice(2, 4), slice(0, 3), slice(3, 4))
 
 
 def test_empty_mask_legacy_rule():
@@ -337,8 +347,9 @@ def test_cli_end_to_end_demo(tmp_path, capsys):
     pred_dir = tmp_path / 'pred'
     assert E.main(['--ckpt', str(path), '--limit', '1', '--no-progress', '--save-pred', str(pred_dir)]) == 0
     out = capsys.readouterr().out
-    assert 'mean' in out and 'paper row' in out
+    assert 'mean' in out and 'paper row' in out and 'DANIE-' not in out  # the demo is in no table of the paper
     summary = json.loads((path.parent / 'eval_test' / 'summary.json').read_text())
+    assert summary['paper'] is None and summary['mean_dice_ci'] == [None, None]  # one case: no interval
     assert summary['n_cases'] == 1 and summary['split'] == 'test' and summary['rule'] == 'default'
     assert summary['mean_dice'] is None or 0.0 <= summary['mean_dice'] <= 1.0
     assert set(summary['per_class']) == {spec.class_names[c] for c in spec.report_order}
@@ -382,6 +393,26 @@ def test_legacy_reaches_image_sets_scored_without_distances(tmp_path, monkeypatc
         assert summary['n_cases'] == 2 and summary['mean_hd95'] is None  # no distances for images
         scores[summary['rule']] = summary['mean_dice'], summary['mean_iou']
     assert scores == {'default': (0.5, 0.5), 'legacy': (1.0, 1.0)}
+
+
+def test_cli_prints_the_papers_row_for_a_benchmark(tmp_path, capsys, monkeypatch):
+    # a DANIE-S checkpoint of Synapse, scored on two demo volumes (Synapse's layout and classes): the table has
+    # Table 1's DANIE-S row under ours, under either rule, and summary.json keeps it with our intervals
+    root = data.make_demo(tmp_path / 'demo')
+    path = tmp_path / 'run' / 'best.pth'
+    path.parent.mkdir()
+    torch.manual_seed(0)
+    torch.save(ckpt_dict(tiny_model(num_classes=9), {'name': 'synapse', 'root': str(root), 'seed': 0}, spec='synapse'),
+               path)
+    eval_cases = data.eval_cases
+    monkeypatch.setattr(data, 'eval_cases', lambda name, *a, **kw: eval_cases('demo', *a, **kw))
+    for flags in ([], ['--legacy']):
+        assert E.main(['--ckpt', str(path), '--limit', '2', '--no-progress', '--out', str(tmp_path / 'e'), *flags]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[-2].split()[:6] == ['DANIE-S', '(T1)', '84.21', '75.42', '3.65', '-'] and out[-3].startswith('ours')
+        summary = json.loads((tmp_path / 'e' / 'summary.json').read_text())
+        assert summary['paper'] == dict(E.paper_row('synapse', 'S')) and summary['paper']['table'] == 1
+        assert summary['rule'] == ('legacy' if flags else 'default') and len(summary['mean_dice_ci']) == 2
 
 
 # ---- checkpoint layout: best.pth (no training state) and last.pth (with it)
@@ -498,3 +529,195 @@ def test_device_and_out_are_checked_before_any_case_is_scored(tmp_path, capsys, 
     assert E.main(['--ckpt', str(path), '--out', str(tmp_path / 'a_file' / 'eval'), '--no-progress']) == 2
     err = capsys.readouterr().err
     assert f"error: {tmp_path / 'a_file' / 'eval'} (--out): cannot write there (" in err and not scored
+
+
+# ---- the intervals: a seeded percentile bootstrap over the cases
+
+def _compositions(n):
+    """Every resample of n cases as the times each case is drawn (stars and bars: C(2n-1, n-1) vectors)."""
+    for bars in itertools.combinations(range(2 * n - 1), n - 1):
+        edges = (-1,) + bars + (2 * n - 1,)
+        yield np.array([b - a - 1 for a, b in zip(edges, edges[1:])], float)
+
+
+def _exact_quantiles(n, statistic, ps):
+    """The quantiles of the exact bootstrap distribution of statistic(w) over all n^n resamples, enumerated by
+    their multinomial weights; resamples where the statistic is NaN are left out."""
+    values, probs = [], []
+    for w in _compositions(n):
+        v = statistic(w)
+        if not math.isnan(v):
+            values.append(v)
+            probs.append(math.factorial(n) / math.prod(math.factorial(int(k)) for k in w))
+    order = np.argsort(values)
+    cdf = np.cumsum(np.asarray(probs)[order]) / sum(probs)
+    return [np.asarray(values)[order][np.searchsorted(cdf, p - 1e-12)] for p in ps]
+
+
+def _volume_rows(dice, names=('a', 'b')):
+    """Rows of len(dice[0]) cases, dice[k][j] the Dice of class names[k] in case j; IoU = Dice / 2."""
+    return [{'case': f'c{j}', 'class': n, 'dice': d[j], 'iou': d[j] / 2, 'hd95': 1.0, 'asd': 1.0}
+            for n, d in zip(names, dice) for j in range(len(dice[0]))]
+
+
+def test_interval_by_hand():
+    spec = _spec()
+    # every case alike: every resample gives the same figure, a zero-width interval
+    s = E.summarize(_volume_rows([[0.75] * 6, [0.5] * 6]), spec)
+    assert s['per_class']['a']['dice_ci'] == [0.75, 0.75] and s['mean_dice_ci'] == pytest.approx([0.625, 0.625])
+    # five cases at 0 and five at 1: a resample's mean is k/10, k ~ Binomial(10, 1/2). P(k <= 1) = 11/1024 and
+    # P(k <= 2) = 56/1024 straddle 2.5%, symmetrically for 97.5%: [0.2, 0.8] (with 1,000 resamples, ~11 and ~55
+    # of them fall at k <= 1 and k <= 2, far from the 25th)
+    s = E.summarize(_volume_rows([[0.0] * 5 + [1.0] * 5, [1.0] * 10]), spec)
+    assert s['per_class']['a']['dice_ci'] == pytest.approx([0.2, 0.8]) and s['per_class']['a']['dice'] == 0.5
+    assert s['mean_dice_ci'] == pytest.approx([0.6, 0.9])  # class b is 1 in every resample
+    # on any values: scipy.stats.bootstrap's own percentile interval, same seed, resampling the values themselves
+    x = np.random.default_rng(7).uniform(0.3, 1.0, (2, 12))
+    s = E.summarize(_volume_rows(x), spec)
+    ref = lambda *data, stat: stats.bootstrap(  # noqa: E731
+        data, stat, n_resamples=E.CI_RESAMPLES, method='percentile', paired=len(data) > 1,
+        random_state=np.random.default_rng(E.CI_SEED)).confidence_interval
+    assert s['per_class']['b']['dice_ci'] == pytest.approx(list(ref(x[1], stat=np.mean)), abs=1e-12)
+    both = ref(*x, stat=lambda a, b, axis: (a.mean(axis) + b.mean(axis)) / 2)
+    assert s['mean_dice_ci'] == pytest.approx(list(both), abs=1e-12)
+    assert s['ci'] == '95% percentile bootstrap over the cases, 1000 resamples, seed 0'
+
+
+def test_interval_skips_cases_without_the_class_as_the_mean_does():
+    # class 'a' is absent (NaN, both masks empty) from three of eight cases. A replicate's mean skips them, as the
+    # figure does; a replicate drawing none of the other five (P = (3/8)^8, ~0.04% -- but an all-NaN figure
+    # anywhere in 1,000 would make a plain percentile NaN) is left out. Reference: the exact bootstrap
+    # distribution, all 8^8 resamples enumerated; 1,000 seeded resamples put the 2.5% point between its 1.5% and
+    # 3.5% points. Counting absent cases as 0 gives [0.09, 0.63]: far outside.
+    x = np.array([0.9, 0.8, np.nan, 0.3, np.nan, 0.65, np.nan, 0.1])
+    ok = np.isfinite(x)
+    lo, hi = E.summarize(_volume_rows([x, np.ones(8)]), _spec())['per_class']['a']['dice_ci']
+    exact = _exact_quantiles(8, lambda w: (w[ok] @ x[ok]) / w[ok].sum() if w[ok].sum() else math.nan,
+                             (0.015, 0.035, 0.965, 0.985))
+    assert exact[0] <= lo <= exact[1] and exact[2] <= hi <= exact[3], (lo, hi, exact)
+    # fewer than two cases: no interval
+    s = E.summarize(_volume_rows([[0.5], [0.7]]), _spec())
+    assert all(math.isnan(v) for v in s['per_class']['a']['dice_ci'] + s['mean_dice_ci'])
+
+
+def _image_row(case, tp, fp, fn, tn):
+    """A row of case_rows() for one lesion image from its confusion counts (the same at 256x256)."""
+    scores = E.confusion_scores(tp, fp, fn, tn)
+    return {'case': case, 'class': 'lesion', **scores, 'iou': tp / (tp + fp + fn), 'hd95': math.nan,
+            'asd': math.nan, **dict(zip(E.COUNTS, (tp, fp, fn, tn))),
+            **{f'{k}_256': v for k, v in zip(E.COUNTS, (tp, fp, fn, tn))}}
+
+
+def test_pooled_interval_pools_the_drawn_images_again():
+    # six images of very different lesion sizes: the pooled Dice weighs the large ones (0.869 over all six), the
+    # per-image mean does not (0.589). A replicate pools the drawn images' counts again, so its interval follows the
+    # pooled figure's exact bootstrap distribution (6^6 resamples enumerated), not the per-image Dice's.
+    c = np.array([[90, 10, 0, 100], [0, 2, 2, 100], [5, 5, 5, 100], [40, 0, 10, 100], [1, 3, 0, 100],
+                  [20, 5, 5, 100]], float)
+    rows = [_image_row(f'i{j}', *map(int, n)) for j, n in enumerate(c)]
+    s = E.summarize(rows, _spec(kind='image', name='isic2017', classes=('background', 'lesion')))
+    pooled = lambda w: 2 * (w @ c[:, 0]) / (w @ (2 * c[:, 0] + c[:, 1] + c[:, 2]))  # noqa: E731
+    dice = 2 * c[:, 0] / (2 * c[:, 0] + c[:, 1] + c[:, 2])
+    ps = (0.015, 0.035, 0.965, 0.985)
+    exact = _exact_quantiles(6, pooled, ps)  # [0.48, 0.61] and [0.923, 0.930]
+    for key in ('pooled_256', 'pooled_native'):
+        lo, hi = s[key]['dice_ci']
+        assert s[key]['dice'] == pytest.approx(pooled(np.ones(6))) and s['mean_dice_ci'] == s['pooled_256']['dice_ci']
+        assert exact[0] <= lo <= exact[1] and exact[2] <= hi <= exact[3], (key, lo, hi, exact)
+    (lo, hi), per_image = s['per_image']['dice_ci'], _exact_quantiles(6, lambda w: (w @ dice) / 6, ps)
+    assert per_image[0] <= lo <= per_image[1] and per_image[2] <= hi <= per_image[3]
+    assert lo < exact[0] - 0.15 and hi < exact[2] - 0.05  # the per-image interval, [0.30, 0.83], is another one
+    assert s['mean_dice_per_image_ci'] == s['per_image']['dice_ci']
+    # SE pooled again too: tp / (tp + fn) of the drawn images' sums, against scipy on the counts themselves
+    ref = stats.bootstrap(tuple(c.T), lambda tp, fp, fn, tn, axis: tp.sum(axis) / (tp + fn).sum(axis), paired=True,
+                          n_resamples=E.CI_RESAMPLES, method='percentile', random_state=np.random.default_rng(0))
+    assert s['pooled_256']['se_ci'] == pytest.approx(list(ref.confidence_interval), abs=1e-12)
+
+
+def test_interval_cost():
+    # 1,000 resamples of 600 ISIC images (Table 3's test set), every figure: well under a second
+    rng = np.random.default_rng(0)
+    rows = [_image_row(f'i{j}', *(int(v) for v in rng.integers(1, 10_000, 4))) for j in range(600)]
+    spec = _spec(kind='image', name='isic2017', classes=('background', 'lesion'))
+    t = time.perf_counter()
+    E.summarize(rows, spec)
+    assert time.perf_counter() - t < 1.0
+
+
+# ---- the paper's rows
+
+# Tables 1-4's DANIE rows, quoted from the paper's text as extracted (Table 1 prints both sizes in one row, each cell
+# 'S L'; its columns: DICE, mIoU, ASD, GFLOPs, Aorta, GB, KL, KR, Liver, PC, SP, SM. Table 3: GFLOPs, then ISIC
+# 2017's DICE, SE, SP, ACC, then ISIC 2018's. Table 4: GFLOPs, mDICE, mIoU)
+TABLE1 = ('DANIE-S (our) DANIE-L (our)\t84.21 85.47\t75.42 76.60\t3.65 2.76\t13.29 26.55\t87.31 88.17\t73.11 77.80\t'
+          '85.29 88.59\t83.86 84.68\t95.20 94.84\t70.20 71.94\t92.85 91.95\t85.90 85.82')
+TABLE2 = 'DANIE-L (our)\t92.36\t90.12\t90.99\t96.00'
+TABLE3 = 'DANIE-S (our)\t13.29\t93.84\t92.92\t98.73\t97.58\t93.32\t95.34\t96.63\t96.28'
+TABLE4 = 'DANIE-L (our)\t26.55\t92.65\t86.28'
+
+
+def test_paper_rows_against_the_paper_text():
+    cells = TABLE1.split('\t')[1:]
+    organs = ('aorta', 'gallbladder', 'kidney_l', 'kidney_r', 'liver', 'pancreas', 'spleen', 'stomach')
+    for i, size in enumerate('SL'):
+        v = [float(c.split()[i]) for c in cells]
+        assert E.PAPER['synapse', size] == (1, dict(dice=v[0], iou=v[1], asd=v[2], **dict(zip(organs, v[4:]))))
+    assert organs == tuple(data.SYNAPSE_CLASSES[c] for c in data.SYNAPSE_TABLE1)  # Table 1's order is ours
+    assert E.PAPER['acdc', 'L'] == (2, dict(zip(('dice', 'RV', 'Myo', 'LV'), map(float, TABLE2.split('\t')[1:]))))
+    v = [float(x) for x in TABLE3.split('\t')[2:]]
+    assert E.PAPER['isic2017', 'S'] == (3, dict(zip(('dice', 'se', 'sp', 'acc'), v[:4])))
+    assert E.PAPER['isic2018', 'S'] == (3, dict(zip(('dice', 'se', 'sp', 'acc'), v[4:])))
+    assert E.PAPER['glas', 'L'] == (4, dict(zip(('dice', 'iou'), map(float, TABLE4.split('\t')[2:]))))
+    # every row's keys are figures the summary has: its headline row's metrics or the dataset's classes
+    for (name, size), (table, row) in E.PAPER.items():
+        spec = data.SPECS[name]
+        assert set(row) <= {'dice', 'iou', 'asd', 'se', 'sp', 'acc'} | set(spec.class_names[1:]), (name, size)
+    assert {name for name, _ in E.PAPER} == {'synapse', 'acdc', 'isic2017', 'isic2018', 'glas'}
+    assert E.paper_row('demo', 'S') is None and E.paper_row('synapse', 'M') is None
+    assert E.paper_row('synapse', 'L')['kidney_l'] == pytest.approx(0.8859)
+    assert E.paper_row('synapse', 'L')['asd'] == 2.76 and E.paper_row('glas', 'S')['table'] == 4
+
+
+def _columns(line, keys, header):
+    """The figure right-aligned under each of header's column names in line."""
+    ends = [header.index(k) + len(k) for k in keys]
+    assert all(line[e:e + 1] in ('', ' ') for e in ends), line  # nothing spills past a column's end
+    return {k: line[:e].split()[-1] for k, e in zip(keys, ends)}
+
+
+def test_table_layout_with_and_without_the_paper_row():
+    spec = data.SPECS['synapse']
+    names = [spec.class_names[c] for c in spec.report_order]
+    rows = _volume_rows([[0.5 + k / 20] * 3 for k in range(8)], names)
+    s = E.summarize(rows, spec)
+    plain = E.format_table(s, spec).splitlines()
+    s['paper'] = E.paper_row('synapse', 'L')
+    lines = E.format_table(s, spec).splitlines()
+    assert lines[:-1] == plain and len(lines) == len(names) + 6  # header, columns, classes, mean, Tables 1-2 rows
+    assert lines[2].split() == ['aorta', '50.00', '[50.00,', '50.00]', '25.00', '[25.00,', '25.00]', '1.00',
+                                '[1.00,', '1.00]', '1.00', '[1.00,', '1.00]', '3']
+    header, ours, paper = lines[-3:]
+    assert header.split() == ['paper', 'row', 'DICE', 'mIoU', 'ASD', 'HD95'] + names
+    keys = ['DICE', 'mIoU', 'ASD', 'HD95'] + names
+    assert _columns(ours, keys, header) == dict(zip(keys, ['67.50', '33.75', '1.00', '1.00'] +
+                                                     [f'{50 + 5 * k:.2f}' for k in range(8)]))
+    assert paper.startswith('DANIE-L (T1)') and _columns(paper, keys, header) == dict(
+        DICE='85.47', mIoU='76.60', ASD='2.76', HD95='-', aorta='88.17', gallbladder='77.80', kidney_l='88.59',
+        kidney_r='84.68', liver='94.84', pancreas='71.94', spleen='91.95', stomach='85.82')
+    # image sets: the paper's row under the table's own figure, in its columns; none for the user's data
+    for name, after in (('isic2018', 'pooled 256'), ('glas', 'per-image'), ('folder', None)):
+        figure = 'pooled_256' if after == 'pooled 256' else 'mean'
+        spec = dataclasses.replace(data.SPECS['isic2018'], name=name, figure=figure)  # one 'lesion' class
+        s = E.summarize([_image_row(f'i{j}', 10 + j, 2, 3, 100) for j in range(4)], spec)
+        plain = E.format_table(s, spec).splitlines()
+        s['paper'] = E.paper_row(name, 'S')
+        lines = E.format_table(s, spec).splitlines()
+        if after is None:
+            assert lines == plain and not any('DANIE' in line for line in lines)
+            continue
+        at = [line.startswith(after) for line in lines].index(True)
+        assert lines[:at + 1] + lines[at + 2:] == plain and lines[at + 1].startswith('DANIE-S (T')
+        head = lines[3]
+        want = dict(Dice='93.32', SE='95.34', SP='96.63', ACC='96.28', IoU='-') if name == 'isic2018' else \
+            dict(Dice='91.28', SE='-', SP='-', ACC='-', IoU='84.23')
+        assert {k: lines[at + 1][head.index(k) - 6 + len(k):].split()[0] for k in want} == want

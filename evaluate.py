@@ -76,10 +76,10 @@ PAPER = {
 
 
 def _mean(v, w):
-    """Weighted means that skip NaN: v (K, N), a value per case, w (B, N), a weight per case -> (K, B); NaN where no
-    case counts. w = 1 gives the figures; w = the times each case is drawn, one bootstrap replicate per row."""
+    """Weighted means that skip NaN: v (..., N), a value per case, w (B, N), a weight per case -> (..., B); NaN where
+    no case counts. w = 1 gives the figures; w = the times each case is drawn, one bootstrap replicate per row."""
     ok = np.isfinite(v)
-    num, den = np.where(ok, v, 0.0) @ w.T, ok @ w.T  # (K, N) @ (N, B) -> (K, B)
+    num, den = np.where(ok, v, 0.0) @ w.T, ok.astype(w.dtype) @ w.T  # (..., N) @ (N, B) -> (..., B)
     return np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)
 
 
@@ -211,10 +211,10 @@ def _figures(names, values, counts, w):
     """Every figure of summarize() under case weights w (B, N), as {(key, ..., metric): (B,) array}. values:
     {metric: (K, N)} per class and case; counts: {suffix: (K, N, 4)}, image sets' confusion counts."""
     out, ones = {}, np.ones((1, len(names)))
-    for m, v in values.items():  # the mean over cases per class, then over classes, each skipping NaN
-        per = _mean(v, w)  # (K, B)
-        mean = _mean(per.T, ones)[:, 0]
-        out.update({('per_class', n, m): p for n, p in zip(names, per)})
+    per = _mean(np.stack(list(values.values())), w)  # the mean over cases per class, skipping NaN: (M, K, B)
+    means = _mean(per.swapaxes(1, 2), ones)[..., 0]  # then over classes: (M, B, K) @ (K, 1) -> (M, B)
+    for m, per_m, mean in zip(values, per, means):
+        out.update({('per_class', n, m): p for n, p in zip(names, per_m)})
         out.update({(f'mean_{m}',): mean} if m in METRICS else {})
         if counts and m not in ('hd95', 'asd'):  # image sets: the per-image means beside the pooled figures
             out['per_image', m] = mean

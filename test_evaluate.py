@@ -584,12 +584,12 @@ def test_interval_by_hand():
 
 
 def test_interval_skips_cases_without_the_class_as_the_mean_does():
-    # class 'a' is absent (NaN, both masks empty) from three of eight cases. A replicate's mean skips them, as the
-    # figure does; a replicate drawing none of the other five (P = (3/8)^8, ~0.04% -- but an all-NaN figure
-    # anywhere in 1,000 would make a plain percentile NaN) is left out. Reference: the exact bootstrap
-    # distribution, all 8^8 resamples enumerated; 1,000 seeded resamples put the 2.5% point between its 1.5% and
-    # 3.5% points. Counting absent cases as 0 gives [0.09, 0.63]: far outside.
-    x = np.array([0.9, 0.8, np.nan, 0.3, np.nan, 0.65, np.nan, 0.1])
+    # class 'a' is absent (NaN, both masks empty) from four of eight cases. A replicate's mean skips them, as the
+    # figure does; a replicate that draws none of the other four (P = 1/2^8: a few of the 1,000, each of which
+    # makes a plain percentile NaN) is left out. Reference: the exact bootstrap distribution, all 8^8 resamples
+    # enumerated; 1,000 seeded resamples put the 2.5% point between its 1.5% and 3.5% points, and the 97.5% point
+    # likewise. Counting absent cases as 0 would give about [0.04, 0.53]: far outside.
+    x = np.array([0.9, 0.8, np.nan, 0.3, np.nan, np.nan, np.nan, 0.1])
     ok = np.isfinite(x)
     lo, hi = E.summarize(_volume_rows([x, np.ones(8)]), _spec())['per_class']['a']['dice_ci']
     exact = _exact_quantiles(8, lambda w: (w[ok] @ x[ok]) / w[ok].sum() if w[ok].sum() else math.nan,
@@ -688,14 +688,15 @@ def _columns(line, keys, header):
 def test_table_layout_with_and_without_the_paper_row():
     spec = data.SPECS['synapse']
     names = [spec.class_names[c] for c in spec.report_order]
-    rows = _volume_rows([[0.5 + k / 20] * 3 for k in range(8)], names)
+    rows = _volume_rows([[0.0] * 5 + [1.0] * 5] + [[0.5 + k / 20] * 10 for k in range(1, 8)], names)
     s = E.summarize(rows, spec)
     plain = E.format_table(s, spec).splitlines()
     s['paper'] = E.paper_row('synapse', 'L')
     lines = E.format_table(s, spec).splitlines()
     assert lines[:-1] == plain and len(lines) == len(names) + 6  # header, columns, classes, mean, Tables 1-2 rows
-    assert lines[2].split() == ['aorta', '50.00', '[50.00,', '50.00]', '25.00', '[25.00,', '25.00]', '1.00',
-                                '[1.00,', '1.00]', '1.00', '[1.00,', '1.00]', '3']
+    # aorta: five cases at Dice 0, five at 1 (test_interval_by_hand); the other figures alike in every case
+    assert lines[2].split() == ['aorta', '50.00', '[20.00,', '80.00]', '25.00', '[10.00,', '40.00]', '1.00',
+                                '[1.00,', '1.00]', '1.00', '[1.00,', '1.00]', '10']
     header, ours, paper = lines[-3:]
     assert header.split() == ['paper', 'row', 'DICE', 'mIoU', 'ASD', 'HD95'] + names
     keys = ['DICE', 'mIoU', 'ASD', 'HD95'] + names

@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 from dataclasses import replace
-from functools import partial
+from functools import partial, reduce
 from pathlib import Path
 
 import numpy as np
@@ -227,10 +227,9 @@ def _figures(names, values, counts, w):
 
 
 def bootstrap_ci(statistic, n):
-    """(F, 2): the CI_LEVEL percentile-bootstrap interval of statistic(w) -> (F, B), where w (B, n) counts how often
-    each of n cases is drawn in each of CI_RESAMPLES resamples (scipy's, seeded); NaN below two cases.
-    NOTE(impl): a replicate where a figure is NaN (no drawn case counts for its class) is left out of its interval,
-    as the mean leaves such cases out (scipy's own interval would be NaN)."""
+    """(F, 2): the CI_LEVEL percentile-bootstrap interval of statistic(w) -> (F, B), w (B, n) the times each of n cases
+    is drawn in each of CI_RESAMPLES seeded resamples (scipy's); NaN below two cases. NOTE(impl): a replicate whose
+    figure is NaN (no drawn case counts for its class) is left out, as the mean leaves such cases out."""
     def drawn(i, axis=-1):  # scipy draws case indices i (B, n); w[b, j] = how often case j is in resample b
         w = np.bincount((i + n * np.arange(len(i))[:, None]).ravel(), minlength=i.size).reshape(i.shape)
         return statistic(w.astype(np.float64))
@@ -250,20 +249,18 @@ def summarize(rows, spec, legacy=False):
     the case mean, or ISIC's Dice pooled at 256x256."""
     names, cases = [spec.class_names[c] for c in spec.report_order], list(dict.fromkeys(r['case'] for r in rows))
     at = {(r['case'], r['class']): r for r in rows}
-    grid = lambda k: np.array([[at[c, n][k] for c in cases] for n in names], float).reshape(len(names), -1)  # noqa
-    image = spec.kind == 'image'
-    values = {m: grid(m) for m in METRICS + (ISIC_METRICS if image else ())}  # (K, N) each
-    counts = {s: np.stack([grid(k + s) for k in COUNTS], -1) for s in ('', '_256')} if image else {}
+
+    def grid(key):  # (K, N): a row per class, a column per case
+        return np.array([[at[c, n][key] for c in cases] for n in names], float).reshape(len(names), -1)
+    values = {m: grid(m) for m in METRICS + (ISIC_METRICS if spec.kind == 'image' else ())}
+    counts = {s: np.stack([grid(k + s) for k in COUNTS], -1) for s in ('', '_256')} if spec.kind == 'image' else {}
     figures = _figures(names, values, counts, np.ones((1, len(cases))))
     ci = bootstrap_ci(lambda w: np.stack(list(_figures(names, values, counts, w).values())), len(cases))
     out = dict(rule='legacy' if legacy else 'default', rule_text=RULES['legacy' if legacy else 'default'],
                ci=f'{CI_LEVEL:.0%} percentile bootstrap over the cases, {CI_RESAMPLES} resamples, seed {CI_SEED}',
                n_cases=len(cases), classes=names)
-    for ((*path, m), v), lo_hi in zip(figures.items(), ci.tolist()):
-        d = out
-        for key in path:
-            d = d.setdefault(key, {})
-        d.update({m: float(v[0]), f'{m}_ci': lo_hi})
+    for ((*path, m), v), lo_hi in zip(figures.items(), ci.tolist()):  # ('per_class', name, m) -> out['per_class'][name]
+        reduce(lambda d, key: d.setdefault(key, {}), path, out).update({m: float(v[0]), f'{m}_ci': lo_hi})
     for n, v in zip(names, values['dice']):  # the cases that count for the class (under RULES' default, not both-empty)
         out['per_class'][n]['n'] = int(np.isfinite(v).sum())
     if spec.figure == 'pooled_256':

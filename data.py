@@ -1,8 +1,9 @@
 """
 The data of DANIE (Sec. 4.1-4.2): the five benchmarks as downloaded and the user's own (image folders, nnU-Net
-v2's raw layout) as rows of LAYOUTS, with splits and Sec. 4.2 recipes; train_set -> TrainSet ((epoch,
-index) -> image (3,S,S), label (S,S)), TransUNet-augmented; eval_cases -> Cases (whole cases as stored);
-prepare_input, restore_size: the resize to the model's input and back; make_demo: a synthetic demo set.
+v2's raw layout), each read by one build function naming its folders and files, with Sec. 4.2 recipes (SPECS);
+train_set -> TrainSet ((epoch, index) -> image (3,S,S), label (S,S)), TransUNet-augmented; eval_cases -> Cases
+(whole cases as stored); prepare_input, restore_size: the resize to the model's input and back; make_demo: a
+synthetic demo set.
 """
 
 import argparse
@@ -28,13 +29,14 @@ from PIL import Image
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-# ---- constants: the datasets' Sec. 4.2 recipes (SPECS) and on-disk layouts (LAYOUTS)
+# ---- constants: the datasets' Sec. 4.2 recipes (SPECS), their splits
 
 # NOTE(impl): timm's maxvit_*_tf_224 mean/std (ImageNet's).
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ROT_DEGREES = 20.0                 # TransUNet: rotations in [-20, 20] deg
 VAL_FRACTION = 0.1                 # NOTE(impl): validation held out: 10% of training cases (paper: none)
-TEST_FRACTION, TEST_SEED = 0.2, 0  # NOTE(impl): without a test list, 20% of the user's cases, seed 0
+TEST_FRACTION = 0.2                # NOTE(impl): without a test list, 20% of the user's cases are the test split
+SPLIT_SEED = 0                     # NOTE(impl): held-out cases are drawn with this seed, whatever --seed
 ISIC2018_SPLIT = (1815, 259, 520)  # the paper's train/val/test (Azad et al.) of the 2594 images
 ISIC_FG = 128                      # NOTE(impl): ISIC masks are 0/255: foreground >= 128, as resampled masks
 CT_WINDOW = (-125.0, 275.0)        # Synapse/TransUNet: clip HU to this window, scale to [0, 1]
@@ -68,7 +70,7 @@ class DatasetSpec:
     epochs: int            # Sec. 4.2
     batch_size: int        # Sec. 4.2
     where: str
-    layout: str
+    layout: str            # its files, as error messages describe them
     img_size: int = 224    # NOTE(impl): not in the paper: ImageNet MaxViT's and the peers' size
     lr: float = 1e-4       # AdamW (Sec. 4.2)
     weight_decay: float = 1e-4  # AdamW (Sec. 4.2)
@@ -98,67 +100,6 @@ SPECS['demo'] = replace(SPECS['synapse'], name='demo', epochs=10, batch_size=4, 
 FOLDER = 'ROOT/images/*, ROOT/masks/* (same stems), ROOT/classes.txt or --num-classes, optional ROOT/*.txt'
 NNUNET = 'ROOT/dataset.json, ROOT/imagesTr/CASE_0000.*, ROOT/labelsTr/CASE.*, optional imagesTs/, labelsTs/'
 DATASETS = tuple(SPECS) + ('folder', 'nnunet')  # --data: the fixed sets, then the user's own
-
-
-@dataclass(frozen=True)
-class Split:
-    """A split's files: a folder (ROOT-relative), their names and masks, an optional list."""
-    folder: str              # '' = ROOT
-    name: str                # regex on a stem; groups: id (volume or image), case (patient), index (slice)
-    suffix: tuple
-    masks: str = None        # 'pair', 'nifti': the masks' folder and
-    mask: tuple = ()         # a mask's names ('{id}' replaced; the first that exists)
-    list: tuple = ()         # list files: the split's order and subset
-    id: str = None           # the volume id from the groups, if slices name it otherwise (ACDC)
-    optional: bool = False   # without its folder or list: absent, not an error
-
-
-@dataclass(frozen=True)
-class Layout:
-    """An on-disk layout: how its files are read, where each split lies."""
-    reader: str          # 'arrays' (.npz/.h5 slices, volumes), 'pair' (image + mask), 'nifti'
-    train: Split
-    val: Split = None    # None: held out of train by whole case
-    test: Split = None
-    keys: tuple = ('image', 'label')  # 'arrays': the image and label arrays
-    fg: int = 0          # 'pair': foreground = mask >= fg; 0: masks hold class ids
-    aspect: bool = True  # 'pair': a mask has its image's aspect ratio (else: mis-paired)
-    carve: str = None    # 'seeded': no test split: 20% of train; 'isic2018': the paper's counts
-
-
-_TRANSUNET = Layout('arrays', Split('train_npz', r'(?P<id>.+)_slice(?P<index>\d+)', ('.npz',),
-                                    list=('lists_Synapse/train.txt',)),
-                    test=Split('test_vol_h5', '.+', ('.npy.h5',), list=('lists_Synapse/test_vol.txt',)))
-_MTUNET = dict(name=r'(?P<case>case_\d+)_slice(?P<phase>ED|ES)_(?P<index>\d+)', suffix=('.npz',),
-               id='{case}_volume_{phase}')
-_MASKS = tuple('{id}' + x for x in IMAGE_SUFFIXES + tuple(map(str.upper, IMAGE_SUFFIXES)))
-# NOTE(impl): ACDC is held out by patient (ED with ES), GlaS by image (no patient ids).
-LAYOUTS = {
-    'synapse': (_TRANSUNET,),
-    'demo': (_TRANSUNET,),
-    'acdc': (Layout('arrays', Split('data/slices', r'(?P<id>(?P<case>patient\d+)_frame\d+)_slice_(?P<index>\d+)',
-                                    ('.h5',), list=('train_slices.list',)),
-                    *(Split('data', '.+', ('.h5',), list=(f'{k}.list',), optional=True) for k in ('val', 'test'))),
-             Layout('arrays', *(Split(k, list=(f'lists_ACDC/{k}.txt',), **_MTUNET) for k in ('train', 'valid')),
-                    Split('test', '.+', ('.npz',), list=('lists_ACDC/test.txt',)), keys=('img', 'label'))),
-    'isic2017': (Layout('pair', *(Split(f'ISIC-2017_{k}_Data', r'ISIC_\d+', ('.jpg', '.jpeg', '.png'),
-                                        f'ISIC-2017_{k}_Part1_GroundTruth', ('{id}_segmentation.png',))
-                                  for k in ('Training', 'Validation', 'Test_v2')), fg=ISIC_FG, aspect=False),),
-    'isic2018': (Layout('pair', Split('ISIC2018_Task1-2_Training_Input', r'ISIC_\d+', ('.jpg', '.jpeg'),
-                                      'ISIC2018_Task1_Training_GroundTruth', ('{id}_segmentation.png',)),
-                        fg=ISIC_FG, aspect=False, carve='isic2018'),),
-    'glas': (Layout('pair', Split('', r'train_\d+', ('.bmp',), '', ('{id}_anno.bmp',)),  # instance ids: fg > 0
-                    test=Split('', r'test[AB]_\d+', ('.bmp',), '', ('{id}_anno.bmp',)), fg=1),),
-    'folder': (Layout('pair', *(Split('images', '.+', IMAGE_SUFFIXES, 'masks', _MASKS, (f'{k}.txt',),
-                                      optional=k != 'train') for k in ('train', 'val', 'test')), carve='seeded'),),
-}
-
-
-def _nnunet_layout(ending):
-    """nnU-Net v2 raw: imagesTr/CASE_0000<ending>, labelsTr/CASE<ending>; imagesTs, labelsTs: test."""
-    tr, ts = (Split(f'images{k}', '.+', ('_0000' + ending,), f'labels{k}', ('{id}' + ending,), optional=k == 'Ts')
-              for k in ('Tr', 'Ts'))
-    return Layout('nifti' if ending in NIFTI_SUFFIXES else 'pair', tr, test=ts, carve='seeded')
 
 # ---- helpers: a reader per kind of file (arrays, image + mask, NIfTI); failures name the file
 
@@ -312,7 +253,8 @@ def _cached_slice(cache, key, read, k):
     img, lab = cache.get(key, lambda: [a.astype(np.uint8) if i else a for i, a in enumerate(read())])
     return np.array(img[k]), lab[k].astype(np.int64)
 
-# ---- blocks: a dataset's splits as Items, from its layout row
+
+# ---- blocks: a dataset's files as Items, one build function per dataset; its splits
 
 
 @dataclass
@@ -345,82 +287,77 @@ class Cases(Sequence):
         return Cases(self.items[i]) if isinstance(i, slice) else self.items[i].load()
 
 
-def _match(s, name):
-    """A file name's stem matched against a split's names, or None."""
-    stem = next((name[:-len(x)] for x in s.suffix if name.lower().endswith(x)), None)
-    return re.fullmatch(s.name, stem) if stem is not None else None
-
-
-def _files(root, s, spec):
-    """A split's files, in its list's order or by name; None if an optional split is absent."""
-    folder, lst = root / s.folder, next((root / f for f in s.list if (root / f).is_file()), None)
-    dirs = [folder] + ([root / s.masks] if s.masks is not None else [])
-    if s.optional and (not all(d.is_dir() for d in dirs) or s.list and lst is None):
-        return None
-    for d in (d for d in dirs if not d.is_dir()):
-        hint = ' (or hold out training cases: val_cases=N, --val-cases N)' if 'Valid' in s.folder else ''
-        raise DataError(f'{d}: folder not found; expected {spec.layout}{hint}; {spec.name}: {spec.where}')
-    if lst is None:
-        files = sorted((p for p in folder.iterdir() if _match(s, p.name)),
-                       key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', p.name)])
-        if not files:
-            raise DataError(f'no samples found: {folder} has no *{"|*".join(s.suffix)} files of its layout '
-                            f'(it holds {", ".join(sorted(os.listdir(folder))[:3]) or "nothing"})')
-        return files
-    names = lst.read_text().split()
-    files = [next((p for p in [folder / n] + [folder / (n + x) for x in s.suffix] if p.is_file()), None) for n in names]
-    for n, f in zip(names, files):
-        if f is None:
-            raise DataError(f'list {lst} names {n}, but {folder / (n + s.suffix[0])} does not exist')
-    return files or None
-
-
-def _items(root, s, layout, spec, label_map):
-    """An Item per file of a split; None where the split is absent."""
-    items, lut = [], CASCADE_LUT if label_map == 'cascade' else None
-    for f in s and _files(root, s, spec) or ():
-        m = _match(s, f.name)
-        if m is None:
-            raise DataError(f'{f}: a name that {spec.name} does not use; expected {spec.layout}')
-        g = m.groupdict()
-        vid, paths = s.id.format(**g) if s.id else g.get('id') or m.group(0), (f,)
-        if layout.reader == 'arrays':
-            read = partial(_arrays_pair, f, layout.keys, spec.num_classes, lut)
-        else:
-            masks = [root / s.masks / x.format(id=vid) for x in s.mask]
-            paths += (next((p for p in masks if p.is_file()), None),)
-            if paths[1] is None:
-                raise DataError(f'{f}: no mask {masks[0]} (image without mask)')
-            read = (partial(_nifti_pair, *paths, spec.intensity, spec.num_classes) if layout.reader == 'nifti'
-                    else partial(_image_pair, *paths, layout.fg, spec.num_classes, layout.aspect))
-        index = None if g.get('index') is None else int(g['index'])
-        items.append(Item(vid, read=read, case=g.get('case') or vid, index=index, files=paths))
-    return items or None
-
-
-def _layout(spec, root):
-    """The layout row a dataset root holds, and its folder (ROOT or a subfolder)."""
+def _found(root, spec, *marks):
+    """The dataset's folder: ROOT, or the first subfolder of ROOT (downloads unpack into one) holding one of marks."""
     root = Path(root)
     how = f'write it with `python data.py --make-demo {root}`' if spec.name == 'demo' else f'see {spec.where}'
     if not root.is_dir():
         raise DataError(f"dataset root '{root}' (--root) not found: expected {spec.name} as {spec.layout}; {how}")
-    rows = (_nnunet_layout(_nnunet(root)[2]),) if spec.name == 'nnunet' else LAYOUTS[spec.name]
-    for r in [root] + sorted(d for d in root.iterdir() if d.is_dir()):  # downloads unpack into subfolders
-        for row, s in ((row, s) for row in rows for s in (row.train, row.test) if s):
-            if (r / s.folder).is_dir() if s.folder else any(_match(s, p.name) for p in r.iterdir()):
-                return row, r
-    what = 'neither ACDC layout' if len(rows) > 1 else f'no {spec.name} files'
+    for folder in [root] + sorted(d for d in root.iterdir() if d.is_dir()):
+        if any((folder / m).exists() for m in marks):
+            return folder
+    what = 'neither ACDC layout' if spec.name == 'acdc' else f'no {spec.name} files'
     raise DataError(f'{root}: {what} found; expected {spec.layout}; {how}')
 
 
-def _volumes(items):
-    """A split's Items as evaluation cases: slices stacked into volumes."""
-    vols = {}
-    for it in sorted(items, key=lambda it: (it.id, it.index or 0)):
-        vols.setdefault(it.id, []).append(it)
-    stacked = [Item(v, read=partial(_stack, [s.read for s in ss], v), case=ss[0].case,
-                    files=sum((s.files for s in ss), ())) for v, ss in vols.items()]
-    return stacked if any(it.index is not None for it in items) else items
+def _folder(spec, path):
+    if not path.is_dir():
+        raise DataError(f'{path}: folder not found; expected {spec.layout}; {spec.name}: {spec.where}')
+    return path
+
+
+def _stem(path, suffixes):
+    """A file name less the first of suffixes it ends with (in any case); '' if none."""
+    return next((path.name[:-len(x)] for x in suffixes if path.name.lower().endswith(x)), '')
+
+
+def _natural(path):  # 'train_2' before 'train_10'
+    return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', path.name)]
+
+
+def _files(spec, folder, suffixes, listing=None, name='.+'):
+    """A folder's files: those the listing file names, in its order, if it exists; else those whose stems match
+    name, in natural order."""
+    _folder(spec, folder)
+    if listing is None or not listing.is_file():
+        files = sorted((p for p in folder.iterdir() if re.fullmatch(name, _stem(p, suffixes))), key=_natural)
+        if not files:
+            raise DataError(f'no samples found: {folder} has no *{"|*".join(suffixes)} files of its layout '
+                            f'(it holds {", ".join(sorted(os.listdir(folder))[:3]) or "nothing"})')
+        return files
+    files = []
+    for n in listing.read_text().split():
+        files.append(next((p for p in [folder / n] + [folder / (n + x) for x in suffixes] if p.is_file()), None))
+        if files[-1] is None:
+            raise DataError(f'list {listing} names {n}, but {folder / (n + suffixes[0])} does not exist')
+    return files
+
+
+def _arrays(spec, read, folder, suffix, listing, name='(?P<case>.+)', volume='{case}'):
+    """An Item per .npz/.h5 file: name's groups give its case (the patient) and, for a slice, its index; volume
+    the id of its volume."""
+    items = []
+    for f in _files(spec, folder, (suffix,), listing, name):
+        m = re.fullmatch(name, _stem(f, (suffix,)))
+        if m is None:
+            raise DataError(f'{f}: a name that {spec.name} does not use; expected {spec.layout}')
+        index = int(m['index']) if 'index' in m.groupdict() else None
+        items.append(Item(volume.format(**m.groupdict()), read=partial(read, f), case=m['case'], index=index,
+                          files=(f,)))
+    return items
+
+
+def _pairs(spec, read, images, suffixes, masks, mask_names, listing=None, name='.+'):
+    """An Item per image and its mask: the first of masks/<mask_names with the image's stem> that exists."""
+    _folder(spec, images), _folder(spec, masks)
+    items = []
+    for f in _files(spec, images, suffixes, listing, name):
+        stem = _stem(f, suffixes)
+        mask = next((masks / n.format(stem) for n in mask_names if (masks / n.format(stem)).is_file()), None)
+        if mask is None:
+            raise DataError(f'{f}: no mask {masks / mask_names[0].format(stem)} (image without mask)')
+        items.append(Item(stem, read=partial(read, f, mask), case=stem, files=(f, mask)))
+    return items
 
 
 def isic2018_split(names):
@@ -433,43 +370,150 @@ def isic2018_split(names):
     return names[:n_train], names[n_train:n_train + n_val], names[n_train + n_val:]
 
 
-def _hold_out(items, n, seed, what):
-    """(held, kept): n of the items' cases (a count or fraction), by a seeded permutation of the sorted ids."""
+def _hold_out(items, n, what):
+    """(held, kept): n of the items' cases (a count, or a fraction rounded half up), drawn by a permutation of the
+    sorted case ids with SPLIT_SEED: the same cases for any --seed."""
     cases = sorted({it.case for it in items})
     k = max(1, int(n * len(cases) + 0.5)) if 0 < n < 1 else int(n)
     if k >= len(cases):
         raise DataError(f'{what} holds out {k} of the {len(cases)} training cases; none would be left')
-    held = {cases[i] for i in np.random.default_rng(seed).permutation(len(cases))[:k]}
+    held = {cases[i] for i in np.random.default_rng(SPLIT_SEED).permutation(len(cases))[:k]}
     return [it for it in items if it.case in held], [it for it in items if it.case not in held]
 
 
-def _split(spec, root, split, label_map='transunet', val_cases=None, seed=0):
-    """A split's Items: 'test', 'val' (official, else held-out training cases) or 'train' (the rest); None if absent."""
-    if label_map not in LABEL_MAPS or label_map == 'cascade' and spec.name != 'synapse':
-        raise DataError(f"--label-map {label_map}: expected {' or '.join(LABEL_MAPS)}; label_map='cascade' is for "
-                        "Synapse's 13-label files")
-    layout, root = _layout(spec, root)
-    listed = {k: partial(_items, root, getattr(layout, k), layout, spec, label_map) for k in ('train', 'val', 'test')}
-    official = val_cases is None and (layout.carve == 'isic2018' or bool(layout.val) and (
-        not layout.val.optional or listed['val']() is not None))
-    if split == 'test' and not layout.carve or split == 'val' and official and layout.carve != 'isic2018':
-        return listed[split]()
-    test = listed['test']() if layout.carve == 'seeded' else None
-    taken = {it.id for it in (test or []) + (layout.carve == 'seeded' and listed['val']() or [])}
-    pool = [it for it in listed['train']() if it.id not in taken]  # a user's val/test lists pick from train
-    if layout.carve == 'isic2018':
-        train, val, test = ([it for it in pool if it.id in set(p)] for p in isic2018_split(it.id for it in pool))
-        if split == 'val' and official:
-            return val
-        pool = train
-    elif layout.carve == 'seeded' and not test:
-        test, pool = _hold_out(pool, TEST_FRACTION, TEST_SEED, f'{root}: the test split')
+def _user_splits(root, parts):
+    """The user's own data: val and test lists pick from the training files; without a test split, TEST_FRACTION
+    of the training cases is held out as one."""
+    def rest():  # the training files less those listed for val or test
+        taken = {it.id for k in ('val', 'test') if k in parts for it in parts[k]()}
+        return [it for it in parts['train']() if it.id not in taken]
+
+    def carved(i):  # 0: the test cases, 1: the rest
+        return _hold_out(rest(), TEST_FRACTION, f'{root}: the test split')[i]
+    if 'test' in parts:
+        return parts | {'train': rest}
+    return parts | {'train': partial(carved, 1), 'test': partial(carved, 0)}
+
+
+def build_synapse(root, spec, lut):
+    """TransUNet's Synapse files (the demo's too): slices train_npz/<case>_slice<k>.npz, volumes
+    test_vol_h5/<case>.npy.h5, each in the order of lists_Synapse/{train,test_vol}.txt, else by name."""
+    root = _found(root, spec, 'train_npz', 'test_vol_h5')
+    read = partial(_arrays_pair, keys=('image', 'label'), num_classes=spec.num_classes, lut=lut)
+    return {'train': partial(_arrays, spec, read, root / 'train_npz', '.npz', root / 'lists_Synapse/train.txt',
+                             r'(?P<case>.+)_slice(?P<index>\d+)'),
+            'test': partial(_arrays, spec, read, root / 'test_vol_h5', '.npy.h5', root / 'lists_Synapse/test_vol.txt')}
+
+
+def build_acdc(root, spec, lut):
+    """ACDC as SSL4MIS wrote it (slices data/slices/<patient>_<frame>_slice_<k>.h5 in train_slices.list, volumes
+    data/<patient>_<frame>.h5 in val.list, test.list) or as MT-UNet did (slices case_<p>_slice{ED,ES}_<k>.npz in
+    train/, valid/, volumes in test/, in the order of lists_ACDC/{train,valid,test}.txt)."""
+    # NOTE(impl): validation cases are held out by patient (ED with ES).
+    root = _found(root, spec, 'data', 'train', 'test')
+    if (root / 'data').is_dir():  # SSL4MIS
+        read = partial(_arrays_pair, keys=('image', 'label'), num_classes=spec.num_classes)
+        lists = {k: root / f'{k}.list' for k in ('val', 'test') if (root / f'{k}.list').is_file()}
+        return {'train': partial(_arrays, spec, read, root / 'data/slices', '.h5', root / 'train_slices.list',
+                                 r'(?P<case>patient\d+)_(?P<frame>frame\d+)_slice_(?P<index>\d+)', '{case}_{frame}'),
+                **{k: partial(_arrays, spec, read, root / 'data', '.h5', f) for k, f in lists.items()}}
+    read = partial(_arrays_pair, keys=('img', 'label'), num_classes=spec.num_classes)
+    slices = partial(_arrays, spec, read, name=r'(?P<case>case_\d+)_slice(?P<phase>ED|ES)_(?P<index>\d+)',
+                     volume='{case}_volume_{phase}')
+    return {'train': partial(slices, root / 'train', '.npz', root / 'lists_ACDC/train.txt'),
+            'val': partial(slices, root / 'valid', '.npz', root / 'lists_ACDC/valid.txt'),
+            'test': partial(_arrays, spec, read, root / 'test', '.npz', root / 'lists_ACDC/test.txt')}
+
+
+def build_isic2017(root, spec, lut):
+    """ISIC 2017's official folders ISIC-2017_{Training,Validation,Test_v2}_Data/ISIC_<n>.jpg with masks
+    ISIC-2017_{...}_Part1_GroundTruth/ISIC_<n>_segmentation.png (0/255); *_superpixels.png are not images."""
+    root = _found(root, spec, 'ISIC-2017_Training_Data', 'ISIC-2017_Test_v2_Data')
+    read = partial(_image_pair, fg=ISIC_FG, num_classes=spec.num_classes, aspect=False)  # 256x256 copies exist
+
+    def part(k):
+        return _pairs(spec, read, root / f'ISIC-2017_{k}_Data', ('.jpg', '.jpeg', '.png'),
+                      root / f'ISIC-2017_{k}_Part1_GroundTruth', ('{}_segmentation.png',), name=r'ISIC_\d+')
+    return {'train': partial(part, 'Training'), 'val': partial(part, 'Validation'), 'test': partial(part, 'Test_v2')}
+
+
+def build_isic2018(root, spec, lut):
+    """ISIC 2018 Task 1's training folders, ISIC2018_Task1-2_Training_Input/ISIC_<n>.jpg with masks
+    ISIC2018_Task1_Training_GroundTruth/ISIC_<n>_segmentation.png, split as the paper (isic2018_split)."""
+    root = _found(root, spec, 'ISIC2018_Task1-2_Training_Input')
+    read = partial(_image_pair, fg=ISIC_FG, num_classes=spec.num_classes, aspect=False)
+
+    def part(k):  # 0 train, 1 val, 2 test
+        items = _pairs(spec, read, root / 'ISIC2018_Task1-2_Training_Input', ('.jpg', '.jpeg'),
+                       root / 'ISIC2018_Task1_Training_GroundTruth', ('{}_segmentation.png',), name=r'ISIC_\d+')
+        keep = set(isic2018_split([it.id for it in items])[k])
+        return [it for it in items if it.id in keep]
+    return {'train': partial(part, 0), 'val': partial(part, 1), 'test': partial(part, 2)}
+
+
+def build_glas(root, spec, lut):
+    """GlaS (Warwick QU), one folder: train_<n>.bmp; the test split testA_<n>.bmp then testB_<n>.bmp; masks
+    <name>_anno.bmp beside them, of instance ids (foreground: id > 0)."""
+    # NOTE(impl): validation images are held out one by one (GlaS names no patients).
+    root = _found(root, spec, 'train_1.bmp', 'testA_1.bmp')
+    read = partial(_image_pair, fg=1, num_classes=spec.num_classes, aspect=True)
+    part = partial(_pairs, spec, read, root, ('.bmp',), root, ('{}_anno.bmp',))
+    return {'train': partial(part, name=r'train_\d+'), 'test': partial(part, name=r'test[AB]_\d+')}
+
+
+def build_folder(root, spec, lut):
+    """The user's images/<stem>.* with masks/<stem>.* of class ids; lists train.txt, val.txt, test.txt (optional)
+    of stems pick each split's images."""
+    root = _found(root, spec, 'images')
+    read = partial(_image_pair, fg=0, num_classes=spec.num_classes, aspect=True)
+    mask_names = tuple('{}' + x for x in IMAGE_SUFFIXES + tuple(map(str.upper, IMAGE_SUFFIXES)))
+    part = partial(_pairs, spec, read, root / 'images', IMAGE_SUFFIXES, root / 'masks', mask_names)
+    lists = {k: root / f'{k}.txt' for k in ('train', 'val', 'test')}
+    return _user_splits(root, {k: partial(part, f) for k, f in lists.items() if k == 'train' or f.is_file()})
+
+
+def build_nnunet(root, spec, lut):
+    """nnU-Net v2's raw layout: imagesTr/<case>_0000<ending> (channel 0) with labelsTr/<case><ending>; imagesTs/
+    with labelsTs/ (optional): the test split."""
+    ending = _nnunet(root)[2]
+    root = _found(root, spec, 'imagesTr', 'imagesTs')
+    read = (partial(_nifti_pair, intensity=spec.intensity, num_classes=spec.num_classes) if ending in NIFTI_SUFFIXES
+            else partial(_image_pair, fg=0, num_classes=spec.num_classes, aspect=True))
+
+    def part(k):  # 'Tr' or 'Ts'
+        return _pairs(spec, read, root / f'images{k}', ('_0000' + ending,), root / f'labels{k}', ('{}' + ending,))
+    test = (root / 'imagesTs').is_dir() and (root / 'labelsTs').is_dir()
+    return _user_splits(root, {'train': partial(part, 'Tr')} | ({'test': partial(part, 'Ts')} if test else {}))
+
+
+BUILDS = {'synapse': build_synapse, 'demo': build_synapse, 'acdc': build_acdc, 'isic2017': build_isic2017,
+          'isic2018': build_isic2018, 'glas': build_glas, 'folder': build_folder, 'nnunet': build_nnunet}
+
+
+def _volumes(items):
+    """A split's Items as evaluation cases: slices stacked into volumes."""
+    vols = {}
+    for it in sorted(items, key=lambda it: (it.id, it.index or 0)):
+        vols.setdefault(it.id, []).append(it)
+    stacked = [Item(v, read=partial(_stack, [s.read for s in ss], v), case=ss[0].case,
+                    files=sum((s.files for s in ss), ())) for v, ss in vols.items()]
+    return stacked if any(it.index is not None for it in items) else items
+
+
+def _split(parts, split, val_cases):
+    """A split's Items (None: not on disk): 'test' as stored; 'val' as stored, or val_cases training cases held
+    out (default: VAL_FRACTION where none are stored); 'train' the training cases less those held out."""
     if split == 'test':
-        return test
+        return parts['test']() if 'test' in parts else None
+    if split == 'val' and val_cases is None and 'val' in parts:
+        try:
+            return parts['val']()
+        except DataError as e:
+            raise DataError(f'{e} (or hold out training cases: val_cases=N, --val-cases N)') from None
     # NOTE(impl): an explicit val_cases holds cases out even beside an official val split.
-    n = 0 if official else VAL_FRACTION if val_cases is None else val_cases
-    val, train = _hold_out(pool, n, seed, f'val_cases={n}')
-    return val if split == 'val' else train
+    n = val_cases if val_cases is not None else 0 if 'val' in parts else VAL_FRACTION
+    held, kept = _hold_out(parts['train'](), n, f'val_cases={n}')
+    return held if split == 'val' else kept
 
 # ---- blocks: resize, augmentation, normalisation (for training and evaluation); the training set
 
@@ -632,6 +676,8 @@ def _nnunet(root):
     return tuple(sorted(labels, key=labels.get)), channels, ending
 
 
+
+
 def get_spec(name, root=None, num_classes=None):
     """The DatasetSpec of --data NAME: fixed for the benchmarks, from ROOT for 'folder' and 'nnunet'."""
     if name not in DATASETS:
@@ -657,9 +703,10 @@ def get_spec(name, root=None, num_classes=None):
         return SPECS[name]
     # NOTE(impl): user images get ISIC's recipe, volumes Synapse's and channel 0's intensity rule.
     volume = ending in NIFTI_SUFFIXES
-    return DatasetSpec(name, len(names), names, 'volume' if volume else 'image', tuple(range(1, len(names))),
-                       300 if volume else 200, 24 if volume else 8, str(root), NNUNET if name == 'nnunet' else FOLDER,
-                       intensity='rgb' if not volume else 'ct' if str(channels[0]).lower() == 'ct' else 'zscore')
+    intensity = 'rgb' if not volume else 'ct' if str(channels[0]).lower() == 'ct' else 'zscore'
+    return replace(SPECS['synapse' if volume else 'isic2017'], name=name, num_classes=len(names), class_names=names,
+                   report_order=tuple(range(1, len(names))), where=str(root),
+                   layout=NNUNET if name == 'nnunet' else FOLDER, intensity=intensity, figure='mean')
 
 
 def spec_from_dict(d):
@@ -670,11 +717,19 @@ def spec_from_dict(d):
     return DatasetSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+def _parts(spec, root, label_map):
+    """The dataset's splits as its build function finds them: {'train', 'val', 'test'} -> () -> Items."""
+    if label_map not in LABEL_MAPS or label_map == 'cascade' and spec.name != 'synapse':
+        raise DataError(f"--label-map {label_map}: expected {' or '.join(LABEL_MAPS)}; label_map='cascade' is for "
+                        "Synapse's 13-label files")
+    return BUILDS[spec.name](root, spec, CASCADE_LUT if label_map == 'cascade' else None)
+
+
 def train_set(name, root, img_size, *, val_cases=None, seed=0, augment=True, label_map='transunet',
               num_classes=None, cache=True):
-    """The training samples, less the cases held out for validation (val_cases=0: none)."""
+    """The training samples, less the cases held out for validation (val_cases=0: none); seed: augmentation's."""
     spec = get_spec(name, root, num_classes)
-    items = _split(spec, root, 'train', label_map, val_cases, seed)
+    items = _split(_parts(spec, root, label_map), 'train', val_cases)
     if label_map == 'cascade':  # a whole training case's raw labels tell the maps apart
         first = [f for it in items if it.case == items[0].case for f in it.files]
         maxima = [read_arrays(f, ('label',))[0].max() for f in first]
@@ -690,10 +745,10 @@ def train_set(name, root, img_size, *, val_cases=None, seed=0, augment=True, lab
     return ds
 
 
-def eval_cases(name, root, split, *, val_cases=None, seed=0, label_map='transunet', num_classes=None):
-    """Whole cases as stored, of split 'val' (as _split) or 'test'."""
+def eval_cases(name, root, split, *, val_cases=None, label_map='transunet', num_classes=None):
+    """Whole cases as stored, of split 'val' (stored, or held out as train_set holds them) or 'test'."""
     spec = get_spec(name, root, num_classes)
-    items = _split(spec, root, split, label_map, val_cases, seed)
+    items = _split(_parts(spec, root, label_map), split, val_cases)
     if items is None:
         raise DataError(f'{root}: {spec.name} has no {split} split here; expected {spec.layout}')
     return Cases(_volumes(items))

@@ -406,7 +406,7 @@ def main(argv=None):
         if info.get('selected_on') == 'test' and args.split == 'test':
             print(f'WARNING: {SELECTED_ON_TEST}', file=sys.stderr)
         net = danie.from_checkpoint(ckpt, args.ckpt).to(args.device, memory_format=danie.MEMORY_FORMAT)
-        opts = {k: info[k] for k in ('val_cases', 'seed', 'label_map') if info.get(k) is not None}
+        opts = {k: info[k] for k in ('val_cases', 'label_map') if info.get(k) is not None}
         try:
             cases = data.eval_cases(info['name'], root, args.split, num_classes=spec.num_classes, **opts)
         except data.DataError as e:

@@ -99,7 +99,8 @@ def test_specs_are_consistent_and_synapse_reports_in_table1_order():
     syn = data.SPECS['synapse']
     assert [syn.class_names[c] for c in syn.report_order] == [
         'aorta', 'gallbladder', 'kidney_l', 'kidney_r', 'liver', 'pancreas', 'spleen', 'stomach']
-    assert (syn.epochs, syn.batch_size) == (300, 24)
+    assert (syn.epochs, syn.batch_size, syn.lr, syn.weight_decay) == (300, 24, 1e-4, 1e-4)  # Sec. 4.2
+    assert {s.weight_decay for s in data.SPECS.values()} == {1e-4}
     assert (data.SPECS['acdc'].epochs, data.SPECS['acdc'].batch_size) == (400, 12)
     assert data.SPECS['demo'].class_names == syn.class_names
     assert data.default_root('synapse') == os.path.join('data', 'synapse')
@@ -205,7 +206,8 @@ def test_acdc_ssl4mis_h5_format(tmp_path):
     assert case.image.dtype == np.float32 and case.image.shape == (3, 18, 22)
     np.testing.assert_array_equal(case.label, vol)
     held = data.eval_cases('acdc', tmp_path, 'val', val_cases=1)
-    assert held.ids in (['patient001_frame01'], ['patient002_frame01']) and held[0].image.shape == (3, 18, 22)
+    assert held.ids == ['patient001_frame01'] and held[0].image.shape == (3, 18, 22)
+    assert data.train_set('acdc', tmp_path, 32, val_cases=1).cases == ['patient002']
 
 
 # ---- ISIC 2017, ISIC 2018, GlaS
@@ -252,6 +254,8 @@ def test_isic2018_paper_split_over_sorted_names(tmp_path):
     (di / 'ATTRIBUTION.txt').touch()
     assert data.eval_cases('isic2018', tmp_path, 'val').ids == va
     assert data.eval_cases('isic2018', tmp_path, 'test').ids == te
+    held = data.eval_cases('isic2018', tmp_path, 'val', val_cases=100).ids  # out of the paper's training part
+    assert len(held) == 100 and set(held) <= set(tr)
     with pytest.raises(DataError, match='ISIC_0000000.jpg: unreadable or corrupt image'):
         data.train_set('isic2018', tmp_path, 16)  # listing works; the first image is then read and is empty
 
@@ -261,15 +265,15 @@ def test_glas_bmp_instances_and_test_is_testA_plus_testB(tmp_path):
     d.mkdir()
     inst = np.zeros((12, 16), np.uint8)
     inst[2:5, 2:6], inst[7:10, 8:14] = 1, 3  # instance ids, not 0/255
-    for prefix, n in (('train', 3), ('testA', 2), ('testB', 1)):
-        for i in range(1, n + 1):
+    for prefix, numbers in (('train', (1, 2, 3)), ('testA', (1, 2, 10)), ('testB', (1,))):
+        for i in numbers:
             save_rgb(d / f'{prefix}_{i}.bmp', np.full((12, 16, 3), 200))
             Image.fromarray(inst).save(d / f'{prefix}_{i}_anno.bmp')
     (d / 'Grade.csv').write_text('name,grade\n')
     ds = data.train_set('glas', tmp_path, 16, val_cases=1)  # root may be the folder's parent
     assert len(ds) == 2
     test = data.eval_cases('glas', tmp_path, 'test')
-    assert test.ids == ['testA_1', 'testA_2', 'testB_1']
+    assert test.ids == ['testA_1', 'testA_2', 'testA_10', 'testB_1']  # by number, not as strings
     assert test[0].label.sum() == 12 + 18 and test[0].label.max() == 1 and test[0].image.shape == (12, 16, 3)
 
 
@@ -277,22 +281,56 @@ def test_glas_bmp_instances_and_test_is_testA_plus_testB(tmp_path):
 
 def test_casewise_validation_split_is_deterministic_and_never_leaks(tmp_path):
     write_synapse(tmp_path, n_cases=10, n_slices=2, size=8)
-    splits = {}
-    for seed in (0, 1, 2):
-        ds = data.train_set('synapse', tmp_path, 8, seed=seed)
-        val = data.eval_cases('synapse', tmp_path, 'val', seed=seed)
-        train_cases = {s.case for s in ds.samples}
-        assert len(val) == 1 and not set(val.ids) & train_cases  # default 10% of 10 cases
-        assert set(val.ids) | train_cases == {f'case{c:04d}' for c in range(1, 11)}
-        splits[seed] = val.ids
-    assert data.eval_cases('synapse', tmp_path, 'val', seed=0).ids == splits[0]
-    assert len(set(map(tuple, splits.values()))) > 1  # the seed matters
+    val = data.eval_cases('synapse', tmp_path, 'val')
+    assert val.ids == ['case0005']  # default 10% of 10 cases
+    for seed in (0, 1, 2):  # --seed changes initialisation and sampling, never the held-out cases
+        train_cases = {s.case for s in data.train_set('synapse', tmp_path, 8, seed=seed).samples}
+        assert train_cases == {f'case{c:04d}' for c in range(1, 11)} - set(val.ids)
     assert len(data.eval_cases('synapse', tmp_path, 'val', val_cases=3)) == 3
-    assert len(data.eval_cases('synapse', tmp_path, 'val', val_cases=0.25)) == 3  # fraction, rounded
+    assert len(data.eval_cases('synapse', tmp_path, 'val', val_cases=0.25)) == 3  # fraction, rounded half up
     assert len(data.train_set('synapse', tmp_path, 8, val_cases=0)) == 20
     with pytest.raises(DataError, match='val_cases=10 holds out 10 of the 10'):
         data.train_set('synapse', tmp_path, 8, val_cases=10)
     assert len(data.eval_cases('synapse', tmp_path, 'val', val_cases=0)) == 0  # no validation: all 10 train
+
+
+SYNAPSE_TRAIN = (5, 6, 7, 9, 10, 21, 23, 24, 26, 27, 28, 30, 31, 33, 34, 37, 39, 40)  # TransUNet's 18 cases
+
+
+def test_synapse_holds_out_the_same_two_cases_for_every_seed(tmp_path):
+    (tmp_path / 'train_npz').mkdir()
+    lab = np.zeros((4, 4), np.float32)
+    for c in SYNAPSE_TRAIN:
+        np.savez(tmp_path / 'train_npz' / f'case{c:04d}_slice000.npz', image=lab, label=lab)
+    held = ['case0007', 'case0028']  # a seed-dependent draw gives case0006 and case0031 for seed 1
+    assert data.eval_cases('synapse', tmp_path, 'val').ids == held
+    for seed in (1, 0):
+        assert data.train_set('synapse', tmp_path, 8, seed=seed).cases == sorted(
+            {f'case{c:04d}' for c in SYNAPSE_TRAIN} - set(held))
+
+
+def test_the_seeded_test_split_is_the_same_for_every_seed(tmp_path):
+    root = write_folder(tmp_path / 'f', n=12)  # no test list: 20% of the 12 images, then 2 held out
+    for seed in (3, 0):  # a seed other than the default first
+        ds = data.train_set('folder', root, 8, val_cases=2, seed=seed, augment=False)
+        assert data.eval_cases('folder', root, 'test').ids == ['img7', 'img10']
+        assert data.eval_cases('folder', root, 'val', val_cases=2).ids == ['img3', 'img5']
+        assert [s.id for s in ds.samples] == ['img0', 'img1', 'img2', 'img4', 'img6', 'img8', 'img9', 'img11']
+
+
+def test_held_out_splits_do_not_depend_on_string_hashing(tmp_path):
+    import subprocess
+    import sys
+    root = write_folder(tmp_path / 'f', n=12)
+    code = ("import sys, data; r = sys.argv[1]; print(data.eval_cases('folder', r, 'test').ids, "
+            "data.eval_cases('folder', r, 'val', val_cases=3).ids, "
+            "[s.id for s in data.train_set('folder', r, 8, val_cases=3, cache=False).samples])")
+    outs = {subprocess.run([sys.executable, '-c', code, str(root)], cwd=Path(__file__).parent, check=True,
+                           env={**os.environ, 'PYTHONHASHSEED': h}, capture_output=True, text=True).stdout
+            for h in ('0', '1', '2')}  # each process hashes strings with another seed
+    here = (data.eval_cases('folder', root, 'test').ids, data.eval_cases('folder', root, 'val', val_cases=3).ids,
+            [s.id for s in data.train_set('folder', root, 8, val_cases=3, cache=False).samples])
+    assert outs == {' '.join(map(str, here)) + '\n'}
 
 
 # ---- augmentation and the shared input path
@@ -575,6 +613,20 @@ def test_train_items_are_seeded_by_epoch_and_index_the_same_in_any_worker(tmp_pa
     assert all(torch.equal(p, q) for p, q in zip(got[0], got[2])) and len(got[0]) == 12
 
 
+def test_epoch_sampler_shards_one_seeded_shuffle_and_resumes_mid_epoch():
+    def keys(seed, epoch, rank=0, world=1, skip=0):
+        sampler = data.EpochSampler(list(range(7)), seed, rank, world)
+        sampler.set_epoch(epoch, skip)
+        return list(sampler)
+    one = keys(5, 2)  # one GPU
+    assert {e for e, _ in one} == {2} and sorted(i for _, i in one) == list(range(7))
+    two = list(zip(keys(5, 2, 0, 2), keys(5, 2, 1, 2)))  # two GPUs: their k-th samples, side by side
+    assert [k for pair in two for k in pair] == one[:6]  # the same global order, the odd sample dropped
+    assert keys(5, 2, skip=3) == one[3:] and len(data.EpochSampler(list(range(7)), 5, 0, 1)) == 7
+    order = [i for _, i in one]
+    assert [i for _, i in keys(6, 2)] != order and [i for _, i in keys(5, 3)] != order  # seed and epoch reshuffle
+
+
 def test_val_cases_0_means_no_validation_for_every_dataset(tmp_path):
     write_isic2017(tmp_path / 'isic', n=2)  # has an official validation folder
     assert len(data.eval_cases('isic2017', tmp_path / 'isic', 'val', val_cases=0)) == 0
@@ -616,7 +668,8 @@ def write_folder(root, n=5, classes=('background', 'cell', 'nucleus')):
 AFFINE = np.array([[0.0, -0.8, 0.0, 12.5], [0.9, 0.0, 0.0, -30.0], [0.0, 0.0, 2.5, 7.0], [0, 0, 0, 1]])
 
 
-def write_nnunet(root, n=3, ts=0, ending='.nii.gz', channel='CT', shape=(24, 20, 4)):
+def write_nnunet(root, n=3, ts=0, ending='.nii.gz', channels=('CT',), shape=(24, 20, 4)):
+    """nnU-Net v2's raw layout; channel c > 0 of a case inverts its contrast, so a wrong channel shows."""
     import nibabel as nib
     rng = np.random.default_rng(0)
     for d in ('imagesTr', 'labelsTr') + (('imagesTs', 'labelsTs') if ts else ()):
@@ -624,11 +677,14 @@ def write_nnunet(root, n=3, ts=0, ending='.nii.gz', channel='CT', shape=(24, 20,
     for i in range(n + ts):
         lab = np.zeros(shape, np.uint8)
         lab[3:12, 2:9, :], lab[14:20, 10:18, 1:] = 1, 2
-        img = (lab * 100.0 - 50 + rng.normal(0, 5, shape)).astype(np.float32)  # HU-like
         split = ('Tr' if i < n else 'Ts')
-        nib.save(nib.Nifti1Image(img, AFFINE), str(root / f'images{split}' / f'case_{i:03d}_0000{ending}'))
+        for c in range(len(channels)):
+            contrast = 100.0 if c == 0 else -100.0
+            img = (lab * contrast - 50 + rng.normal(0, 5, shape)).astype(np.float32)  # HU-like
+            nib.save(nib.Nifti1Image(img, AFFINE), str(root / f'images{split}' / f'case_{i:03d}_{c:04d}{ending}'))
         nib.save(nib.Nifti1Image(lab, AFFINE), str(root / f'labels{split}' / f'case_{i:03d}{ending}'))
-    meta = {'channel_names': {'0': channel}, 'labels': {'background': 0, 'liver': 1, 'tumour': 2},
+    names = {str(c): channels[c] for c in reversed(range(len(channels)))}  # '1' before '0': sorted by the reader
+    meta = {'channel_names': names, 'labels': {'background': 0, 'liver': 1, 'tumour': 2},
             'file_ending': ending, 'numTraining': n}
     (root / 'dataset.json').write_text(__import__('json').dumps(meta))
     return root
@@ -653,6 +709,8 @@ def test_folder_dataset_trains_and_evaluates_with_class_names(tmp_path):
     assert data.eval_cases('folder', root, 'test').ids == ['img0', 'img3']
     assert data.eval_cases('folder', root, 'val').ids == ['img1']
     assert data.train_set('folder', root, 8).cases == ['img2', 'img4']
+    (root / 'train.txt').write_text('img4\nimg3\nimg2\n')  # its order; img3 is listed for test
+    assert [s.id for s in data.train_set('folder', root, 8).samples] == ['img4', 'img2']
     (root / 'classes.txt').unlink()
     assert data.get_spec('folder', root, num_classes=3).class_names == ('background', 'class1', 'class2')
     with pytest.raises(DataError, match='no classes.txt .*--num-classes'):
@@ -695,13 +753,31 @@ def test_nnunet_volumes_train_slicewise_and_evaluate_volumewise(tmp_path):
     assert len(val) == 1 and val.ids[0] not in ds.cases and val[0].image.shape == (4, 20, 24)
     import nibabel as nib
     raw = nib.load(str(root / 'imagesTr' / f'{val.ids[0]}_0000.nii.gz')).get_fdata().transpose(2, 1, 0)
-    np.testing.assert_allclose(val[0].image, (np.clip(raw, -125, 275) + 125) / 400, atol=1e-6)  # via the .npy cache
+    np.testing.assert_allclose(val[0].image, (np.clip(raw, -125, 275) + 125) / 400, atol=1e-6)
     # no imagesTs: a seeded held-out test split; MRI-like channel: z-score
-    root2 = write_nnunet(tmp_path / 'm', n=3, channel='T2')
+    root2 = write_nnunet(tmp_path / 'm', n=3, channels=('T2',))
     assert data.get_spec('nnunet', root2).intensity == 'zscore'
     test2 = data.eval_cases('nnunet', root2, 'test')
     assert len(test2) == 1 and test2.ids[0] not in data.train_set('nnunet', root2, 8, val_cases=0).cases
     assert abs(test2[0].image.mean()) < 1e-4
+
+
+@pytest.mark.filterwarnings('ignore:.*DANIE reads channel 0')
+def test_nnunet_reads_channel_0_of_several(tmp_path):
+    import nibabel as nib
+    root = write_nnunet(tmp_path / 'n', n=3, ts=1, channels=('CT', 'T2'))  # channel 1: contrast inverted
+    with pytest.warns(UserWarning, match=r"2 channels \['CT', 'T2'\]; DANIE reads channel 0 \(CT\) only"):
+        assert data.get_spec('nnunet', root).intensity == 'ct'  # channel 0's rule, though the json lists '1' first
+    ds = data.train_set('nnunet', root, 16, val_cases=0, augment=False)
+    assert ds.cases == ['case_000', 'case_001', 'case_002']  # a _0001 file is no case of its own
+    case = data.eval_cases('nnunet', root, 'test')[0]
+    for c in (0, 1):
+        raw = nib.load(str(root / 'imagesTs' / f'case_003_{c:04d}.nii.gz')).get_fdata().transpose(2, 1, 0)
+        assert np.allclose(case.image, (np.clip(raw, -125, 275) + 125) / 400, atol=1e-6) == (c == 0)
+    whole = data.eval_cases('nnunet', root, 'val', val_cases=1)[0]  # a training case, read whole
+    k = [s.id for s in ds.samples].index(whole.id)
+    x = data.prepare_input(whole.image, 16)
+    assert all(torch.equal(ds[k + z][0], x[z]) for z in range(4))  # its training slices, via the cache: channel 0
 
 
 def test_nnunet_png_and_clear_errors(tmp_path):
@@ -816,6 +892,17 @@ def test_images_are_read_at_their_bit_depth_never_clipped(tmp_path):
     assert torch.equal(data.train_set('folder', root, 16, val_cases=0, augment=False)[0][0], x8)
 
 
+def test_float_images_round_and_16_bit_images_shift_as_img_as_ubyte(tmp_path):
+    rng = np.random.default_rng(0)
+    k = rng.integers(0, 255, (12, 10))  # the 8-bit value each pixel must give, 0..254
+    up = rng.random((12, 10)) < 0.5  # float (k + 0.7) / 255 rounds up to k + 1, (k + 0.3) / 255 down to k
+    Image.fromarray(((k + np.where(up, 0.7, 0.3)) / 255).astype(np.float32)).save(tmp_path / 'f.tif')
+    np.testing.assert_array_equal(data.read_image(tmp_path / 'f.tif')[..., 0], k + up)  # truncation: k
+    low = rng.random((12, 10)) < 0.5  # 16-bit 256 k + 255 and 256 k both give k (v >> 8), not round(v / 257)
+    Image.fromarray((256 * k + np.where(low, 0, 255)).astype(np.uint16)).save(tmp_path / 'a16.png')
+    np.testing.assert_array_equal(data.read_image(tmp_path / 'a16.png')[..., 0], k)
+
+
 def test_a_mask_of_another_aspect_ratio_is_refused_naming_both(tmp_path):
     root = write_folder(tmp_path / 'f', n=3)  # img0 is 20x24
     (root / 'test.txt').write_text('img2\n')
@@ -829,9 +916,12 @@ def test_a_mask_of_another_aspect_ratio_is_refused_naming_both(tmp_path):
 
 
 def test_folder_and_nnunet_train_with_their_own_recipe(tmp_path):
-    folder, nnunet = write_folder(tmp_path / 'f'), write_nnunet(tmp_path / 'n')
-    assert (data.get_spec('folder', folder).epochs, data.get_spec('folder', folder).batch_size) == (200, 8)
-    assert (data.get_spec('nnunet', nnunet).epochs, data.get_spec('nnunet', nnunet).batch_size) == (300, 24)
+    folder = data.get_spec('folder', write_folder(tmp_path / 'f'))
+    nnunet = data.get_spec('nnunet', write_nnunet(tmp_path / 'n'))
+    recipe = lambda s: (s.epochs, s.batch_size, s.img_size, s.lr, s.weight_decay)  # noqa: E731
+    assert recipe(folder) == recipe(data.SPECS['isic2017']) == (200, 8, 224, 1e-4, 1e-4)  # images: ISIC's
+    assert recipe(nnunet) == recipe(data.SPECS['synapse']) == (300, 24, 224, 1e-4, 1e-4)  # volumes: Synapse's
+    assert folder.figure == nnunet.figure == 'mean'  # the pooled 256x256 figure is ISIC's Table 3 only
 
 
 def test_palette_masks_give_their_indices_as_class_ids(tmp_path):

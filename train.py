@@ -247,9 +247,9 @@ def prepare(args, rank):
 def setup(args, ckpt, rank, world, device):
     """Training set, validation cases (each file read now), model, optimiser; the data the checkpoints record."""
     split = 'test' if args.select_on_test else 'val'  # --select-on-test: nothing held out, best.pth on the test split
-    common = dict(seed=args.seed, label_map=args.label_map, num_classes=args.num_classes,
+    common = dict(label_map=args.label_map, num_classes=args.num_classes,
                   val_cases=0 if args.select_on_test else args.val_cases)
-    train_set = data.train_set(args.data, args.root, args.img_size, **common)
+    train_set = data.train_set(args.data, args.root, args.img_size, seed=args.seed, **common)
     if len(train_set) // world < args.batch_size // world:
         raise data.DataError(f'--batch-size {args.batch_size} is larger than the training set')
     val = data.eval_cases(args.data, args.root, split, **common) if rank == 0 else []
@@ -358,7 +358,7 @@ def build_parser():
     a('--max-steps', type=number(int, 1), help='stop after this many steps')
     a('--amp', choices=tuple(model.AMP_DTYPES), help='autocast dtype (default: none, fp32)')
     a('--compile', action='store_true', help='torch.compile the blocks')
-    a('--seed', type=number(int, 0), default=0, help='of everything random')
+    a('--seed', type=number(int, 0), default=0, help='initialisation, sampling, augmentation (not the held-out cases)')
     a('--out', help='output folder (default: runs/<data>-<size>)')
     a('--resume', metavar='PATH', help='continue the run of PATH (a last.pth)')
     a('--val-every', type=number(int, 1), default=1, help='validate every N epochs')

@@ -254,7 +254,8 @@ def _cached_slice(cache, key, read, k):
     return np.array(img[k]), lab[k].astype(np.int64)
 
 
-# ---- blocks: a dataset's files as Items, one build function per dataset; its splits
+# ---- blocks: a dataset's files as Items: a build function per dataset names its parts on disk ('train', 'val',
+# 'test': each a function that lists its Items); _split makes the splits from them
 
 
 @dataclass
@@ -301,9 +302,9 @@ def _found(root, spec, *marks):
 
 
 def _folder(spec, path):
+    """Refuses a missing folder of the dataset, naming it."""
     if not path.is_dir():
         raise DataError(f'{path}: folder not found; expected {spec.layout}; {spec.name}: {spec.where}')
-    return path
 
 
 def _stem(path, suffixes):
@@ -317,7 +318,7 @@ def _natural(path):  # 'train_2' before 'train_10'
 
 def _files(spec, folder, suffixes, listing=None, name='.+'):
     """A folder's files: those the listing file names, in its order, if it exists; else those whose stems match
-    name, in natural order."""
+    name (a regex), in natural order."""
     _folder(spec, folder)
     if listing is None or not listing.is_file():
         files = sorted((p for p in folder.iterdir() if re.fullmatch(name, _stem(p, suffixes))), key=_natural)
@@ -326,10 +327,11 @@ def _files(spec, folder, suffixes, listing=None, name='.+'):
                             f'(it holds {", ".join(sorted(os.listdir(folder))[:3]) or "nothing"})')
         return files
     files = []
-    for n in listing.read_text().split():
-        files.append(next((p for p in [folder / n] + [folder / (n + x) for x in suffixes] if p.is_file()), None))
-        if files[-1] is None:
+    for n in listing.read_text().split():  # a name with its suffix or without
+        found = [p for p in [folder / n] + [folder / (n + x) for x in suffixes] if p.is_file()]
+        if not found:
             raise DataError(f'list {listing} names {n}, but {folder / (n + suffixes[0])} does not exist')
+        files.append(found[0])
     return files
 
 
@@ -349,7 +351,8 @@ def _arrays(spec, read, folder, suffix, listing, name='(?P<case>.+)', volume='{c
 
 def _pairs(spec, read, images, suffixes, masks, mask_names, listing=None, name='.+'):
     """An Item per image and its mask: the first of masks/<mask_names with the image's stem> that exists."""
-    _folder(spec, images), _folder(spec, masks)
+    for folder in (images, masks):
+        _folder(spec, folder)
     items = []
     for f in _files(spec, images, suffixes, listing, name):
         stem = _stem(f, suffixes)
@@ -429,7 +432,7 @@ def build_isic2017(root, spec, lut):
     """ISIC 2017's official folders ISIC-2017_{Training,Validation,Test_v2}_Data/ISIC_<n>.jpg with masks
     ISIC-2017_{...}_Part1_GroundTruth/ISIC_<n>_segmentation.png (0/255); *_superpixels.png are not images."""
     root = _found(root, spec, 'ISIC-2017_Training_Data', 'ISIC-2017_Test_v2_Data')
-    read = partial(_image_pair, fg=ISIC_FG, num_classes=spec.num_classes, aspect=False)  # 256x256 copies exist
+    read = partial(_image_pair, fg=ISIC_FG, num_classes=spec.num_classes, aspect=False)  # 256x256 copies
 
     def part(k):
         return _pairs(spec, read, root / f'ISIC-2017_{k}_Data', ('.jpg', '.jpeg', '.png'),

@@ -512,7 +512,7 @@ def _split(parts, split, val_cases):
         try:
             return parts['val']()
         except DataError as e:
-            raise DataError(f'{e} (or hold out training cases: val_cases=N, --val-cases N)') from None
+            raise DataError(f'{e}; or hold out training cases instead: val_cases=N (--val-cases N)') from None
     # NOTE(impl): an explicit val_cases holds cases out even beside an official val split.
     n = val_cases if val_cases is not None else 0 if 'val' in parts else VAL_FRACTION
     held, kept = _hold_out(parts['train'](), n, f'val_cases={n}')

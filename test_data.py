@@ -184,11 +184,11 @@ def test_acdc_mtunet_npz_format(tmp_path):
 def test_acdc_ssl4mis_h5_format(tmp_path):
     rng = np.random.default_rng(2)
     (tmp_path / 'data' / 'slices').mkdir(parents=True)
-    train = []
+    train, labs = [], {}
     for p in (1, 2):
-        for k in range(3):
+        for k in range(11):  # unpadded numbers: slice_10 sorts before slice_2 as a string
             name = f'patient{p:03d}_frame01_slice_{k}'
-            lab = rng.integers(0, 4, (18, 22)).astype(np.uint8)
+            labs[p, k] = lab = rng.integers(0, 4, (18, 22)).astype(np.uint8)
             with h5py.File(tmp_path / 'data' / 'slices' / f'{name}.h5', 'w') as f:
                 f['image'], f['label'] = slice_image(lab).astype(np.float64), lab
             train.append(name)
@@ -196,17 +196,18 @@ def test_acdc_ssl4mis_h5_format(tmp_path):
     for name in ('patient090_frame01', 'patient100_frame12'):
         with h5py.File(tmp_path / 'data' / f'{name}.h5', 'w') as f:
             f['image'], f['label'], f['scribble'] = slice_image(vol), vol, vol
-    (tmp_path / 'train_slices.list').write_text('\n'.join(train) + '\n')
+    (tmp_path / 'train_slices.list').write_text('\n'.join(sorted(train)) + '\n')
     (tmp_path / 'val.list').write_text('patient090_frame01\n')
     (tmp_path / 'test.list').write_text('patient100_frame12\n')
     ds = data.train_set('acdc', tmp_path, 32, augment=False)
-    assert len(ds) == 6 and ds.cases == ['patient001', 'patient002']
+    assert len(ds) == 22 and ds.cases == ['patient001', 'patient002']
     assert data.eval_cases('acdc', tmp_path, 'val').ids == ['patient090_frame01']
     case = data.eval_cases('acdc', tmp_path, 'test')[0]
     assert case.image.dtype == np.float32 and case.image.shape == (3, 18, 22)
     np.testing.assert_array_equal(case.label, vol)
     held = data.eval_cases('acdc', tmp_path, 'val', val_cases=1)
-    assert held.ids == ['patient001_frame01'] and held[0].image.shape == (3, 18, 22)
+    assert held.ids == ['patient001_frame01'] and held[0].image.shape == (11, 18, 22)
+    np.testing.assert_array_equal(held[0].label, np.stack([labs[1, k] for k in range(11)]))  # by slice number
     assert data.train_set('acdc', tmp_path, 32, val_cases=1).cases == ['patient002']
 
 
@@ -866,6 +867,9 @@ def test_isic_foreground_is_128_and_above(tmp_path):
     Image.fromarray(mask).save(root / 'ISIC-2017_Test_v2_Part1_GroundTruth' / 'ISIC_0000000_segmentation.png')
     label = data.eval_cases('isic2017', root, 'test')[0].label
     np.testing.assert_array_equal(label[0], [0, 0, 0, 1, 1, 1, 1, 1])
+    green = np.stack([np.zeros_like(mask), mask, np.zeros_like(mask)], axis=2)  # an RGB mask drawn in green
+    Image.fromarray(green).save(root / 'ISIC-2017_Test_v2_Part1_GroundTruth' / 'ISIC_0000000_segmentation.png')
+    np.testing.assert_array_equal(data.eval_cases('isic2017', root, 'test')[0].label[0], [0, 0, 0, 1, 1, 1, 1, 1])
 
 
 # ---- faults: images at their real bit depth, masks that do not belong to their image

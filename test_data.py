@@ -3,6 +3,8 @@ the demo set. CPU only, offline; `python -m pytest -q test_data.py`."""
 
 import dataclasses
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -320,8 +322,6 @@ def test_the_seeded_test_split_is_the_same_for_every_seed(tmp_path):
 
 
 def test_held_out_splits_do_not_depend_on_string_hashing(tmp_path):
-    import subprocess
-    import sys
     root = write_folder(tmp_path / 'f', n=12)
     code = ("import sys, data; r = sys.argv[1]; print(data.eval_cases('folder', r, 'test').ids, "
             "data.eval_cases('folder', r, 'val', val_cases=3).ids, "

@@ -25,7 +25,7 @@ import h5py
 import nibabel as nib
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -50,6 +50,7 @@ SYNAPSE_TABLE1 = (7, 4, 3, 2, 5, 8, 1, 6)  # Table 1: Aorta, GB, KL, KR, Liver, 
 # CASCADE's files: BTCV's 13 labels (5 esophagus, 6 liver, 7 stomach, 8 aorta, 9-10 veins, 11 pancreas, 12-13 adrenals)
 CASCADE_LUT = np.array([0, 1, 2, 3, 4, 0, 5, 6, 7, 0, 0, 8, 0, 0], np.int64)  # NOTE(impl): 'cascade' -> TransUNet's ids
 LABEL_MAPS = ('transunet', 'cascade')
+MAX_CLASSES = 256                  # class ids travel as uint8: resized labels, PNG and NIfTI outputs
 
 
 class DataError(Exception):
@@ -109,31 +110,51 @@ def _fail(path, what, e):
                      f'{path}: unreadable or corrupt {what} ({type(e).__name__}: {str(e).split(". ")[0]})')
 
 
+def _finite(a, path, what='values'):
+    """a, if every value is a finite number: NaN or Inf in an input would be learnt or predicted as a number."""
+    if np.asarray(a).dtype.kind in 'fc' and not np.isfinite(a).all():
+        bad = np.asarray(a)[~np.isfinite(a)]
+        raise DataError(f'{path}: {bad.size} of {np.size(a)} {what} are NaN or Inf (first: {bad.flat[0]}); '
+                        'expected finite numbers')
+    return a
+
+
 def read_arrays(path, keys=None):
-    """The named arrays of an .npz or .h5 file; keys=None: all, as a dict."""
+    """The named arrays of an .npz or .h5 file; keys=None: all, as a dict. Non-finite values are refused."""
     h5 = not str(path).endswith('.npz')
     try:
         with (h5py.File(path, 'r') if h5 else np.load(path)) as f:
             have = list(f.keys()) if h5 else f.files
             if keys is None or all(k in have for k in keys):
-                return {k: f[k][()] for k in have} if keys is None else [f[k][()] for k in keys]
+                arrays = {k: f[k][()] for k in (have if keys is None else keys)}
     except Exception as e:  # zip, pickle, HDF5, OS errors: a corrupt file
         raise _fail(path, 'h5' if h5 else 'npz', e) from None
-    raise DataError(f'{path}: expected {"datasets" if h5 else "arrays"} {list(keys)}, found {have}')
+    if keys is not None and not all(k in have for k in keys):
+        raise DataError(f'{path}: expected {"datasets" if h5 else "arrays"} {list(keys)}, found {have}')
+    for k, a in arrays.items():
+        _finite(a, path, f"values of '{k}'")
+    return arrays if keys is None else [arrays[k] for k in keys]
 
 
 def _read_pil(path, palette=False):
+    """An image's pixels as a viewer shows them: EXIF orientation applied; one page only."""
     try:
         with Image.open(path) as im:  # as stored, else RGB; palette: its indices (class ids)
+            pages = getattr(im, 'n_frames', 1)
+            if pages == 1 and im.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+                im = ImageOps.exif_transpose(im)
             keep = im.mode in ('1', 'L', 'I', 'I;16', 'I;16B', 'F') or palette and im.mode == 'P'
-            return np.array(im if keep else im.convert('RGB'))
+            a = np.array(im if keep else im.convert('RGB'))
     except Exception as e:
         raise _fail(path, 'image', e) from None
+    if pages > 1:
+        raise DataError(f'{path}: {pages} pages (frames); expected one image per file')
+    return a
 
 
 def read_image(path):
     """An image -> uint8 RGB (H,W,3): 16-bit by full range (img_as_ubyte), float from [0, 1]; others refused."""
-    a = _read_pil(path)
+    a = _finite(_read_pil(path), path, 'pixels')
     if a.ndim == 2 and a.dtype not in (np.uint8, bool):
         hi = 1 if a.dtype.kind == 'f' else 65535
         if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= hi):
@@ -149,9 +170,12 @@ def _check_cascade(labels, name):
                         'use --label-map transunet')
 
 
-def _labels(a, path, num_classes, lut=None):
-    """Stored labels (often float) -> int64 class ids; refuses non-integers and unknown ids."""
+def class_ids(a, path, num_classes=None, lut=None):
+    """Stored labels (often float) -> int64 class ids; refuses non-numbers, non-integers, negative ids and (given
+    num_classes) unknown ids."""
     a = np.asarray(a)
+    if a.dtype.kind not in 'biuf':
+        raise DataError(f'{path}: {a.dtype} labels; expected integer class ids')
     if a.dtype.kind == 'f' and not np.array_equal(a, np.round(a)):  # NaN also fails here
         raise DataError(f'{path}: labels must be integers, found {a[a != np.round(a)].flat[0]}')
     if not a.size:
@@ -164,7 +188,9 @@ def _labels(a, path, num_classes, lut=None):
         if a.ndim == 3:
             _check_cascade(a, path)
         a = lut[a]
-    if a.min() < 0 or a.max() >= num_classes:
+    if num_classes is None and a.min() < 0:
+        raise DataError(f'{path}: label {a.min()}; expected class ids 0, 1, ...')
+    if num_classes is not None and (a.min() < 0 or a.max() >= num_classes):
         hint = "; 13-label (CASCADE) files need label_map='cascade'" if num_classes == 9 and a.max() <= 13 else ''
         raise DataError(f'{path}: label {a.min() if a.min() < 0 else a.max()} outside the {num_classes} classes '
                         f'0..{num_classes - 1}{hint}')
@@ -176,11 +202,13 @@ def _arrays_pair(path, keys, num_classes, lut=None):
     img, lab = (np.asarray(a) for a in read_arrays(path, keys))
     if img.shape != lab.shape or img.ndim not in (2, 3):
         raise DataError(f'{path}: image {img.shape} and label {lab.shape} must be equal 2-D or 3-D shapes')
-    return img.astype(np.float32), _labels(lab, path, num_classes, lut)
+    return img.astype(np.float32), class_ids(lab, path, num_classes, lut)
 
 
 def _image_pair(img_path, mask_path, fg, num_classes, aspect):
     """An RGB image as stored, and its labels at the mask's size: binary (>= fg) or class ids."""
+    if not fg and mask_path.suffix.lower() in ('.jpg', '.jpeg'):
+        raise DataError(f'{mask_path}: a JPEG mask; lossy compression changes class ids at edges: save masks as PNG')
     image, mask = read_image(img_path), _read_pil(mask_path, palette=not fg)
     mask = mask * 255 if mask.dtype == bool else mask.max(axis=2) if mask.ndim == 3 else mask  # 1-bit, RGB
     (hi, wi), (hm, wm) = image.shape[:2], mask.shape
@@ -188,7 +216,7 @@ def _image_pair(img_path, mask_path, fg, num_classes, aspect):
         raise DataError(f'{mask_path}: a {hm}x{wm} mask of the {hi}x{wi} image {img_path}: another aspect ratio')
     if fg:
         return image, (mask >= fg).astype(np.int64)
-    return image, _labels(np.where(mask == 255, 1, mask) if num_classes == 2 else mask, mask_path, num_classes)
+    return image, class_ids(np.where(mask == 255, 1, mask) if num_classes == 2 else mask, mask_path, num_classes)
 
 
 def read_nifti(path, voxels=True):
@@ -202,7 +230,9 @@ def read_nifti(path, voxels=True):
         raise _fail(path, 'NIfTI', e) from None
     if len(shape) > 3:
         raise DataError(f'{path}: expected a 3-D volume, found shape {img.shape}')
-    return a, img
+    if voxels and a.dtype.kind not in 'biuf':  # RGB or complex voxels: no intensity a viewer shows as one
+        raise DataError(f'{path}: {img.get_data_dtype()} voxels; expected one number per voxel')
+    return _finite(a, path, 'voxels') if voxels else a, img
 
 
 # NOTE(impl): slices on voxel axis 3, rows on 2, not reoriented, as the SAMed (Synapse) and SSL4MIS (ACDC) conversions.
@@ -213,10 +243,13 @@ def voxel_order(a):
 
 def _nifti_pair(img_path, lab_path, intensity, num_classes):
     """A raw NIfTI volume and its labels -> (normalised image float32, label int64), (D,H,W) each."""
-    (img, _), (lab, _) = read_nifti(img_path), read_nifti(lab_path)
+    (img, img_nib), (lab, lab_nib) = read_nifti(img_path), read_nifti(lab_path)
     if img.shape != lab.shape:
         raise DataError(f'{lab_path}: label shape {lab.shape} differs from its image {img_path} {img.shape}')
-    return normalise(voxel_order(img), intensity), _labels(voxel_order(lab), lab_path, num_classes)
+    if not np.allclose(img_nib.affine, lab_nib.affine, rtol=1e-4, atol=1e-4):  # as nnU-Net's integrity check
+        raise DataError(f'{lab_path}: its affine differs from that of its image {img_path}: a viewer would not '
+                        'overlay them as the voxels pair them')
+    return normalise(voxel_order(img), intensity), class_ids(voxel_order(lab), lab_path, num_classes)
 
 
 def _stack(reads, name):
@@ -293,7 +326,7 @@ def _found(root, spec, *marks):
     root = Path(root)
     how = f'write it with `python data.py --make-demo {root}`' if spec.name == 'demo' else f'see {spec.where}'
     if not root.is_dir():
-        raise DataError(f"dataset root '{root}' (--root) not found: expected {spec.name} as {spec.layout}; {how}")
+        raise DataError(f"dataset root '{root}' not found: expected {spec.name} as {spec.layout}; {how}")
     for folder in [root] + sorted(d for d in root.iterdir() if d.is_dir()):
         if any((folder / m).exists() for m in marks):
             return folder
@@ -679,10 +712,9 @@ def _nnunet(root):
     return tuple(sorted(labels, key=labels.get)), channels, ending
 
 
-
-
-def get_spec(name, root=None, num_classes=None):
-    """The DatasetSpec of --data NAME: fixed for the benchmarks, from ROOT for 'folder' and 'nnunet'."""
+def get_spec(name, root=None, num_classes=None, given='--num-classes'):
+    """The DatasetSpec of --data NAME: fixed for the benchmarks, from ROOT for 'folder' and 'nnunet'; a
+    num_classes that differs is refused, naming where it was `given`."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}' (--data): expected one of {', '.join(DATASETS)}")
     root = Path(root or default_root(name))
@@ -692,16 +724,19 @@ def get_spec(name, root=None, num_classes=None):
     elif name == 'nnunet':
         names, channels, ending = _nnunet(root)
     elif not root.is_dir():
-        raise DataError(f"dataset root '{root}' (--root) not found: expected {FOLDER}")
+        raise DataError(f"dataset root '{root}' not found: expected {FOLDER}")
     elif file.is_file():
-        names = tuple(n.strip() for n in file.read_text().splitlines() if n.strip())
+        names = _class_names(file)
     elif num_classes:
         names = ('background',) + tuple(f'class{i}' for i in range(1, num_classes))
     else:
         raise DataError(f'{root}: no classes.txt (class i on line i) and no --num-classes')
-    if len(names) < 2 or num_classes not in (None, len(names)):
-        raise DataError(f'num_classes={num_classes} (--num-classes): {name if name in SPECS else root} has '
-                        f'{len(names)} classes')
+    source = name if name in SPECS else root / 'dataset.json' if name == 'nnunet' else file if file.is_file() else given
+    if num_classes not in (None, len(names)):
+        raise DataError(f'{source} has {len(names)} classes, but {given} gives {num_classes}')
+    if len(names) > MAX_CLASSES:
+        raise DataError(f'{source}: {len(names)} classes; class ids are written as 8-bit images and volumes: at '
+                        f'most {MAX_CLASSES}')
     if name in SPECS:
         return SPECS[name]
     # NOTE(impl): user images get ISIC's recipe, volumes Synapse's and channel 0's intensity rule.
@@ -710,6 +745,18 @@ def get_spec(name, root=None, num_classes=None):
     return replace(SPECS['synapse' if volume else 'isic2017'], name=name, num_classes=len(names), class_names=names,
                    report_order=tuple(range(1, len(names))), where=str(root),
                    layout=NNUNET if name == 'nnunet' else FOLDER, intensity=intensity, figure='mean')
+
+
+def _class_names(path):
+    """classes.txt: a class name per line, background on line 1, at least one class besides."""
+    try:
+        names = tuple(n.strip() for n in path.read_text().splitlines() if n.strip())
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f'{path}: unreadable ({getattr(e, "strerror", None) or e})') from None
+    if len(names) < 2:
+        raise DataError(f'{path}: {len(names)} class name(s) {list(names)}; expected background on line 1, then a '
+                        'line per class')
+    return names
 
 
 def spec_from_dict(d):
@@ -764,16 +811,38 @@ def make_loader(dataset, batch_size, *, shuffle, workers, sampler=None, drop_las
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
 
-def output_dir(path, flag, inputs=()):
-    """The output folder of `flag`, created and checked before any work: writable, not an input."""
+def output_dir(path, flag, inputs=(), roots=None):
+    """The output folder of `flag`, created and checked before any work: writable, not an input folder, and
+    outside the data folders it reads, roots {folder: the flag that names it}."""
     path = Path(path)
     if any(path.resolve() == Path(p).resolve() for p in inputs):
         raise DataError(f'{path} ({flag}) is also the input folder: outputs would be read back as inputs')
+    for root, named in (roots or {}).items():
+        if path.resolve().is_relative_to(Path(root).resolve()):
+            raise DataError(f'{path} ({flag}) lies inside {root} ({named}), the data it reads: outputs would mix '
+                            'with its files; choose a folder outside it')
     try:
         path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
         raise DataError(f'{path} ({flag}): cannot write there ({e.strerror or e})') from None
+    return path
+
+
+def write_atomic(path, content):
+    """Write bytes or text to path whole or not at all: into PATH.tmp, then a rename. A failed or interrupted
+    write removes the .tmp and leaves the file as it was; the OSError names path."""
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(content.encode() if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     return path
 
 

@@ -424,7 +424,7 @@ def test_make_loader_batches(tmp_path):  # a batch larger than the data: train.p
 # ---- bad input: each gives a DataError that names the file or flag and what was expected
 
 def test_missing_root_says_what_layout_and_where_published(tmp_path):
-    with pytest.raises(DataError, match=r"root '.*nowhere' \(--root\) not found.*train_npz.*github.com/Beckschen"):
+    with pytest.raises(DataError, match=r"root '.*nowhere' not found.*train_npz.*github.com/Beckschen"):
         data.train_set('synapse', tmp_path / 'nowhere', 16)
     with pytest.raises(DataError, match='make-demo'):
         data.eval_cases('demo', tmp_path / 'nowhere', 'test')
@@ -573,7 +573,7 @@ def test_get_spec_and_spec_dicts_round_trip():
         assert data.spec_from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}) == spec
     with pytest.raises(DataError, match="unknown dataset 'brats'"):
         data.get_spec('brats', 'x')
-    with pytest.raises(DataError, match='num_classes=3 .*synapse has 9'):
+    with pytest.raises(DataError, match='synapse has 9 classes, but --num-classes gives 3'):
         data.get_spec('synapse', 'x', num_classes=3)
     with pytest.raises(DataError, match='dataset spec: expected a dict'):
         data.spec_from_dict({'name': 'x', 'colour': 1})
@@ -729,7 +729,7 @@ def test_folder_binary_0_255_masks_and_errors(tmp_path):
     (root / 'masks' / 'img1.png').unlink()
     with pytest.raises(DataError, match='img1.png: no mask .*image without mask'):
         data.train_set('folder', root, 8)
-    with pytest.raises(DataError, match=r"root '.*nowhere' \(--root\) not found: expected ROOT/images"):
+    with pytest.raises(DataError, match=r"root '.*nowhere' not found: expected ROOT/images"):
         data.train_set('folder', tmp_path / 'nowhere', 8)
     (tmp_path / 'c' / 'images').mkdir(parents=True)
     with pytest.raises(DataError, match='masks: folder not found'):
@@ -950,3 +950,114 @@ def test_an_error_in_a_loader_worker_is_one_line(tmp_path):
     msg = str(e.value)
     assert msg.startswith(f'{bad}: unreadable or corrupt npz') and len(msg.splitlines()) == 1, msg
     assert 'allow_pickle' not in msg and 'Traceback' not in msg
+
+# ---- faults: values a viewer would not show, labels that are no class ids, outputs inside the data
+
+def test_non_finite_values_are_refused_where_the_file_is_read(tmp_path):
+    import nibabel as nib
+    write_synapse(tmp_path / 's', n_cases=2, n_slices=2, size=8)
+    f = sorted((tmp_path / 's' / 'train_npz').iterdir())[-1]
+    image = np.zeros((8, 8), np.float32)
+    image[2, 3] = np.nan
+    np.savez(f, image=image, label=np.zeros((8, 8), np.float32))
+    with pytest.raises(DataError, match=rf"{f.name}: 1 of 64 values of 'image' are NaN or Inf \(first: nan\)"):
+        data.read_arrays(f, ('image', 'label'))
+    with pytest.raises(DataError, match=f'{f.name}: 1 of 64'):  # in training too, with the file named
+        ds = data.train_set('synapse', tmp_path / 's', 8, val_cases=0)
+        [ds[i] for i in range(len(ds))]
+    root = write_nnunet(tmp_path / 'n', n=3)
+    vol = root / 'imagesTr' / 'case_001_0000.nii.gz'
+    a = np.asanyarray(nib.load(vol).dataobj).copy()
+    a[0, 0, 0], a[1, 0, 0] = np.inf, -np.inf
+    nib.save(nib.Nifti1Image(a, AFFINE), str(vol))
+    with pytest.raises(DataError, match=rf'case_001_0000.nii.gz: 2 of {a.size} voxels are NaN or Inf'):
+        data.read_nifti(vol)
+    with pytest.raises(DataError, match='case_001_0000.nii.gz: 2 of'):  # and as an evaluation case
+        list(data.eval_cases('nnunet', root, 'train', val_cases=0))
+    Image.fromarray(np.full((4, 4), np.nan, np.float32)).save(tmp_path / 'nan.tif')
+    with pytest.raises(DataError, match='nan.tif: 16 of 16 pixels are NaN or Inf'):
+        data.read_image(tmp_path / 'nan.tif')
+
+
+def test_images_are_read_as_a_viewer_shows_them(tmp_path):
+    a = np.zeros((6, 10, 3), np.uint8)
+    a[0, :3] = 255  # a mark in the stored top-left corner
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6  # EXIF orientation: viewers turn it 90 degrees clockwise
+    im.save(tmp_path / 'turned.jpg', exif=exif, quality=100)
+    shown = data.read_image(tmp_path / 'turned.jpg')
+    assert shown.shape == (10, 6, 3) and shown[:3, -1].min() > 200 and shown[0, 0].max() < 50
+    frames = [Image.fromarray(np.full((4, 4), v, np.uint8)) for v in (0, 9)]
+    frames[0].save(tmp_path / 'pages.tif', save_all=True, append_images=frames[1:])
+    with pytest.raises(DataError, match='pages.tif: 2 pages'):
+        data.read_image(tmp_path / 'pages.tif')
+
+
+def test_label_files_are_checked_against_the_classes(tmp_path):
+    root = write_folder(tmp_path / 'f', n=3)
+    (root / 'masks' / 'img0.png').unlink()
+    Image.fromarray(np.zeros((20, 24), np.uint8)).save(root / 'masks' / 'img0.jpg')
+    with pytest.raises(DataError, match='masks/img0.jpg: a JPEG mask; lossy compression changes class ids'):
+        list(data.eval_cases('folder', root, 'train', val_cases=0))
+    with pytest.raises(DataError, match='x.npz: complex128 labels; expected integer class ids'):
+        data.class_ids(np.zeros(3, complex), 'x.npz', 3)
+    with pytest.raises(DataError, match='x.npz: label -1; expected class ids'):
+        data.class_ids(np.array([0, -1]), 'x.npz')
+    assert data.class_ids(np.array([0.0, 7.0]), 'x.npz').tolist() == [0, 7]  # no class count: integers only
+
+
+def test_class_counts_name_the_file_or_flag_that_gives_them(tmp_path):
+    root = write_folder(tmp_path / 'f', n=2, classes=('background',))
+    with pytest.raises(DataError, match=r"classes.txt: 1 class name\(s\) \['background'\]; expected background"):
+        data.get_spec('folder', root)
+    (root / 'classes.txt').write_text('\n\n')
+    with pytest.raises(DataError, match=r'classes.txt: 0 class name\(s\)'):
+        data.get_spec('folder', root, num_classes=3)
+    (root / 'classes.txt').write_text('background\na\nb\nc\n')
+    with pytest.raises(DataError, match='classes.txt has 4 classes, but best.pth gives 3'):
+        data.get_spec('folder', root, 3, given='best.pth')
+    (root / 'classes.txt').unlink()
+    with pytest.raises(DataError, match='--num-classes: 300 classes; class ids are written as 8-bit .* at most 256'):
+        data.get_spec('folder', root, 300)
+
+
+def test_outputs_never_go_inside_the_data_they_read(tmp_path):
+    root = write_folder(tmp_path / 'f', n=2)
+    for inside in (root, root / 'images', root / 'new' / 'deeper'):
+        with pytest.raises(DataError, match=rf'\(--save-pred\) lies inside .*/f \(--root\), the data it reads'):
+            data.output_dir(inside, '--save-pred', roots={root: '--root'})
+    assert not (root / 'new').exists()  # refused before anything is made
+    assert data.output_dir(tmp_path / 'f2', '--out', roots={root: '--root'}).is_dir()  # a sibling with its prefix
+
+
+def test_a_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    import builtins
+    import errno
+    path = data.write_atomic(tmp_path / 'summary.json', '{"old": 1}')
+
+    def full_disk(p, mode='r', *a, **kw):
+        f = builtins.open(p, mode, *a, **kw)
+        f.write(b'{"ne')  # a part, then the disk is full
+        f.close()
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(data, 'open', full_disk, raising=False)
+    with pytest.raises(OSError, match='No space left') as e:
+        data.write_atomic(path, '{"new": 2}')
+    assert e.value.filename == str(path) and path.read_text() == '{"old": 1}'
+    monkeypatch.setattr(data, 'open', lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt()), raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        data.write_atomic(tmp_path / 'new.json', 'x')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['summary.json']  # no .tmp, no part of a file
+
+
+def test_a_label_volume_that_a_viewer_would_not_overlay_is_refused(tmp_path):
+    import nibabel as nib
+    root = write_nnunet(tmp_path / 'n', n=3)
+    lab = root / 'labelsTr' / 'case_000.nii.gz'
+    shifted = AFFINE.copy()
+    shifted[0, 3] += 5.0  # 5 mm off its image
+    nib.save(nib.Nifti1Image(np.asanyarray(nib.load(lab).dataobj), shifted), str(lab))
+    with pytest.raises(DataError, match='labelsTr/case_000.nii.gz: its affine differs from that of its image .*'
+                                        'imagesTr/case_000_0000.nii.gz'):
+        list(data.eval_cases('nnunet', root, 'train', val_cases=0))

@@ -16,6 +16,8 @@ HAP depths that mirror the MaxViT stages (2, 2, 5, 2) give 13.20 / 26.04 GMAC, w
 
 import io
 import os
+import re
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import data
 from attention import EH, ES, HAP, ConvBlock, conv_bn_gelu
 
 # ---- constants and config (Sec. 4.2, Tables 1 and 5-7)
@@ -113,7 +116,7 @@ def read_state_dict(path):
         else:
             sd = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise PretrainedError(f'cannot read pretrained file {path!r} ({type(e).__name__}: {_first_line(e)})') from None
+        raise PretrainedError(f'cannot read pretrained file {path!r} ({_load_error(path, e)})') from None
     sd = next((sd[k] for k in ('state_dict', 'model', 'state_dict_ema') if isinstance(sd, dict) and k in sd), sd)
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise PretrainedError(f'pretrained file {path!r} holds no state dict of tensors')
@@ -150,8 +153,15 @@ def _key_report(want, have, skip=None):
     return '; '.join(parts + shapes[:3] + ([f'{len(shapes)} size mismatches in all'] if len(shapes) > 3 else []))
 
 
-def _first_line(e):  # torch's load errors append paragraphs of advice
-    return (str(e).strip().splitlines() or [''])[0][:200]
+def _load_error(path, e):
+    """Why torch.load failed, in one line. Its weights-only errors open with advice to load unsafely (not for a
+    file that failed), and garbage bytes fail as 'unsupported' pickles: neither is the reason."""
+    text = str(e)
+    if m := re.search(r'Unsupported global: GLOBAL (\S+)', text):
+        return f'it holds Python objects ({m[1]}), not only tensors'
+    if 'Weights only load failed' in text or not str(path).endswith('.safetensors') and not zipfile.is_zipfile(path):
+        return 'an empty file' if os.path.getsize(path) == 0 else 'corrupt, or not a file torch.save wrote'
+    return f'{type(e).__name__}: ' + (text.strip().splitlines() or [''])[0][:200]
 
 
 def gmac(model, img_size, batch=1):
@@ -184,13 +194,9 @@ def save_checkpoint(path, ckpt):
     its .tmp goes, and the last good checkpoint stays as it was."""
     path, blob = Path(path), io.BytesIO()
     torch.save(ckpt, blob)
-    tmp = path.with_name(path.name + '.tmp')
     try:
-        with open(tmp, 'wb') as f:
-            f.write(blob.getbuffer())
-        os.replace(tmp, path)
+        data.write_atomic(path, blob.getbuffer())
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f'{path}: cannot write it ({e.strerror or e}); the last good one is untouched') from None
 
 
@@ -202,9 +208,7 @@ def load_checkpoint(path, resume=False):
     try:  # checkpoints hold tensors and plain types only, so the safe unpickler suffices
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # pickle, zip and EOF errors all mean the same thing to the user
-        why = ('it holds Python objects, not only tensors' if 'Weights only load failed' in str(e)
-               else f'{type(e).__name__}: {_first_line(e)}')
-        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint ({why})') from None
+        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint ({_load_error(path, e)})') from None
     if not isinstance(ckpt, dict) or 'format' not in ckpt:
         what = f'a dict with keys {sorted(map(str, ckpt))[:8]}' if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: not a DANIE checkpoint (found {what}, no 'format' key)")

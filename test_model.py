@@ -490,3 +490,23 @@ def test_es_gradients_equal_the_reference_where_the_softmax_is_soft(channels_las
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert grads[0][2].abs().item() > 1e-3  # lambda learns
+
+
+def test_unreadable_weight_files_are_named_without_torchs_advice(tmp_path):
+    import types
+    import model
+    rng = __import__('numpy').random.default_rng(0)
+    for seed in range(4):  # random bytes fail in several ways inside torch.load: one reason for all
+        (tmp_path / 'random.pth').write_bytes(rng.bytes(4000))
+        for load in (model.read_state_dict, model.load_checkpoint):
+            with pytest.raises((PretrainedError, model.CheckpointError)) as e:
+                load(str(tmp_path / 'random.pth'))
+            msg = str(e.value)
+            assert msg.endswith('(corrupt, or not a file torch.save wrote)') and 'weights_only' not in msg, msg
+            assert 'Python objects' not in msg and len(msg.splitlines()) == 1
+    torch.save({'a': types.SimpleNamespace(x=1)}, tmp_path / 'objects.pth')  # a real pickle of an object
+    with pytest.raises(PretrainedError, match=r'holds Python objects \(types.SimpleNamespace\), not only tens'):
+        model.read_state_dict(str(tmp_path / 'objects.pth'))
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    with pytest.raises(model.CheckpointError, match=r'empty.pth: not a readable PyTorch checkpoint \(an empty file\)'):
+        model.load_checkpoint(tmp_path / 'empty.pth')

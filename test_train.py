@@ -217,6 +217,7 @@ def test_bad_flags(tmp_path, demo_root, capsys):
         (['--data', 'demo', '--weight-decay=-1e-4'], 'argument --weight-decay: expected a finite number >= 0'),
         (['--data', 'demo', '--batch-size', 'x'], "argument --batch-size: expected int, got 'x'"),
         (['--data', 'demo', '--val-cases=-1'], 'argument --val-cases'),
+        (['--data', 'demo', '--val-cases', '2.5'], 'a whole number of cases or a fraction below 1, got'),
         (['--data', 'demo', '--seed=-1'], "argument --seed: expected a finite number >= 0, got '-1'"),
         (['--resume', str(tmp_path / 'nothing.pth')], 'no checkpoint at'),
         (['--resume', str(tmp_path / 'garbage.pth')], 'garbage.pth: not a readable PyTorch checkpoint'),
@@ -604,7 +605,8 @@ def test_an_unwritable_out_is_refused_before_any_step(tmp_path, demo_root, tiny,
 
 
 def failing_write(path_end, at_call, exc):
-    """An open() for model.py whose write to the n-th file named *path_end writes a part, then raises exc."""
+    """An open() for data.py (where every file is written) whose write to the n-th file named *path_end writes a
+    part, then raises exc."""
     import builtins
     calls = []
 
@@ -624,7 +626,7 @@ def test_a_full_disk_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, 
                                                                       capsys):
     import errno
     flags = ['--batch-size', '64', '--epochs', '3']  # 2 steps per epoch
-    monkeypatch.setattr(danie_model, 'open', failing_write('last.pth.tmp', 2, OSError(errno.ENOSPC, 'No space left on '
+    monkeypatch.setattr(data, 'open', failing_write('last.pth.tmp', 2, OSError(errno.ENOSPC, 'No space left on '
                                                                                        'device')), raising=False)
     with pytest.raises(SystemExit) as e:
         run(tmp_path, demo_root, *flags)
@@ -634,7 +636,7 @@ def test_a_full_disk_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, 
     assert not list(tmp_path.glob('*.tmp')) and 'Traceback' not in err
     last = torch.load(tmp_path / 'last.pth', weights_only=True)
     assert last['epoch'] == 1 and [int(r['epoch']) for r in log_rows(tmp_path)] == [1]  # untouched, and the log
-    monkeypatch.delattr(danie_model, 'open')
+    monkeypatch.delattr(data, 'open')
     train.main(['--resume', str(tmp_path / 'last.pth')])  # room again: the run goes on from epoch 1
     rows = log_rows(tmp_path)
     assert [int(r['epoch']) for r in rows] == [1, 2, 3] and torch.load(tmp_path / 'last.pth')['step'] == 6
@@ -644,14 +646,14 @@ def test_a_full_disk_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, 
 def test_a_kill_in_the_gap_leaves_a_log_that_matches_its_checkpoint(tmp_path, demo_root, tiny, monkeypatch,
                                                                     capsys):
     flags = ['--batch-size', '64', '--epochs', '3']
-    monkeypatch.setattr(danie_model, 'open', failing_write('last.pth.tmp', 2, KeyboardInterrupt()), raising=False)
+    monkeypatch.setattr(data, 'open', failing_write('last.pth.tmp', 2, KeyboardInterrupt()), raising=False)
     with pytest.raises(SystemExit) as e:  # killed while epoch 2's last.pth was being written
         run(tmp_path, demo_root, *flags)
     assert e.value.code == 130 and '--resume' in capsys.readouterr().err
-    assert (tmp_path / 'last.pth.tmp').is_file()  # what a kill leaves
+    assert not (tmp_path / 'last.pth.tmp').exists()  # an interrupted write leaves no part of a file
     assert torch.load(tmp_path / 'last.pth', weights_only=True)['epoch'] == 1
     assert [int(r['epoch']) for r in log_rows(tmp_path)] == [1]  # the log holds no epoch the checkpoint lacks
-    monkeypatch.delattr(danie_model, 'open')
+    monkeypatch.delattr(data, 'open')
     with pytest.raises(SystemExit) as e:  # the same command again says exactly which flag continues it
         run(tmp_path, demo_root, *flags)
     assert e.value.code == 2 and f"continue it with --resume {tmp_path / 'last.pth'}" in capsys.readouterr().err
@@ -713,3 +715,72 @@ def test_the_demo_never_writes_into_a_users_folder(tmp_path, tiny, capsys):
         run(tmp_path / 'out', str(tmp_path / 'synapse'), '--batch-size', '64', '--epochs', '1')
     assert e.value.code == 2 and 'holds files (train_npz' in capsys.readouterr().err
     assert [p.name for p in real.parent.iterdir()] == [real.name] and np.load(real)['image'].shape == (8, 8)
+
+
+def test_a_folder_in_use_by_a_running_training_is_refused_and_a_killed_run_frees_it(tmp_path, demo_root, tiny,
+                                                                                    capsys):
+    flags = ['--batch-size', '64', '--max-steps', '1']
+    run(tmp_path / 'a', demo_root, *flags)  # a stopped run in a, then a fresh folder b
+    for out in (tmp_path / 'a', tmp_path / 'b'):
+        out.mkdir(exist_ok=True)
+        (out / 'last.pth.tmp').write_bytes(b'the running run is writing this')
+        holder = subprocess.Popen([sys.executable, '-c', f'import train, time; train.lock_out({str(out)!r}); '
+                                   'print("held", flush=True); time.sleep(120)'], cwd=HERE, stdout=subprocess.PIPE,
+                                  text=True)
+        try:
+            assert holder.stdout.readline().strip() == 'held'
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as e:
+                run(out, demo_root, *flags[:2])
+            err = capsys.readouterr().err
+            assert e.value.code == 1 and f'error: {out} is in use by a running training (pid {holder.pid} on ' in err
+            assert len(err.strip().splitlines()) == 1 and (out / 'last.pth.tmp').is_file()  # nothing touched
+        finally:
+            holder.kill()  # SIGKILL: no clean-up of its own
+            holder.wait()
+        assert (out / 'train.lock').is_file()  # what the kill leaves does not lock the folder
+        run(out, demo_root, *flags) if out.name == 'b' else train.main(['--resume', str(out / 'last.pth')])
+        assert not (out / 'train.lock').exists() and (out / 'last.pth').is_file()
+
+
+def test_outputs_never_go_inside_the_dataset_root(tmp_path, tiny, capsys):
+    root = data.make_demo(tmp_path / 'demo')
+    before = sorted(p.relative_to(root) for p in root.rglob('*'))
+    for out in (root, root / 'train_npz', root / 'runs'):
+        with pytest.raises(SystemExit) as e:
+            run(out, str(root), '--batch-size', '64', '--max-steps', '1')
+        assert e.value.code == 2 and f'{out} (--out) lies inside {root} (the dataset root)' in capsys.readouterr().err
+    assert sorted(p.relative_to(root) for p in root.rglob('*')) == before
+
+
+def test_a_run_records_the_cases_it_trained_and_validated_on(tmp_path, demo_root, tiny):
+    run(tmp_path, demo_root, '--batch-size', '64', '--max-steps', '1')
+    info = torch.load(tmp_path / 'best.pth', weights_only=True)['data']
+    assert info['trained'] == data.eval_cases('demo', demo_root, 'train').ids and len(info['trained']) == 13
+    assert info['validated'] == data.eval_cases('demo', demo_root, 'val').ids and len(info['validated']) == 2
+
+
+def test_pretrained_file_on_a_folder_that_trained_from_scratch_says_so(tmp_path, demo_root, tiny, capsys):
+    run(tmp_path, demo_root, '--batch-size', '64', '--max-steps', '1')  # the demo trains from scratch
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, demo_root, '--batch-size', '64', '--max-steps', '2', '--pretrained-file', 'w.safetensors')
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after argparse's usage lines
+    assert e.value.code == 2 and f"--pretrained-file: {tmp_path / 'last.pth'} trained from scratch" in err
+    assert '--no-pretrained' not in err
+
+
+def test_a_run_holds_its_out_folder_while_it_trains(tmp_path, demo_root, tiny, monkeypatch):
+    import fcntl
+    seen, step = [], train.train_step
+
+    def checked_step(*a, **kw):  # another open file of the lock, as a second run would try it
+        with open(tmp_path / 'train.lock') as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                seen.append('free')
+            except BlockingIOError:
+                seen.append('held')
+        return step(*a, **kw)
+    monkeypatch.setattr(train, 'train_step', checked_step)
+    run(tmp_path, demo_root, '--batch-size', '64', '--max-steps', '2')
+    assert seen == ['held', 'held'] and not (tmp_path / 'train.lock').exists()

@@ -11,9 +11,12 @@ import argparse
 import contextlib
 import csv
 import datetime
+import fcntl
+import io
 import json
 import math
 import os
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +40,8 @@ LAMBDA_DICE = 0.7  # Eq. 13: lambda_1; lambda_2 = 1 - lambda_1 weighs the CE
 SUPERVISION = ('final', 'deep', 'mutation')
 PER_CALL = ('resume', 'max_steps', 'workers', 'compile')  # not taken from last.pth
 MAY_CHANGE = PER_CALL + ('root', 'out', 'epochs', 'val_every', 'amp', 'pretrained', 'pretrained_file')
+LOCK = 'train.lock'  # in --out: held (flock) by the run that writes there
+_held = {}           # lock file -> its open file, while this process holds it
 # the other flags define a run: a continued run must keep them
 
 # ---- helpers
@@ -57,6 +62,50 @@ def number(kind, low, strict=False):
             raise argparse.ArgumentTypeError(f"expected a finite number {'>' if strict else '>='} {low}, got {text!r}")
         return int(value) if kind is float and value >= 1 and value.is_integer() else value
     return check
+
+
+def cases_arg(text):
+    """argparse type of --val-cases: a whole number of cases, or a fraction of them below 1."""
+    value = number(float, 0)(text)
+    if value >= 1 and not isinstance(value, int):
+        raise argparse.ArgumentTypeError(f'expected a whole number of cases or a fraction below 1, got {text!r}')
+    return value
+
+
+def lock_out(folder, hold=True):
+    """Hold FOLDER/train.lock (flock) while this run writes there: a second run into the folder is refused. The OS
+    frees the lock when the process ends, killed or not. hold=False: only check that no other run holds it."""
+    path = Path(folder) / LOCK
+    while str(path.resolve()) not in _held and (hold or path.is_file()):
+        try:
+            f = open(path, 'a+' if hold else 'r')
+        except FileNotFoundError:  # removed by a run that just ended
+            return
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB if hold else fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            who = f.read().strip() or 'another process'
+            f.close()
+            raise TrainError(f'{folder} is in use by a running training ({who}); let it finish, or choose another '
+                             '--out') from None
+        if not hold:
+            return f.close()
+        if path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:  # not a file removed meanwhile
+            f.truncate(0)
+            f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+            f.flush()
+            _held[str(path.resolve())] = f
+            return
+        f.close()
+
+
+def unlock_out():
+    """Release the locks this process holds; their files go first, while still held."""
+    while _held:
+        path, f = _held.popitem()
+        Path(path).unlink(missing_ok=True)
+        f.close()
 
 
 def switches(args):
@@ -195,10 +244,10 @@ def save(out, net, optimiser, scaler, run, fields, best, world):
 
 def log(out, rows, epochs):
     """log.csv (each row written after its checkpoint), the epoch's line, progress.png (loss and Dice)."""
-    with open(out / 'log.csv', 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    writer = csv.DictWriter(text := io.StringIO(newline=''), fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    data.write_atomic(out / 'log.csv', text.getvalue())
     row = rows[-1]
     print(f"epoch {row['epoch']}/{epochs} | " + ' | '.join(f'{k} {v}' for k, v in row.items() if v != '' and
                                                           k != 'epoch'), flush=True)
@@ -211,7 +260,8 @@ def log(out, rows, epochs):
     if dice := [(int(r['epoch']), float(r['val_dice'])) for r in rows if r['val_dice']]:
         ax.twinx().plot(*zip(*dice), 'o-', color='tab:orange', label='validation Dice')
         fig.legend()
-    fig.savefig(out / 'progress.png', dpi=100)
+    fig.savefig(png := io.BytesIO(), format='png', dpi=100)
+    data.write_atomic(out / 'progress.png', png.getbuffer())
 
 # ---- top level: the run
 
@@ -234,7 +284,8 @@ class Run:
 def prepare(args, rank):
     """Rank 0 first: --out checked, a killed write's .tmp removed, the demo made."""
     if rank == 0:
-        data.output_dir(args.out, '--out', inputs=[args.root])
+        data.output_dir(args.out, '--out', roots={args.root: 'the dataset root'})
+        lock_out(args.out)
         for tmp in Path(args.out).glob('*.tmp'):
             tmp.unlink()
         if args.data == 'demo':
@@ -269,7 +320,10 @@ def setup(args, ckpt, rank, world, device):
         optimiser.load_state_dict(ckpt['train']['optimizer'])
         scaler.load_state_dict(ckpt['train']['scaler'] or scaler.state_dict())  # empty: no fp16
     record = dict(name=args.data, root=os.path.abspath(args.root), label_map=args.label_map, seed=args.seed,
-                  val_cases=common['val_cases'], spec=asdict(train_set.spec), selected_on=split)
+                  val_cases=common['val_cases'], spec=asdict(train_set.spec), selected_on=split,
+                  # the cases seen: evaluate.py refuses to score a split that shares one
+                  trained=sorted({s.id for s in train_set.samples}), validated=[] if args.select_on_test else
+                  list(getattr(val, 'ids', [])))
     return train_set, val, net, optimiser, scaler, record
 
 
@@ -321,7 +375,7 @@ def train(args, ckpt, rank, world, device):
         kept = out / ('best.pth' if run.best_metric is not None else 'last.pth')
         summary = dict(best_val_dice=run.best_metric, best_epoch=run.best_epoch, epochs=run.epoch, steps=run.step,
                        checkpoint=str(kept))
-        (out / 'summary.json').write_text(json.dumps(summary, indent=2))
+        data.write_atomic(out / 'summary.json', json.dumps(summary, indent=2))
         print(f'done: {run.epoch} epochs, {run.step} steps, {run.elapsed:.0f} s')
         print(f'next: python evaluate.py --ckpt {kept}')
         return summary
@@ -336,7 +390,7 @@ def build_parser():
     a('--root', help='dataset folder (default: data/<name>)')
     a('--num-classes', type=number(int, 2), help='--data folder without classes.txt')
     a('--img-size', type=number(int, 32), help='a multiple of 32 (default 224)')
-    a('--val-cases', type=number(float, 0), help='cases held out to pick best.pth (a count or fraction)')
+    a('--val-cases', type=cases_arg, help='cases held out to pick best.pth (a count or fraction)')
     a('--label-map', default='transunet', choices=data.LABEL_MAPS, help="Synapse's ids")
     a('--select-on-test', action='store_true', help="PICK best.pth ON THE TEST SPLIT (as peers do)")
     a('--workers', type=number(int, 0), help='loader processes (default: 8 on CUDA, else 0)')
@@ -372,6 +426,7 @@ def parse(argv):
     path = Path(args.resume or Path(args.out or f"runs/{args.data}-{args.size or 'S'}") / 'last.pth')
     if args.resume and not path.is_file():
         parser.error(f'--resume: no checkpoint at {path}')
+    lock_out(path.parent, hold=False)  # a running run's checkpoint is no stopped run
     ckpt = model.load_checkpoint(path, resume=True) if (args.resume or args.data) and path.is_file() else None
     if ckpt is not None:  # the checkpoint's flags stand in for the defaults
         saved = {k: v for k, v in ckpt['args'].items() if k not in PER_CALL}
@@ -395,7 +450,9 @@ def parse(argv):
     world = int(os.environ.get('WORLD_SIZE', 1))
     for bad, why in ((args.batch_size % world, f'--batch-size {args.batch_size}: not divisible by {world} GPUs'),
                      (args.amp == 'fp16' and not torch.cuda.is_available(), '--amp fp16 needs CUDA'),
-                     (args.pretrained_file and not args.pretrained, '--pretrained-file with --no-pretrained')):
+                     (args.pretrained_file and not args.pretrained, '--pretrained-file with --no-pretrained' if
+                      ckpt is None else f'--pretrained-file: {path} trained from scratch, and a continued run keeps '
+                      'its own weights; start a new --out to train from ImageNet')):
         if bad:
             parser.error(why)
     try:  # the model's checks: img_size, ablation switches that go together
@@ -436,6 +493,7 @@ def main(argv=None):
               '\ninterrupted before the first checkpoint', file=sys.stderr)
         raise SystemExit(130)
     finally:
+        unlock_out()
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -20,6 +20,7 @@ summarize(), bootstrap_ci(), format_table(), paper_row(), write_results(), RULES
 
 import argparse
 import csv
+import io
 import json
 import math
 import sys
@@ -354,13 +355,12 @@ def write_results(summary, out_dir, extra=None):
     """per_case.csv (case, class, metrics) and summary.json (the aggregates, NaN as null) into out_dir."""
     out_dir, rows = Path(out_dir), summary['cases']
     cols = ['case', 'class'] + list(METRICS) + [k for k in ISIC_METRICS if rows and k in rows[0]]
-    with open(out_dir / 'per_case.csv', 'w', newline='') as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        w.writerows([r[k] if k in ('case', 'class') else f'{r[k]:.6f}' for k in cols] for r in rows)
+    w = csv.writer(text := io.StringIO(newline=''))
+    w.writerow(cols)
+    w.writerows([r[k] if k in ('case', 'class') else f'{r[k]:.6f}' for k in cols] for r in rows)
     js = {**{k: v for k, v in summary.items() if k != 'cases'}, **(extra or {})}
-    (out_dir / 'summary.json').write_text(json.dumps(_json_safe(js), indent=2))
-    return out_dir / 'per_case.csv', out_dir / 'summary.json'
+    return (data.write_atomic(out_dir / 'per_case.csv', text.getvalue()),
+            data.write_atomic(out_dir / 'summary.json', json.dumps(_json_safe(js), indent=2)))
 
 
 # ---- CLI
@@ -391,8 +391,25 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args, t_start = parse_args(argv), time.perf_counter()
+def unseen(cases, info, split, ckpt_path):
+    """cases, if none is a case the checkpoint trained on (or, for the test split, validated on): a split carved
+    from another copy of the data, or from a folder that has changed, can hold them."""
+    if 'trained' not in info:
+        print(f'WARNING: {ckpt_path} records no training cases: not checked that the {split} cases are unseen',
+              file=sys.stderr)
+        return cases
+    seen = {k: set(info[k]) & set(cases.ids) for k in ('trained', 'validated') if k == 'trained' or split == 'test'}
+    if shared := sorted(set().union(*seen.values())):
+        how = ', '.join(f'{len(v)} {k} on' for k, v in seen.items() if v)
+        raise data.DataError(f'the {split} split shares {len(shared)} of its {len(cases)} cases with those {ckpt_path} '
+                             f"saw ({how}: {', '.join(shared[:5])}{', ...' if len(shared) > 5 else ''}): its "
+                             'scores would not be of unseen cases; evaluate on the data the run was split from')
+    return cases
+
+
+def run(args):
+    """The evaluation of main(), from the parsed arguments; the exit code."""
+    t_start = time.perf_counter()
     try:
         ckpt = danie.load_checkpoint(args.ckpt)
         try:
@@ -401,16 +418,21 @@ def main(argv=None):
             raise danie.CheckpointError(f'{args.ckpt}: {e}') from None
         info = ckpt['data']
         root = args.root or info.get('root') or data.default_root(spec.name)
-        out = data.output_dir(args.out or Path(args.ckpt).resolve().parent / f'eval_{args.split}', '--out', [root])
-        save = args.save_pred and data.output_dir(args.save_pred, '--save-pred', [root])
+        roots = {root: '--root' if args.root else 'the dataset root the checkpoint records'}
+        out = data.output_dir(args.out or Path(args.ckpt).resolve().parent / f'eval_{args.split}',
+                              '--out' if args.out else 'the results folder beside --ckpt; --out sets another',
+                              roots=roots)
+        save = args.save_pred and data.output_dir(args.save_pred, '--save-pred', roots=roots)
         if info.get('selected_on') == 'test' and args.split == 'test':
             print(f'WARNING: {SELECTED_ON_TEST}', file=sys.stderr)
         net = danie.from_checkpoint(ckpt, args.ckpt).to(args.device, memory_format=danie.MEMORY_FORMAT)
         opts = {k: info[k] for k in ('val_cases', 'label_map') if info.get(k) is not None}
         try:
+            data.get_spec(info['name'], root, spec.num_classes, given=f'{args.ckpt} (the classes it learnt)')
             cases = data.eval_cases(info['name'], root, args.split, num_classes=spec.num_classes, **opts)
         except data.DataError as e:
             raise data.DataError(f"{e}{'' if args.root else ' (the root the checkpoint records; --root sets another)'}")
+        cases = unseen(cases, info, args.split, args.ckpt)
         cases = cases[:args.limit] if args.limit else cases
         if not len(cases):
             raise data.DataError(f'{root}: the {args.split} split of {spec.name} has no cases')
@@ -436,6 +458,14 @@ def main(argv=None):
         return 1
     print(f'wrote {paths[0]} and {paths[1]}' + (f'; predictions in {args.save_pred}' if args.save_pred else ''))
     return 0
+
+
+def main(argv=None):
+    try:
+        return run(parse_args(argv))
+    except KeyboardInterrupt:
+        print('\ninterrupted: no results written', file=sys.stderr)
+        return 130
 
 
 if __name__ == '__main__':

@@ -230,7 +230,8 @@ def test_checkpoint_errors(tmp_path):
         M.load_checkpoint(garbage)
     assert len(str(e.value).splitlines()) == 1 and 'weights_only' not in str(e.value)  # not torch's advice
     torch.save({'format': M.FORMAT, 'args': SimpleNamespace(lr=1)}, garbage)  # a pickled object, not tensors
-    with pytest.raises(M.CheckpointError, match='garbage.pth: not a readable .*holds Python objects') as e:
+    with pytest.raises(M.CheckpointError, match=r'garbage.pth: not a readable .*holds Python objects \(types.Simp'
+                       ) as e:
         M.load_checkpoint(garbage)
     assert len(str(e.value).splitlines()) == 1 and 'file an issue' not in str(e.value)
     other = tmp_path / 'other.pth'
@@ -722,3 +723,91 @@ def test_table_layout_with_and_without_the_paper_row():
         want = dict(Dice='93.32', SE='95.34', SP='96.63', ACC='96.28', IoU='-') if name == 'isic2018' else \
             dict(Dice='91.28', SE='-', SP='-', ACC='-', IoU='84.23')
         assert {k: lines[at + 1][head.index(k) - 6 + len(k):].split()[0] for k in want} == want
+
+# ---- faults: nothing scored on seen cases, nothing written into the data, every result file whole
+
+
+def nnunet_run(tmp_path, n=10):
+    """An nnU-Net set with a test case (labelsTs) and a checkpoint of it that records its cases as train.py does."""
+    from test_data import write_nnunet
+    root = write_nnunet(tmp_path / 'd', n=n, ts=1, shape=(16, 16, 2))
+    split = {k: data.eval_cases('nnunet', root, s, val_cases=1).ids for k, s in (('trained', 'train'),
+                                                                                   ('validated', 'val'))}
+    info = dict(name='nnunet', root=str(root), seed=0, val_cases=1, label_map='transunet', selected_on='val',
+                spec=dataclasses.asdict(data.get_spec('nnunet', root)), **split)
+    (tmp_path / 'run').mkdir()
+    torch.manual_seed(0)
+    net = tiny_model(num_classes=3)
+    torch.save(M.checkpoint(net, data=info, args={}, init='scratch', epoch=1, step=2, metric=0.5),
+               tmp_path / 'run' / 'best.pth')
+    return root, tmp_path / 'run' / 'best.pth', split
+
+
+def test_a_split_that_shares_cases_with_training_is_never_scored(tmp_path, capsys):
+    import shutil
+    root, ckpt, split = nnunet_run(tmp_path)
+    assert E.main(['--ckpt', str(ckpt), '--out', str(tmp_path / 'ok'), '--no-progress']) == 0  # labelsTs: unseen
+    assert json.loads((tmp_path / 'ok' / 'summary.json').read_text())['n_cases'] == 1
+    copy = shutil.copytree(root, tmp_path / 'copy')
+    shutil.rmtree(copy / 'labelsTs')  # no test split: 20% of imagesTr is carved out instead
+    carved = data.eval_cases('nnunet', copy, 'test').ids
+    assert len(carved) == 2 and set(carved) <= set(split['trained'] + split['validated'])
+    capsys.readouterr()
+    assert E.main(['--ckpt', str(ckpt), '--root', str(copy), '--out', str(tmp_path / 'ev'), '--no-progress']) == 2
+    err = capsys.readouterr().err
+    seen = {k: sorted(set(v) & set(carved)) for k, v in split.items()}
+    how = ', '.join(f'{len(v)} {k} on' for k, v in seen.items() if v)
+    assert f"error: the test split shares 2 of its 2 cases with those {ckpt} saw ({how}: {', '.join(carved)})" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / 'ev' / 'summary.json').exists()
+
+
+def test_outputs_inside_the_dataset_root_are_refused_naming_the_flag(tmp_path, capsys):
+    root, ckpt, _ = nnunet_run(tmp_path, n=4)
+    before = sorted(root.rglob('*'))
+    assert E.main(['--ckpt', str(ckpt), '--save-pred', str(root / 'imagesTs'), '--no-progress']) == 2
+    err = capsys.readouterr().err
+    assert f"{root / 'imagesTs'} (--save-pred) lies inside {root} (the dataset root the checkpoint records)" in err
+    inside = root / 'runs' / 'best.pth'  # a checkpoint kept in the dataset: its default results folder
+    inside.parent.mkdir()
+    inside.write_bytes(ckpt.read_bytes())
+    before.append(inside.parent)
+    before.append(inside)
+    assert E.main(['--ckpt', str(inside), '--root', str(root), '--no-progress']) == 2
+    err = capsys.readouterr().err
+    assert '(the results folder beside --ckpt; --out sets another) lies inside' in err and f'{root} (--root)' in err
+    assert sorted(root.rglob('*')) == sorted(before)
+
+
+def test_a_class_count_mismatch_names_the_checkpoint_and_the_file(tmp_path, capsys):
+    root, ckpt, _ = nnunet_run(tmp_path, n=4)
+    meta = json.loads((root / 'dataset.json').read_text())
+    meta['labels']['cyst'] = 3
+    (root / 'dataset.json').write_text(json.dumps(meta))
+    assert E.main(['--ckpt', str(ckpt), '--out', str(tmp_path / 'ev'), '--no-progress']) == 2
+    err = capsys.readouterr().err
+    assert f"{root / 'dataset.json'} has 4 classes, but {ckpt} (the classes it learnt) gives 3" in err
+    assert '--num-classes' not in err
+
+
+def test_ctrl_c_and_a_full_disk_end_in_one_line_and_leave_no_part_of_a_file(tmp_path, capsys, monkeypatch):
+    import builtins
+    import errno
+    root, ckpt, _ = nnunet_run(tmp_path, n=4)
+    flags = ['--ckpt', str(ckpt), '--out', str(tmp_path / 'ev'), '--no-progress']
+
+    def full_disk(path, mode='r', *a, **kw):
+        f = builtins.open(path, mode, *a, **kw)
+        if str(path).endswith('summary.json.tmp'):
+            f.write(b'{"rule": ')
+            f.close()
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return f
+    monkeypatch.setattr(data, 'open', full_disk, raising=False)
+    assert E.main(flags) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {tmp_path / 'ev'}: cannot write the results (No space left on device)"
+    assert sorted(p.name for p in (tmp_path / 'ev').iterdir()) == ['per_case.csv']  # no summary.json, no .tmp
+    monkeypatch.delattr(data, 'open')
+    monkeypatch.setattr(E, 'evaluate', lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert E.main(flags) == 130
+    assert capsys.readouterr().err == '\ninterrupted: no results written\n'

@@ -15,6 +15,8 @@ Offers: device_arg(), model_input(), segment(), predict_case(), read_input(), ou
 """
 
 import argparse
+import gzip
+import io
 import json
 import sys
 from dataclasses import replace
@@ -116,7 +118,7 @@ def read_input(path):
     if key is None:
         raise data.DataError(f'{path}: expected a 2-D or 3-D array image (or img), found {list(arrays)}')
     image, label = np.asarray(arrays[key], np.float32), arrays.get('label')
-    label = np.asarray(label, np.int64) if label is not None and np.shape(label) == image.shape else None
+    label = data.class_ids(label, path) if label is not None and np.shape(label) == image.shape else None
     if image.ndim == 2:  # one slice: a volume of depth 1
         image, label = image[None], None if label is None else label[None]
     return replace(item, image=image, label=label)
@@ -150,18 +152,23 @@ def _overlay(base, pred, gt=None):
     return over.clip(0, 255).astype(np.uint8)
 
 
+def _png(a):
+    """An image array as the bytes of a PNG file."""
+    Image.fromarray(a).save(buf := io.BytesIO(), format='PNG')
+    return buf.getbuffer()
+
+
 def write_prediction(out, name, image, labels, spec, geometry=None, label=None, label_name=None):
     """A label map where a viewer opens it, as <label_name> (default <name>_pred): a volume (D,H,W) as .nii.gz in
     the input's geometry (without one: beside <name>_img/_gt.nii.gz), an image (H,W) as .png of the class ids; PNG
     overlays <name>_overlay*.png, and labels.json. Returns the paths."""
     out, labels, label_name = Path(out), np.asarray(labels), label_name or f'{name}_pred'
-    (out / 'labels.json').write_text(json.dumps(dict(enumerate(spec.class_names)), indent=1) + '\n')
+    data.write_atomic(out / 'labels.json', json.dumps(dict(enumerate(spec.class_names)), indent=1) + '\n')
     if labels.ndim == 2:  # NOTE(impl): the .png holds class ids, not ids scaled for viewing: it stays a label map
         if image.shape[:2] != labels.shape:  # an image stored smaller than its mask (ISIC): the mask's size
             image = np.array(Image.fromarray(image).resize(labels.shape[::-1], Image.BILINEAR))
-        Image.fromarray(labels.astype(np.uint8)).save(out / f'{label_name}.png')
-        Image.fromarray(_overlay(image, labels, label)).save(out / f'{name}_overlay.png')
-        return [out / f'{label_name}.png', out / f'{name}_overlay.png']
+        return [data.write_atomic(out / f'{label_name}.png', _png(labels.astype(np.uint8))),
+                data.write_atomic(out / f'{name}_overlay.png', _png(_overlay(image, labels, label)))]
     arrays = [(label_name, labels, np.uint8), (f'{name}_img', image, np.float32), (f'{name}_gt', label, np.uint8)]
     arrays = [a for a in arrays if a[1] is not None and (geometry is None or a[0] == label_name)]
     for n, a, dtype in arrays:
@@ -170,18 +177,18 @@ def write_prediction(out, name, image, labels, spec, geometry=None, label=None, 
             header.set_data_dtype(np.uint8)
             header.set_slope_inter(1, 0)  # class ids, never rescaled
             a = data.voxel_order(a.astype(np.uint8)).reshape(geometry.shape)  # (D,H,W) -> (X,Y,Z)
-            nib.save(type(geometry)(a, geometry.affine, header), str(out / f'{n}.nii.gz'))
+            img = type(geometry)(a, geometry.affine, header)
         else:  # NOTE(impl): .h5/.npz files carry no geometry: identity affine, (D,H,W) written as NIfTI (W,H,D)
-            nib.save(nib.Nifti1Image(data.voxel_order(np.asarray(a, dtype)), np.eye(4)), str(out / f'{n}.nii.gz'))
+            img = nib.Nifti1Image(data.voxel_order(np.asarray(a, dtype)), np.eye(4))
+        data.write_atomic(out / f'{n}.nii.gz', gzip.compress(img.to_bytes(), compresslevel=1))  # nibabel's level
     paths = [out / f'{n}.nii.gz' for n, _, _ in arrays]
     ids, counts = np.unique(labels[labels > 0], return_counts=True)  # overlays: where the largest structures are
     picks = list(dict.fromkeys(int((labels == c).sum(axis=(1, 2)).argmax()) for c in ids[np.argsort(-counts)]))
     lo, hi = np.percentile(image, (0.5, 99.5))
     for k in sorted(picks[:OVERLAY_SLICES]) or [len(labels) // 2]:
         gray = (np.clip(image[k], lo, hi) - lo) / max(float(hi - lo), 1e-8) * 255  # (H,W) in [0, 255]
-        paths.append(out / f'{name}_overlay_z{k:03d}.png')
-        Image.fromarray(_overlay(np.repeat(gray[..., None], 3, 2), labels[k], None if label is None else label[k])
-                        ).save(paths[-1])
+        paths.append(data.write_atomic(out / f'{name}_overlay_z{k:03d}.png', _png(_overlay(
+            np.repeat(gray[..., None], 3, 2), labels[k], None if label is None else label[k]))))
     return paths
 
 # ---- top level: one file, then the command line
@@ -190,6 +197,8 @@ def write_prediction(out, name, image, labels, spec, geometry=None, label=None, 
 def predict_file(model, path, spec, img_size, args):
     """Read one file, segment it (a raw volume normalised as the checkpoint's data), return (item, label map)."""
     item = read_input(path)
+    if item.label is not None:  # a preprocessed file's labels, written beside the prediction
+        item = replace(item, label=data.class_ids(item.label, path, spec.num_classes))
     kind = 'image' if item.image.dtype == np.uint8 else 'volume'
     if item.geometry is not None:  # a raw NIfTI volume; RGB images are normalised by data.prepare_input
         rule = args.intensity or spec.intensity
@@ -233,14 +242,15 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
+def run(args):
     """Every file is tried; one that fails is named and skipped, and the exit code is then 1."""
-    args, failed = parse_args(argv), []
+    failed = []
     try:  # everything that can fail for all files fails here, before any work
         ckpt = danie.load_checkpoint(args.ckpt)
         spec, files = data.spec_from_dict(ckpt['data']['spec']), _input_files(args.input)
         names = output_names(files)
-        out = data.output_dir(args.out, '--out', inputs=[f.parent for f in files])
+        out = data.output_dir(args.out, '--out', inputs=[f.parent for f in files],
+                              roots={args.input: '--input'} if Path(args.input).is_dir() else None)
         net = danie.from_checkpoint(ckpt, args.ckpt).to(args.device, memory_format=danie.MEMORY_FORMAT).eval()
     except (danie.CheckpointError, data.DataError) as e:
         print(f'error: {e}', file=sys.stderr)
@@ -262,6 +272,14 @@ def main(argv=None):
     if failed:
         print(f'failed ({len(failed)}): ' + ', '.join(map(str, failed)), file=sys.stderr)
     return 1 if failed else 0
+
+
+def main(argv=None):
+    try:
+        return run(parse_args(argv))
+    except KeyboardInterrupt:
+        print('\ninterrupted: the label maps written so far are whole; run it again for the rest', file=sys.stderr)
+        return 130
 
 
 if __name__ == '__main__':

@@ -299,3 +299,52 @@ def test_bad_out_and_device_fail_before_any_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         P.main(['--ckpt', str(ckpt), '--input', str(src), '--out', str(tmp_path / 'o'), '--device', 'foo'])
     assert e.value.code == 2 and "argument --device: 'foo' is not a device" in capsys.readouterr().err
+
+
+def test_out_inside_the_input_folder_is_refused(tmp_path, capsys):
+    src, ckpt = tmp_path / 'in', _best(tmp_path, 'isic2017', 2)
+    src.mkdir()
+    save_rgb(src / 'a.png', np.full((10, 12, 3), 50))
+    assert P.main(['--ckpt', str(ckpt), '--input', str(src), '--out', str(src / 'pred'), '--no-progress']) == 2
+    err = capsys.readouterr().err
+    assert f"error: {src / 'pred'} (--out) lies inside {src} (--input), the data it reads" in err
+    assert [p.name for p in src.iterdir()] == ['a.png']
+    assert P.main(['--ckpt', str(ckpt), '--input', str(src / 'a.png'), '--out', str(tmp_path / 'pred'),
+                   '--no-progress']) == 0  # one file: any folder but its own
+
+
+def test_non_finite_voxels_and_labels_outside_the_classes_are_named(tmp_path, capsys):
+    src, ckpt = tmp_path / 'in', _best(tmp_path, 'synapse', 9)
+    src.mkdir()
+    hu = np.zeros((16, 16, 2), np.float32)
+    hu[3, 4, 1] = np.nan
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), str(src / 'nan.nii.gz'))
+    lab = np.zeros((2, 8, 8), np.float32)
+    lab[0, 0, 0] = 12  # a 13-label file given to a 9-class checkpoint
+    np.savez(src / 'other.npz', image=slice_image(lab), label=lab)
+    assert P.main(['--ckpt', str(ckpt), '--input', str(src), '--out', str(tmp_path / 'out'), '--no-progress']) == 1
+    err = capsys.readouterr().err
+    assert f"error: {src / 'nan.nii.gz'}: 1 of 512 voxels are NaN or Inf (first: nan)" in err
+    assert f"error: {src / 'other.npz'}: label 12 outside the 9 classes 0..8" in err
+    assert not [p for p in (tmp_path / 'out').iterdir() if p.name != 'labels.json']  # nothing predicted of them
+
+
+def test_ctrl_c_ends_in_one_line_and_an_interrupted_volume_leaves_no_file(tmp_path, capsys, monkeypatch):
+    import builtins
+    src, ckpt, out = tmp_path / 'in', _best(tmp_path, 'synapse', 9), tmp_path / 'out'
+    src.mkdir()
+    for name in ('a.nii.gz', 'b.nii.gz'):
+        nib.save(nib.Nifti1Image(np.zeros((16, 16, 2), np.float32), np.eye(4)), str(src / name))
+
+    def interrupted(path, mode='r', *a, **kw):  # Ctrl-C while b's label map is being written
+        f = builtins.open(path, mode, *a, **kw)
+        if str(path).endswith('b_pred.nii.gz.tmp'):
+            f.write(b'\x1f\x8b')
+            f.close()
+            raise KeyboardInterrupt
+        return f
+    monkeypatch.setattr(data, 'open', interrupted, raising=False)
+    assert P.main(['--ckpt', str(ckpt), '--input', str(src), '--out', str(out), '--no-progress']) == 130
+    err = capsys.readouterr().err
+    assert err == '\ninterrupted: the label maps written so far are whole; run it again for the rest\n'
+    assert not list(out.glob('b_*')) and nib.load(str(out / 'a_pred.nii.gz')).shape == (16, 16, 2)

@@ -266,7 +266,7 @@ def main(argv=None):
         results[what] = globals()[f'bench_{what}'](args, device)
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / f'bench-{what}.json').write_text(json.dumps(results[what], indent=2, default=str))
+            data.write_atomic(Path(args.out) / f'bench-{what}.json', json.dumps(results[what], indent=2, default=str))
     return results
 
 

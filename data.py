@@ -7,6 +7,7 @@ synthetic demo set.
 """
 
 import argparse
+import io
 import itertools
 import json
 import os
@@ -830,10 +831,10 @@ def output_dir(path, flag, inputs=(), roots=None):
 
 
 def write_atomic(path, content):
-    """Write bytes or text to path whole or not at all: into PATH.tmp, then a rename. A failed or interrupted
-    write removes the .tmp and leaves the file as it was; the OSError names path."""
+    """Write bytes or text to path whole or not at all: into PATH.<pid>.tmp, then a rename (two writers: one whole
+    file). A failed or interrupted write removes the .tmp and leaves the file as it was; the OSError names path."""
     path = Path(path)
-    tmp = path.with_name(path.name + '.tmp')
+    tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')
     try:
         with open(tmp, 'wb') as f:
             f.write(content.encode() if isinstance(content, str) else content)
@@ -898,13 +899,15 @@ def make_demo(root, seed=0, reuse=False):
         if c < DEMO_TRAIN_CASES:
             for k in range(DEMO_SLICES):
                 lists['train'].append(f'{name}_slice{k:03d}')
-                np.savez(root / 'train_npz' / lists['train'][-1], image=image[k], label=label[k])  # adds .npz
+                np.savez(blob := io.BytesIO(), image=image[k], label=label[k])
+                write_atomic(root / 'train_npz' / f"{lists['train'][-1]}.npz", blob.getbuffer())
         else:
-            with h5py.File(root / f'test_vol_h5/{name}.npy.h5', 'w') as f:
+            with h5py.File(blob := io.BytesIO(), 'w') as f:
                 f['image'], f['label'] = image, label
+            write_atomic(root / f'test_vol_h5/{name}.npy.h5', blob.getbuffer())
             lists['test_vol'].append(name)
     for k, names in lists.items():
-        (root / f'lists_Synapse/{k}.txt').write_text('\n'.join(names) + '\n')
+        write_atomic(root / f'lists_Synapse/{k}.txt', '\n'.join(names) + '\n')
     return root
 
 

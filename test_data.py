@@ -1045,7 +1045,12 @@ def test_a_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(OSError, match='No space left') as e:
         data.write_atomic(path, '{"new": 2}')
     assert e.value.filename == str(path) and path.read_text() == '{"old": 1}'
-    monkeypatch.setattr(data, 'open', lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt()), raising=False)
+    def ctrl_c(p, mode='r', *a, **kw):
+        f = builtins.open(p, mode, *a, **kw)
+        f.write(b'{"ne')  # a part, then Ctrl-C
+        f.close()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, 'open', ctrl_c, raising=False)
     with pytest.raises(KeyboardInterrupt):
         data.write_atomic(tmp_path / 'new.json', 'x')
     assert sorted(p.name for p in tmp_path.iterdir()) == ['summary.json']  # no .tmp, no part of a file

@@ -504,6 +504,13 @@ def test_unreadable_weight_files_are_named_without_torchs_advice(tmp_path):
             msg = str(e.value)
             assert msg.endswith('(corrupt, or not a file torch.save wrote)') and 'weights_only' not in msg, msg
             assert 'Python objects' not in msg and len(msg.splitlines()) == 1
+    torch.save({'w': torch.zeros(2)}, tmp_path / 'bad_pickle.pth')
+    blob = bytearray((tmp_path / 'bad_pickle.pth').read_bytes())
+    start = blob.find(b'\x80\x02')  # the pickle inside torch's zip: bytes no unpickler knows
+    blob[start + 2:start + 5] = b'\xff\xfe\xfd'
+    (tmp_path / 'bad_pickle.pth').write_bytes(blob)
+    with pytest.raises(PretrainedError, match=r'\(corrupt, or not a file torch.save wrote\)$'):
+        model.read_state_dict(str(tmp_path / 'bad_pickle.pth'))
     torch.save({'a': types.SimpleNamespace(x=1)}, tmp_path / 'objects.pth')  # a real pickle of an object
     with pytest.raises(PretrainedError, match=r'holds Python objects \(types.SimpleNamespace\), not only tens'):
         model.read_state_dict(str(tmp_path / 'objects.pth'))

@@ -604,15 +604,15 @@ def test_an_unwritable_out_is_refused_before_any_step(tmp_path, demo_root, tiny,
     assert len(err.strip().splitlines()) == 1
 
 
-def failing_write(path_end, at_call, exc):
-    """An open() for data.py (where every file is written) whose write to the n-th file named *path_end writes a
-    part, then raises exc."""
+def failing_write(name, at_call, exc):
+    """An open() for data.py (where every file is written) whose write to the n-th temporary file of `name` writes
+    a part, then raises exc."""
     import builtins
     calls = []
 
     def fake_open(path, mode='r', *a, **kw):
         f = builtins.open(path, mode, *a, **kw)
-        if str(path).endswith(path_end):
+        if Path(path).name.startswith(name + '.') and str(path).endswith('.tmp'):
             calls.append(1)
             if len(calls) == at_call:
                 f.write(b'part of a checkpoint')
@@ -626,7 +626,7 @@ def test_a_full_disk_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, 
                                                                       capsys):
     import errno
     flags = ['--batch-size', '64', '--epochs', '3']  # 2 steps per epoch
-    monkeypatch.setattr(data, 'open', failing_write('last.pth.tmp', 2, OSError(errno.ENOSPC, 'No space left on '
+    monkeypatch.setattr(data, 'open', failing_write('last.pth', 2, OSError(errno.ENOSPC, 'No space left on '
                                                                                        'device')), raising=False)
     with pytest.raises(SystemExit) as e:
         run(tmp_path, demo_root, *flags)
@@ -646,7 +646,7 @@ def test_a_full_disk_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, 
 def test_a_kill_in_the_gap_leaves_a_log_that_matches_its_checkpoint(tmp_path, demo_root, tiny, monkeypatch,
                                                                     capsys):
     flags = ['--batch-size', '64', '--epochs', '3']
-    monkeypatch.setattr(data, 'open', failing_write('last.pth.tmp', 2, KeyboardInterrupt()), raising=False)
+    monkeypatch.setattr(data, 'open', failing_write('last.pth', 2, KeyboardInterrupt()), raising=False)
     with pytest.raises(SystemExit) as e:  # killed while epoch 2's last.pth was being written
         run(tmp_path, demo_root, *flags)
     assert e.value.code == 130 and '--resume' in capsys.readouterr().err

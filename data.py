@@ -72,7 +72,6 @@ class DatasetSpec:
     epochs: int            # Sec. 4.2
     batch_size: int        # Sec. 4.2
     where: str
-    layout: str            # its files, as error messages describe them
     img_size: int = 224    # NOTE(impl): not in the paper: ImageNet MaxViT's and the peers' size
     lr: float = 1e-4       # AdamW (Sec. 4.2)
     weight_decay: float = 1e-4  # AdamW (Sec. 4.2)
@@ -80,27 +79,21 @@ class DatasetSpec:
     figure: str = 'mean'   # the table's figure, which picks best.pth: case means or 'pooled_256' (Table 3)
 
 
-_SYNAPSE = 'ROOT/train_npz/*.npz, ROOT/test_vol_h5/*.npy.h5, optional ROOT/lists_Synapse/*.txt'
 _ISIC = dict(num_classes=2, class_names=('background', 'lesion'), kind='image', report_order=(1,), epochs=200,
              batch_size=8, where='challenge.isic-archive.com', intensity='rgb', figure='pooled_256')
 SPECS = {
     'synapse': DatasetSpec('synapse', 9, SYNAPSE_CLASSES, 'volume', SYNAPSE_TABLE1, 300, 24,
-                           'github.com/Beckschen/TransUNet', _SYNAPSE, intensity='ct'),
+                           'github.com/Beckschen/TransUNet', intensity='ct'),
     'acdc': DatasetSpec('acdc', 4, ('background', 'RV', 'Myo', 'LV'), 'volume', (1, 2, 3), 400, 12,
-                        'MT-UNet and SSL4MIS on GitHub', "MT-UNet's ROOT/{train,valid,test}/*.npz, ROOT/lists_ACDC, "
-                        "or SSL4MIS's ROOT/data/slices/*.h5, ROOT/data/*.h5, ROOT/*.list", intensity='mri'),
-    'isic2017': DatasetSpec('isic2017', **_ISIC,
-                            layout='ROOT/ISIC-2017_{Training,Validation,Test_v2}_{Data,Part1_GroundTruth}'),
-    'isic2018': DatasetSpec('isic2018', **_ISIC,
-                            layout='ROOT/ISIC2018_Task1-2_Training_Input, ROOT/ISIC2018_Task1_Training_GroundTruth'),
+                        'MT-UNet and SSL4MIS on GitHub', intensity='mri'),
+    'isic2017': DatasetSpec('isic2017', **_ISIC),
+    'isic2018': DatasetSpec('isic2018', **_ISIC),
     # NOTE(impl): GlaS batch 8, as the other 2-D sets: Sec. 4.2 gives only epochs.
     'glas': DatasetSpec('glas', 2, ('background', 'gland'), 'image', (1,), 100, 8, 'warwick.ac.uk (GlaS)',
-                        'ROOT/{train,testA,testB}_N.bmp, _N_anno.bmp', intensity='rgb'),
+                        intensity='rgb'),
 }
 SPECS['demo'] = replace(SPECS['synapse'], name='demo', epochs=10, batch_size=4, where='python data.py --make-demo',
                         img_size=64, lr=3e-4)  # NOTE(impl): the demo's recipe is ours, for a 2-core CPU.
-FOLDER = 'ROOT/images/*, ROOT/masks/* (same stems), ROOT/classes.txt or --num-classes, optional ROOT/*.txt'
-NNUNET = 'ROOT/dataset.json, ROOT/imagesTr/CASE_0000.*, ROOT/labelsTr/CASE.*, optional imagesTs/, labelsTs/'
 DATASETS = tuple(SPECS) + ('folder', 'nnunet')  # --data: the fixed sets, then the user's own
 
 # ---- helpers: a reader per kind of file (arrays, image + mask, NIfTI); failures name the file
@@ -327,18 +320,18 @@ def _found(root, spec, *marks):
     root = Path(root)
     how = f'write it with `python data.py --make-demo {root}`' if spec.name == 'demo' else f'see {spec.where}'
     if not root.is_dir():
-        raise DataError(f"dataset root '{root}' not found: expected {spec.name} as {spec.layout}; {how}")
+        raise DataError(f"dataset root '{root}' not found: expected {spec.name} as {_layout(spec.name)}; {how}")
     for folder in [root] + sorted(d for d in root.iterdir() if d.is_dir()):
         if any((folder / m).exists() for m in marks):
             return folder
     what = 'neither ACDC layout' if spec.name == 'acdc' else f'no {spec.name} files'
-    raise DataError(f'{root}: {what} found; expected {spec.layout}; {how}')
+    raise DataError(f'{root}: {what} found; expected {_layout(spec.name)}; {how}')
 
 
 def _folder(spec, path):
     """Refuses a missing folder of the dataset, naming it."""
     if not path.is_dir():
-        raise DataError(f'{path}: folder not found; expected {spec.layout}; {spec.name}: {spec.where}')
+        raise DataError(f'{path}: folder not found; expected {_layout(spec.name)}; {spec.name}: {spec.where}')
 
 
 def _stem(path, suffixes):
@@ -376,7 +369,7 @@ def _arrays(spec, read, folder, suffix, listing, name='(?P<case>.+)', volume='{c
     for f in _files(spec, folder, (suffix,), listing, name):
         m = re.fullmatch(name, _stem(f, (suffix,)))
         if m is None:
-            raise DataError(f'{f}: a name that {spec.name} does not use; expected {spec.layout}')
+            raise DataError(f'{f}: a name that {spec.name} does not use; expected {_layout(spec.name)}')
         index = int(m['index']) if 'index' in m.groupdict() else None
         items.append(Item(volume.format(**m.groupdict()), read=partial(read, f), case=m['case'], index=index,
                           files=(f,)))
@@ -433,8 +426,8 @@ def _user_splits(root, parts):
 
 
 def build_synapse(root, spec, lut):
-    """TransUNet's Synapse files (the demo's too): slices train_npz/<case>_slice<k>.npz, volumes
-    test_vol_h5/<case>.npy.h5, each in the order of lists_Synapse/{train,test_vol}.txt, else by name."""
+    """TransUNet's Synapse files (the demo's too): slices ROOT/train_npz/<case>_slice<k>.npz, volumes
+    ROOT/test_vol_h5/<case>.npy.h5, each in the order of ROOT/lists_Synapse/{train,test_vol}.txt, else by name."""
     root = _found(root, spec, 'train_npz', 'test_vol_h5')
     read = partial(_arrays_pair, keys=('image', 'label'), num_classes=spec.num_classes, lut=lut)
     return {'train': partial(_arrays, spec, read, root / 'train_npz', '.npz', root / 'lists_Synapse/train.txt',
@@ -443,9 +436,10 @@ def build_synapse(root, spec, lut):
 
 
 def build_acdc(root, spec, lut):
-    """ACDC as SSL4MIS wrote it (slices data/slices/<patient>_<frame>_slice_<k>.h5 in train_slices.list, volumes
-    data/<patient>_<frame>.h5 in val.list, test.list) or as MT-UNet did (slices case_<p>_slice{ED,ES}_<k>.npz in
-    train/, valid/, volumes in test/, in the order of lists_ACDC/{train,valid,test}.txt)."""
+    """ACDC as MT-UNet wrote it (slices ROOT/{train,valid}/case_<p>_slice{ED,ES}_<k>.npz, volumes ROOT/test/*.npz,
+    in the order of ROOT/lists_ACDC/{train,valid,test}.txt) or as SSL4MIS did (slices
+    ROOT/data/slices/<patient>_<frame>_slice_<k>.h5 in ROOT/train_slices.list, volumes ROOT/data/<patient>_<frame>.h5
+    in ROOT/val.list, ROOT/test.list)."""
     # NOTE(impl): validation cases are held out by patient (ED with ES).
     root = _found(root, spec, 'data', 'train', 'test')
     if (root / 'data').is_dir():  # SSL4MIS
@@ -463,8 +457,8 @@ def build_acdc(root, spec, lut):
 
 
 def build_isic2017(root, spec, lut):
-    """ISIC 2017's official folders ISIC-2017_{Training,Validation,Test_v2}_Data/ISIC_<n>.jpg with masks
-    ISIC-2017_{...}_Part1_GroundTruth/ISIC_<n>_segmentation.png (0/255); *_superpixels.png are not images."""
+    """ISIC 2017's official folders ROOT/ISIC-2017_{Training,Validation,Test_v2}_Data/ISIC_<n>.jpg with masks
+    ROOT/ISIC-2017_{...}_Part1_GroundTruth/ISIC_<n>_segmentation.png (0/255); *_superpixels.png are not images."""
     root = _found(root, spec, 'ISIC-2017_Training_Data', 'ISIC-2017_Test_v2_Data')
     read = partial(_image_pair, fg=ISIC_FG, num_classes=spec.num_classes, aspect=False)  # 256x256 copies
 
@@ -475,8 +469,8 @@ def build_isic2017(root, spec, lut):
 
 
 def build_isic2018(root, spec, lut):
-    """ISIC 2018 Task 1's training folders, ISIC2018_Task1-2_Training_Input/ISIC_<n>.jpg with masks
-    ISIC2018_Task1_Training_GroundTruth/ISIC_<n>_segmentation.png, split as the paper (isic2018_split)."""
+    """ISIC 2018 Task 1's training folders, ROOT/ISIC2018_Task1-2_Training_Input/ISIC_<n>.jpg with masks
+    ROOT/ISIC2018_Task1_Training_GroundTruth/ISIC_<n>_segmentation.png, split as the paper (isic2018_split)."""
     root = _found(root, spec, 'ISIC2018_Task1-2_Training_Input')
     read = partial(_image_pair, fg=ISIC_FG, num_classes=spec.num_classes, aspect=False)
 
@@ -489,8 +483,8 @@ def build_isic2018(root, spec, lut):
 
 
 def build_glas(root, spec, lut):
-    """GlaS (Warwick QU), one folder: train_<n>.bmp; the test split testA_<n>.bmp then testB_<n>.bmp; masks
-    <name>_anno.bmp beside them, of instance ids (foreground: id > 0)."""
+    """GlaS (Warwick QU), one folder: ROOT/train_<n>.bmp; the test split ROOT/testA_<n>.bmp then testB_<n>.bmp;
+    masks <name>_anno.bmp beside them, of instance ids (foreground: id > 0)."""
     # NOTE(impl): validation images are held out one by one (GlaS names no patients).
     root = _found(root, spec, 'train_1.bmp', 'testA_1.bmp')
     read = partial(_image_pair, fg=1, num_classes=spec.num_classes, aspect=True)
@@ -499,8 +493,8 @@ def build_glas(root, spec, lut):
 
 
 def build_folder(root, spec, lut):
-    """The user's images/<stem>.* with masks/<stem>.* of class ids; lists train.txt, val.txt, test.txt (optional)
-    of stems pick each split's images."""
+    """ROOT/images/<stem>.* with ROOT/masks/<stem>.* of class ids, named in ROOT/classes.txt (or --num-classes);
+    lists ROOT/train.txt, val.txt, test.txt (optional) of stems pick each split's images."""
     root = _found(root, spec, 'images')
     read = partial(_image_pair, fg=0, num_classes=spec.num_classes, aspect=True)
     mask_names = tuple('{}' + x for x in IMAGE_SUFFIXES + tuple(map(str.upper, IMAGE_SUFFIXES)))
@@ -510,8 +504,8 @@ def build_folder(root, spec, lut):
 
 
 def build_nnunet(root, spec, lut):
-    """nnU-Net v2's raw layout: imagesTr/<case>_0000<ending> (channel 0) with labelsTr/<case><ending>; imagesTs/
-    with labelsTs/ (optional): the test split."""
+    """nnU-Net v2's raw layout: ROOT/dataset.json, ROOT/imagesTr/<case>_0000<ending> (channel 0) with
+    ROOT/labelsTr/<case><ending>; ROOT/imagesTs/ with labelsTs/ (optional): the test split."""
     ending = _nnunet(root)[2]
     root = _found(root, spec, 'imagesTr', 'imagesTs')
     read = (partial(_nifti_pair, intensity=spec.intensity, num_classes=spec.num_classes) if ending in NIFTI_SUFFIXES
@@ -521,6 +515,11 @@ def build_nnunet(root, spec, lut):
         return _pairs(spec, read, root / f'images{k}', ('_0000' + ending,), root / f'labels{k}', ('{}' + ending,))
     test = (root / 'imagesTs').is_dir() and (root / 'labelsTs').is_dir()
     return _user_splits(root, {'train': partial(part, 'Tr')} | ({'test': partial(part, 'Ts')} if test else {}))
+
+
+def _layout(name):
+    """The files of dataset `name` as its build function's docstring names them: error messages quote it."""
+    return ' '.join(BUILDS[name].__doc__.split())
 
 
 BUILDS = {'synapse': build_synapse, 'demo': build_synapse, 'acdc': build_acdc, 'isic2017': build_isic2017,
@@ -698,7 +697,7 @@ def _nnunet(root):
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise DataError(f'{path}: not found; expected {NNUNET}' if isinstance(e, FileNotFoundError) else
+        raise DataError(f'{path}: not found; expected {_layout("nnunet")}' if isinstance(e, FileNotFoundError) else
                         f'{path}: not valid JSON ({e})') from None
     if missing := [k for k in ('channel_names', 'labels', 'file_ending') if k not in meta]:
         raise DataError(f'{path}: missing key(s) {missing}')
@@ -725,7 +724,7 @@ def get_spec(name, root=None, num_classes=None, given='--num-classes'):
     elif name == 'nnunet':
         names, channels, ending = _nnunet(root)
     elif not root.is_dir():
-        raise DataError(f"dataset root '{root}' not found: expected {FOLDER}")
+        raise DataError(f"dataset root '{root}' not found: expected {_layout('folder')}")
     elif file.is_file():
         names = _class_names(file)
     elif num_classes:
@@ -745,7 +744,7 @@ def get_spec(name, root=None, num_classes=None, given='--num-classes'):
     intensity = 'rgb' if not volume else 'ct' if str(channels[0]).lower() == 'ct' else 'zscore'
     return replace(SPECS['synapse' if volume else 'isic2017'], name=name, num_classes=len(names), class_names=names,
                    report_order=tuple(range(1, len(names))), where=str(root),
-                   layout=NNUNET if name == 'nnunet' else FOLDER, intensity=intensity, figure='mean')
+                   intensity=intensity, figure='mean')
 
 
 def _class_names(path):
@@ -763,9 +762,10 @@ def _class_names(path):
 def spec_from_dict(d):
     """The DatasetSpec a checkpoint recorded as a dict (asdict; tuples restored, unknown keys refused)."""
     names = {f.name for f in fields(DatasetSpec)}
-    if not isinstance(d, dict) or set(d) - names:
+    if not isinstance(d, dict) or set(d) - names - {'layout'}:
         raise DataError(f'dataset spec: expected a dict with keys {sorted(names)}, got {d!r:.200}')
-    return DatasetSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    # 'layout', a text of the files that some checkpoints record, is the build function's docstring: dropped
+    return DatasetSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k != 'layout'})
 
 
 def _parts(spec, root, label_map):
@@ -801,7 +801,7 @@ def eval_cases(name, root, split, *, val_cases=None, label_map='transunet', num_
     spec = get_spec(name, root, num_classes)
     items = _split(_parts(spec, root, label_map), split, val_cases)
     if items is None:
-        raise DataError(f'{root}: {spec.name} has no {split} split here; expected {spec.layout}')
+        raise DataError(f'{root}: {spec.name} has no {split} split here; expected {_layout(spec.name)}')
     return Cases(_volumes(items))
 
 

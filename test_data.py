@@ -571,6 +571,7 @@ def test_get_spec_and_spec_dicts_round_trip():
         d = dataclasses.asdict(spec)
         assert isinstance(d['class_names'], tuple) and data.spec_from_dict(d) == spec
         assert data.spec_from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}) == spec
+        assert data.spec_from_dict(d | {'layout': 'ROOT/train_npz/*.npz'}) == spec  # a checkpoint that records it
     with pytest.raises(DataError, match="unknown dataset 'brats'"):
         data.get_spec('brats', 'x')
     with pytest.raises(DataError, match='synapse has 9 classes, but --num-classes gives 3'):

@@ -165,8 +165,7 @@ def _check_cascade(labels, name):
 
 
 def class_ids(a, path, num_classes=None, lut=None):
-    """Stored labels (often float) -> int64 class ids; refuses non-numbers, non-integers, negative ids and (given
-    num_classes) unknown ids."""
+    """Stored labels (often float) -> int64 class ids; non-integer, negative and unknown ids are refused."""
     a = np.asarray(a)
     if a.dtype.kind not in 'biuf':
         raise DataError(f'{path}: {a.dtype} labels; expected integer class ids')
@@ -320,7 +319,7 @@ def _found(root, spec, *marks):
     root = Path(root)
     how = f'write it with `python data.py --make-demo {root}`' if spec.name == 'demo' else f'see {spec.where}'
     if not root.is_dir():
-        raise DataError(f"dataset root '{root}' not found: expected {spec.name} as {_layout(spec.name)}; {how}")
+        raise DataError(f"dataset root '{root}' not found: expected {_layout(spec.name)}; {how}")
     for folder in [root] + sorted(d for d in root.iterdir() if d.is_dir()):
         if any((folder / m).exists() for m in marks):
             return folder
@@ -344,8 +343,7 @@ def _natural(path):  # 'train_2' before 'train_10'
 
 
 def _files(spec, folder, suffixes, listing=None, name='.+'):
-    """A folder's files: those the listing file names, in its order, if it exists; else those whose stems match
-    name (a regex), in natural order."""
+    """The files a listing names, in its order; without one, those whose stems match name, in natural order."""
     _folder(spec, folder)
     if listing is None or not listing.is_file():
         files = sorted((p for p in folder.iterdir() if re.fullmatch(name, _stem(p, suffixes))), key=_natural)
@@ -519,7 +517,7 @@ def build_nnunet(root, spec, lut):
 
 def _layout(name):
     """The files of dataset `name` as its build function's docstring names them: error messages quote it."""
-    return ' '.join(BUILDS[name].__doc__.split())
+    return ' '.join(BUILDS[name].__doc__.split()).rstrip('.')
 
 
 BUILDS = {'synapse': build_synapse, 'demo': build_synapse, 'acdc': build_acdc, 'isic2017': build_isic2017,
@@ -713,8 +711,7 @@ def _nnunet(root):
 
 
 def get_spec(name, root=None, num_classes=None, given='--num-classes'):
-    """The DatasetSpec of --data NAME: fixed for the benchmarks, from ROOT for 'folder' and 'nnunet'; a
-    num_classes that differs is refused, naming where it was `given`."""
+    """The DatasetSpec of --data NAME: fixed, or read from ROOT; a num_classes that differs from it is refused."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}' (--data): expected one of {', '.join(DATASETS)}")
     root = Path(root or default_root(name))
@@ -881,8 +878,7 @@ def _demo_volume(rng):
 
 
 def make_demo(root, seed=0, reuse=False):
-    """Write the synthetic set (Synapse's layout) into a new or empty folder or over a demo set; reuse: keep
-    a finished one."""
+    """Write the synthetic set (Synapse's layout) into a new, empty or demo folder; reuse: keep a finished one."""
     root = Path(root)
     if root.is_dir() and any(root.iterdir()) and not (root / DEMO_MARK).is_file():
         raise DataError(f'{root} holds files ({", ".join(sorted(os.listdir(root))[:3])}, ...) but no demo set: '

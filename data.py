@@ -151,7 +151,7 @@ def read_image(path):
     a = _finite(_read_pil(path), path, 'pixels')
     if a.ndim == 2 and a.dtype not in (np.uint8, bool):
         hi = 1 if a.dtype.kind == 'f' else 65535
-        if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= hi):
+        if a.min() < 0 or a.max() > hi:
             raise DataError(f'{path}: {a.dtype} image with values in [{a.min()}, {a.max()}]; expected [0, {hi}]')
         a = np.rint(a * 255.0) if hi == 1 else a.astype(np.int64) >> 8  # (H,W) in 0..255
     return np.repeat(a.astype(np.uint8)[..., None] * (255 if a.dtype == bool else 1), 3, axis=2) if a.ndim == 2 else a

@@ -96,7 +96,7 @@ SPECS['demo'] = replace(SPECS['synapse'], name='demo', epochs=10, batch_size=4, 
                         img_size=64, lr=3e-4)  # NOTE(impl): the demo's recipe is ours, for a 2-core CPU.
 DATASETS = tuple(SPECS) + ('folder', 'nnunet')  # --data: the fixed sets, then the user's own
 
-# ---- helpers: a reader per kind of file (arrays, image + mask, NIfTI); failures name the file
+# ---- helpers: a reader per kind of file (arrays, image + mask, NIfTI), normalise; failures name the file
 
 
 def _fail(path, what, e):
@@ -232,6 +232,20 @@ def read_nifti(path, voxels=True):
 def voxel_order(a):
     """(X,Y,Z) voxels <-> (Z,Y,X) slices; the transpose is its own inverse."""
     return np.ascontiguousarray(np.transpose(a, (2, 1, 0)))
+
+
+def normalise(image, intensity):
+    """A raw input -> the values training slices hold ('rgb', 'none': as given)."""
+    if intensity not in INTENSITIES:
+        raise DataError(f"intensity {intensity!r} (--intensity): expected one of {', '.join(INTENSITIES)}")
+    if intensity in ('rgb', 'none'):
+        return image
+    a = np.asarray(image, dtype=np.float32)
+    if intensity == 'ct':
+        return (np.clip(a, *CT_WINDOW) - CT_WINDOW[0]) / np.float32(CT_WINDOW[1] - CT_WINDOW[0])
+    if intensity == 'mri':  # NOTE(impl): per-volume min-max, as SSL4MIS wrote ACDC's h5 files.
+        return (a - a.min()) / max(float(a.max() - a.min()), 1e-8)
+    return (a - a.mean()) / max(float(a.std()), 1e-8)  # NOTE(impl): 'zscore': nnU-Net's non-CT rule, per volume
 
 
 def _nifti_pair(img_path, lab_path, intensity, num_classes):
@@ -501,6 +515,27 @@ def build_folder(root, spec, lut):
     return _user_splits(root, {k: partial(part, f) for k, f in lists.items() if k == 'train' or f.is_file()})
 
 
+def _nnunet(root):
+    """An nnU-Net v2 dataset.json -> (class names by id, channel names, file_ending)."""
+    path = Path(root) / 'dataset.json'
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f'{path}: not found; expected {_layout("nnunet")}' if isinstance(e, FileNotFoundError) else
+                        f'{path}: not valid JSON ({e})') from None
+    if missing := [k for k in ('channel_names', 'labels', 'file_ending') if k not in meta]:
+        raise DataError(f'{path}: missing key(s) {missing}')
+    ending, labels, channels = meta['file_ending'], meta['labels'], meta['channel_names']
+    if ending not in NIFTI_SUFFIXES + ('.png',):
+        raise DataError(f'{path}: file_ending {ending!r} is not supported; expected .nii.gz, .nii or .png')
+    if not isinstance(labels, dict) or sorted(labels.values()) != list(range(max(2, len(labels)))):
+        raise DataError(f'{path}: label ids must be 0..K-1, background 0, K >= 2 (no region-based labels): {labels}')
+    channels = [channels[k] for k in sorted(channels, key=int)]
+    if len(channels) > 1:  # NOTE(impl): DANIE takes one channel (or RGB): channel 0.
+        warnings.warn(f'{path}: {len(channels)} channels {channels}; DANIE reads channel 0 ({channels[0]}) only')
+    return tuple(sorted(labels, key=labels.get)), channels, ending
+
+
 def build_nnunet(root, spec, lut):
     """nnU-Net v2's raw layout: ROOT/dataset.json, ROOT/imagesTr/<case>_0000<ending> (channel 0) with
     ROOT/labelsTr/<case><ending>; ROOT/imagesTs/ with labelsTs/ (optional): the test split."""
@@ -549,7 +584,7 @@ def _split(parts, split, val_cases):
     held, kept = _hold_out(parts['train'](), n, f'val_cases={n}')
     return held if split == 'val' else kept
 
-# ---- blocks: resize, augmentation, normalisation (for training and evaluation); the training set
+# ---- blocks: resize and augmentation (for training and evaluation); the training set
 
 
 def _zoom(a, size, order):
@@ -619,20 +654,6 @@ def restore_size(labels, out_hw, kind):
     return labels.index_select(-2, iy).index_select(-1, ix)  # (N,S,S) -> (N,H,S) -> (N,H,W)
 
 
-def normalise(image, intensity):
-    """A raw input -> the values training slices hold ('rgb', 'none': as given)."""
-    if intensity not in INTENSITIES:
-        raise DataError(f"intensity {intensity!r} (--intensity): expected one of {', '.join(INTENSITIES)}")
-    if intensity in ('rgb', 'none'):
-        return image
-    a = np.asarray(image, dtype=np.float32)
-    if intensity == 'ct':
-        return (np.clip(a, *CT_WINDOW) - CT_WINDOW[0]) / np.float32(CT_WINDOW[1] - CT_WINDOW[0])
-    if intensity == 'mri':  # NOTE(impl): per-volume min-max, as SSL4MIS wrote ACDC's h5 files.
-        return (a - a.min()) / max(float(a.max() - a.min()), 1e-8)
-    return (a - a.mean()) / max(float(a.std()), 1e-8)  # NOTE(impl): 'zscore': nnU-Net's non-CT rule, per volume
-
-
 class TrainSet(Dataset):
     """Training samples -> (image float32 (3,S,S) normalised, label int64 (S,S)), TransUNet-augmented."""
 
@@ -689,25 +710,16 @@ def default_root(name):
     return os.path.join('data', name)
 
 
-def _nnunet(root):
-    """An nnU-Net v2 dataset.json -> (class names by id, channel names, file_ending)."""
-    path = Path(root) / 'dataset.json'
+def _class_names(path):
+    """classes.txt: a class name per line, background on line 1, at least one class besides."""
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f'{path}: not found; expected {_layout("nnunet")}' if isinstance(e, FileNotFoundError) else
-                        f'{path}: not valid JSON ({e})') from None
-    if missing := [k for k in ('channel_names', 'labels', 'file_ending') if k not in meta]:
-        raise DataError(f'{path}: missing key(s) {missing}')
-    ending, labels, channels = meta['file_ending'], meta['labels'], meta['channel_names']
-    if ending not in NIFTI_SUFFIXES + ('.png',):
-        raise DataError(f'{path}: file_ending {ending!r} is not supported; expected .nii.gz, .nii or .png')
-    if not isinstance(labels, dict) or sorted(labels.values()) != list(range(max(2, len(labels)))):
-        raise DataError(f'{path}: label ids must be 0..K-1, background 0, K >= 2 (no region-based labels): {labels}')
-    channels = [channels[k] for k in sorted(channels, key=int)]
-    if len(channels) > 1:  # NOTE(impl): DANIE takes one channel (or RGB): channel 0.
-        warnings.warn(f'{path}: {len(channels)} channels {channels}; DANIE reads channel 0 ({channels[0]}) only')
-    return tuple(sorted(labels, key=labels.get)), channels, ending
+        names = tuple(n.strip() for n in path.read_text().splitlines() if n.strip())
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f'{path}: unreadable ({getattr(e, "strerror", None) or e})') from None
+    if len(names) < 2:
+        raise DataError(f'{path}: {len(names)} class name(s) {list(names)}; expected background on line 1, then a '
+                        'line per class')
+    return names
 
 
 def get_spec(name, root=None, num_classes=None, given='--num-classes'):
@@ -742,18 +754,6 @@ def get_spec(name, root=None, num_classes=None, given='--num-classes'):
     return replace(SPECS['synapse' if volume else 'isic2017'], name=name, num_classes=len(names), class_names=names,
                    report_order=tuple(range(1, len(names))), where=str(root),
                    intensity=intensity, figure='mean')
-
-
-def _class_names(path):
-    """classes.txt: a class name per line, background on line 1, at least one class besides."""
-    try:
-        names = tuple(n.strip() for n in path.read_text().splitlines() if n.strip())
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f'{path}: unreadable ({getattr(e, "strerror", None) or e})') from None
-    if len(names) < 2:
-        raise DataError(f'{path}: {len(names)} class name(s) {list(names)}; expected background on line 1, then a '
-                        'line per class')
-    return names
 
 
 def spec_from_dict(d):

@@ -63,7 +63,7 @@ class DataError(Exception):
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A dataset: classes, table order, Sec. 4.2 recipe, where it is published, its files."""
+    """A dataset: classes, table order, Sec. 4.2 recipe, where it is published (its files: BUILDS[name].__doc__)."""
     name: str
     num_classes: int
     class_names: tuple     # by label id; 'background' at 0
@@ -752,8 +752,7 @@ def get_spec(name, root=None, num_classes=None, given='--num-classes'):
     volume = ending in NIFTI_SUFFIXES
     intensity = 'rgb' if not volume else 'ct' if str(channels[0]).lower() == 'ct' else 'zscore'
     return replace(SPECS['synapse' if volume else 'isic2017'], name=name, num_classes=len(names), class_names=names,
-                   report_order=tuple(range(1, len(names))), where=str(root),
-                   intensity=intensity, figure='mean')
+                   report_order=tuple(range(1, len(names))), where=str(root), intensity=intensity, figure='mean')
 
 
 def spec_from_dict(d):

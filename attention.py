@@ -1,6 +1,6 @@
 """
 The attention blocks of DANIE (Li et al., "Dual Attention Encoder with Joint Preservation for Medical
-Image Segmentation"), Sec. 3.3 and 3.4:
+Image Segmentation"), Sec. 3.3 and 3.4, each written as the paper prints its equations:
 
 - SAP, self-attentional perception (Sec. 3.3, Eq. 1): the multi-head self-attention of MaxViT. It is not
   re-implemented here: DANIE uses timm's MaxViT stages as they are (block and grid attention, each
@@ -8,7 +8,7 @@ Image Segmentation"), Sec. 3.3 and 3.4:
   weights load unchanged. See `timm.models.maxxvit.AttentionCl` / `PartitionAttentionCl`; model.py
   builds the stream with `timm.create_model(..., features_only=True)`.
 - HAP, hierarchical-attentional perception (Sec. 3.3, Eq. 2-5): channel attention, spatial attention and
-  dynamic calibration on the convolutional stream; the max and avg branches run together, batched.
+  dynamic calibration on the convolutional stream, a max-pooling and an average-pooling branch.
 - ES, enhancing self-attentional perceptron (Sec. 3.4, Eq. 6-7): channel self-attention on SAP features.
 - EH, enhancing hierarchical-attentional perceptron (Sec. 3.4, Eq. 8-9): global context on HAP features.
 - ConvBlock: two 3x3 conv + BN + GELU (the definition under Eq. 11).
@@ -21,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ---- helpers
+
+POOLS = {'max': torch.amax, 'avg': torch.mean}  # the two branches of Eq. 2-4, by the pooling they use
 
 
 def conv_bn_gelu(c_in, c_out, stride=1):
@@ -43,7 +45,7 @@ class ConvBlock(nn.Sequential):
 
 
 class ChannelAttention(nn.Module):
-    """A^c = sigma(MLP(P^s)) on spatially pooled descriptors (..., C), the MLP shared by both branches (Eq. 2)."""
+    """A^c = sigma(MLP(P^s(x))) in R^{C x 1 x 1}: the map x pooled over H x W, then a shared MLP (Eq. 2)."""
 
     def __init__(self, C, reduction=16):
         super().__init__()
@@ -51,104 +53,81 @@ class ChannelAttention(nn.Module):
         hidden = max(C // reduction, 1)
         self.mlp = nn.Sequential(nn.Linear(C, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, C))
 
-    def forward(self, P_s):
-        return torch.sigmoid(self.mlp(P_s))  # A^c: one C-vector per pooled descriptor
+    def forward(self, x, pool):
+        B, C = x.shape[:2]
+        P_s = POOLS[pool](x, dim=(2, 3))  # P^s: (B,C,H,W) -> (B,C)
+        A_c = torch.sigmoid(self.mlp(P_s))  # (B,C)
+        return A_c.view(B, C, 1, 1)  # (B,C) -> (B,C,1,1)
 
 
 class SpatialAttention(nn.Module):
-    """A^s = sigma(Conv(P^c)) on channel-pooled maps (N,1,H,W): a 1x1 convolution (Eq. 3)."""
+    """A^s = sigma(Conv(P^c(x))) in R^{1 x H x W}: the map x pooled over channels, then a 1x1 convolution (Eq. 3)."""
 
     def __init__(self):
         super().__init__()
         # NOTE(impl): one 1x1 conv (1->1 channel) shared by the max and avg branches, as the channel MLP is shared.
         self.conv = nn.Conv2d(1, 1, 1)
 
-    def forward(self, P_c):
-        return torch.sigmoid(self.conv(P_c))  # A^s: (N,1,H,W)
+    def forward(self, x, pool):
+        P_c = POOLS[pool](x, dim=1, keepdim=True)  # P^c: (B,C,H,W) -> (B,1,H,W)
+        return torch.sigmoid(self.conv(P_c))  # A^s: (B,1,H,W)
 
 
 class DynamicCalibration(nn.Module):
-    """O_d = w_max O_max + w_avg O_avg with learnable scalars (Eq. 4); a fixed average when switched off.
-
-    Eq. 4 is linear, so HAP applies it to the spatial means of O_max and O_avg, the only part A_d needs.
-    """
+    """O_d = w_max O_max + w_avg O_avg with learnable scalars (Eq. 4); a fixed average when switched off."""
 
     def __init__(self, learnable=True):
         super().__init__()
         # NOTE(impl): w_max and w_avg start at 0.5: the calibrated block begins as the plain average (Table 6's
         # 'Dcal off').
-        w = torch.full((2,), 0.5)
+        w = torch.full((2,), 0.5)  # (w_max, w_avg)
         if learnable:
             self.w = nn.Parameter(w)
         else:
             self.register_buffer('w', w)
 
-    def forward(self, O):
-        # the weighted sum of the two branches is a 1x1 convolution from 2 channels to 1: one op, one op back
-        return F.conv1d(O, self.w.view(1, 2, 1)).squeeze(1)  # Eq. (4): O (B,2,C) holds (O_max, O_avg) -> (B,C)
+    def forward(self, O_max, O_avg):
+        w_max, w_avg = self.w
+        return w_max * O_max + w_avg * O_avg  # Eq. (4)
 
 
 class HAP(nn.Module):
     """One hierarchical-attentional perception block, Eq. 2-5: O_hap = ConvBlock(A_d * h).
 
     order='channel_first' is Eq. 2 then Eq. 3 (Table 6, B.3/B.4); 'spatial_first' swaps them (B.1/B.2).
+    Table 5 switches one attention off (A.3: no spatial, A.4: no channel); the other one stays.
     """
 
     def __init__(self, C, order='channel_first', calibration=True, spatial_att=True, channel_att=True):
         super().__init__()
-        if order not in ('channel_first', 'spatial_first'):
-            raise ValueError(f"HAP order must be 'channel_first' or 'spatial_first', got {order!r}")
-        if not (spatial_att or channel_att):
-            raise ValueError('HAP needs channel or spatial attention (or both); to drop the stream use hap=False')
         self.order = order
         self.channel = ChannelAttention(C) if channel_att else None
         self.spatial = SpatialAttention() if spatial_att else None
         self.calibration = DynamicCalibration(learnable=calibration)
         # NOTE(impl): 1x1 convs on pooled C x 1 x 1 maps (the MLPs, c*, EH's c1_int/c2) are nn.Linear: the same map
-        # without the slow conv path.
+        # on a (B,C) vector.
         self.c = nn.Linear(C, C)  # c* of Eq. 5
         self.block = ConvBlock(C, C)
 
-    def channel_maps(self, P_max, P_avg):
-        """A^c of both branches through the shared MLP in one pass (Eq. 2): two (B,C) or (B,C,1,1) pools -> (B,2,C)."""
-        B, C = P_max.shape[:2]
-        return self.channel(torch.cat([P_max, P_avg], dim=1).view(2 * B, C)).view(B, 2, C)  # (B,2C,...) -> (2B,C)
+    def attend(self, attention, x, pool):
+        """A * x, or x itself where Table 5 switches this attention off."""
+        return x if attention is None else attention(x, pool) * x
 
-    def spatial_maps(self, P_max, P_avg):
-        """A^s of both branches through the shared 1x1 conv in one pass (Eq. 3): two (B,1,N) pools -> (B,2,N)."""
-        P_c = torch.cat([P_max, P_avg], dim=1)  # (B,2,N)
-        B, _, N = P_c.shape
-        return self.spatial(P_c.view(2 * B, 1, N, 1)).view(B, 2, N)  # the 1x1 conv sees each map alone
-
-    def pooled_O(self, h):
-        """The spatial means of O_max and O_avg (Eq. 2-3), (B,2,C), without forming O at full size."""
-        # NOTE(impl): only mean(O_d) over H x W reaches A_d, and O = A^c * A^s * h, so mean(O)_c = A^c_c mean(A^s h_c)
-        # is taken from pooled maps: the same function without forming the two full-size O.
-        N = h.shape[2] * h.shape[3]
-        h_flat = h.flatten(2)  # (B,C,N), a view in NCHW and channels_last alike
-        if self.spatial is None:  # Table 5 A.3: O = A^c * h in either order
-            mean = h_flat.mean(dim=2)  # (B,C)
-            return self.channel_maps(h_flat.amax(dim=2), mean) * mean[:, None]  # (B,2,C) * (B,1,C)
-        h_T = h_flat.transpose(1, 2)  # (B,N,C)
-        if self.channel is None or self.order == 'spatial_first':
-            A_s = self.spatial_maps(h_flat.amax(dim=1, keepdim=True), h_flat.mean(dim=1, keepdim=True))  # Eq. (3) on h
-            G = torch.bmm(A_s, h_T) / N  # (B,2,N) @ (B,N,C) -> (B,2,C): mean(A^s h) per branch
-            if self.channel is None:  # Table 5 A.4: O = A^s * h
-                return G
-            m_max = A_s[:, :1] * h_flat  # m_max = A^s_max * h: (B,1,N) * (B,C,N)
-            A_c = self.channel_maps(m_max.amax(dim=2), G[:, 1])  # Eq. (2) on m; mean(m_avg) is G's avg row
-            return A_c * G  # (B,2,C)
-        # the global average pool is CBAM's avg_pool2d over the whole map: one op back, where mean takes three
-        A_c = self.channel_maps(h.amax(dim=(2, 3), keepdim=True), F.avg_pool2d(h, h.shape[2:]))  # Eq. (2) on h: (B,2,C)
-        m = A_c[:, :, :, None] * h_flat[:, None]  # m = A^c * h of both branches: (B,2,C,1) * (B,1,C,N) -> (B,2,C,N)
-        A_s = self.spatial_maps(m[:, 0].amax(dim=1, keepdim=True), m[:, 1].mean(dim=1, keepdim=True))  # Eq. (3) on m
-        return A_c * torch.bmm(A_s, h_T) / N  # (B,2,N) @ (B,N,C) -> (B,2,C): A^c mean(A^s h)
+    def refine(self, h, pool):
+        """O of one branch (pool 'max' or 'avg'): channel, then spatial attention; or spatial first (Table 6)."""
+        if self.order == 'channel_first':
+            m = self.attend(self.channel, h, pool)  # Eq. (2): m = A^c * h, (B,C,1,1) * (B,C,H,W)
+            return self.attend(self.spatial, m, pool)  # Eq. (3): O = A^s * m, (B,1,H,W) * (B,C,H,W)
+        m = self.attend(self.spatial, h, pool)  # Eq. (3) on h
+        return self.attend(self.channel, m, pool)  # Eq. (2) on its output
 
     def forward(self, h):
-        O_d = self.calibration(self.pooled_O(h))  # Eq. (4) on the spatial means: (B,2,C) -> (B,C)
+        O_max = self.refine(h, 'max')  # Eq. (2)-(3), the max-pooling branch: (B,C,H,W)
+        O_avg = self.refine(h, 'avg')  # Eq. (2)-(3), the average-pooling branch: (B,C,H,W)
+        O_d = self.calibration(O_max, O_avg)  # Eq. (4)
         # NOTE(impl): A_d is C x 1 x 1 as the text says, so O_d is average-pooled before the 1x1 conv c*.
-        A_d = torch.sigmoid(self.c(O_d))  # (B,C)
-        return self.block(A_d.view(*A_d.shape, 1, 1) * h)  # Eq. (5): (B,C,1,1) * (B,C,H,W)
+        A_d = torch.sigmoid(self.c(O_d.mean(dim=(2, 3))))  # sigma(c* O_d): (B,C)
+        return self.block(A_d[:, :, None, None] * h)  # Eq. (5): (B,C,1,1) * (B,C,H,W)
 
 
 # ---- blocks: the Joint Preservation components ES and EH (Sec. 3.4)
@@ -167,22 +146,17 @@ class ES(nn.Module):
         # fp64); train.py leaves TF32 matmuls off, so training and evaluation form them alike, in IEEE fp32.
         with torch.autocast(device_type='cuda' if S_in.is_cuda else 'cpu', enabled=False):
             S = S_in if S_in.dtype == torch.float64 else S_in.float()
-            S1 = S.flatten(2)  # (B,C,N), a view in NCHW and channels_last alike
+            S1 = S.reshape(B, C, H * W)  # (B,C,N)
             S2 = S1.transpose(1, 2)  # (B,N,C)
-            energy = torch.bmm(S1, S2)  # (B,C,N) @ (B,N,C) -> (B,C,C), symmetric
+            energy = torch.bmm(S1, S2)  # S_{1,i} . S_{2,j}: (B,C,N) @ (B,N,C) -> (B,C,C)
             # NOTE(impl): Eq. 6 as written, softmax over i of S1_i . S2_j (DANet's code uses max(energy) - energy).
-            S3 = S1  # S3 is S_in reshaped to (B,C,N) again
+            W_c = torch.softmax(energy, dim=1)  # Eq. (6): w[i,j], each column j sums to 1 over i
+            S3 = S.reshape(B, C, H * W)  # (B,C,N)
             # NOTE(impl): Eq. 7 as printed sums w_ij S_{3,j}, which collapses to (1 + lambda) S_j; we sum w_ij S_{3,i},
             # DANet's reading, where channel i's weight on channel j mixes the channels.
-            if S.is_contiguous() or not S.is_contiguous(memory_format=torch.channels_last):
-                # the energy is symmetric, so the softmax over its rows is W_c transposed (w[i,j] at [j,i])
-                W_c_T = torch.softmax(energy, dim=2)  # Eq. (6): row j holds w[i,j], summing to 1 over i
-                # lambda multiplies the small (C,C) matrix, not the (C,N) product
-                es = torch.baddbmm(S3, self.lam * W_c_T, S3)  # Eq. (7): (B,C,C) @ (B,C,N) + S3 -> (B,C,N)
-            else:  # the same sum in (B,N,C) order, so a channels_last input gives a channels_last output
-                W_c = torch.softmax(energy, dim=1)  # Eq. (6): w[i,j], each column j sums to 1 over i
-                es = torch.baddbmm(S2, S2, self.lam * W_c).transpose(1, 2)  # Eq. (7): (B,N,C) @ (B,C,C) + S2
-        return es.view(B, C, H, W).to(S_in.dtype)  # (B,C,N) -> (B,C,H,W): es_j = lam sum_i w[i,j] S3_i + S_in,j
+            mixed = torch.bmm(W_c.transpose(1, 2), S3)  # sum_i w_ij S_{3,i}: (B,C,C)^T @ (B,C,N) -> (B,C,N)
+            es = self.lam * mixed + S3  # Eq. (7)
+        return es.reshape(B, C, H, W).to(S_in.dtype)  # (B,C,N) -> (B,C,H,W)
 
 
 class EH(nn.Module):
@@ -199,7 +173,9 @@ class EH(nn.Module):
 
     def forward(self, H_in):
         B, C, H, W = H_in.shape
-        k = torch.softmax(self.c1(H_in).reshape(B, H * W, 1), dim=1)  # F_r1, psi: (B,1,H,W) -> (B,N,1)
-        A_g = torch.bmm(H_in.flatten(2), k)  # Eq. (8): (B,C,N) @ (B,N,1) -> (B,C,1)
-        W_g = torch.sigmoid(self.c2(F.gelu(self.ln(self.c1_int(A_g.view(B, C))))))  # (B,C)
-        return W_g.view(B, C, 1, 1) * H_in  # Eq. (9): (B,C) -> (B,C,1,1), broadcast over H x W
+        k = torch.softmax(self.c1(H_in).reshape(B, H * W, 1), dim=1)  # psi(F_r1(c1 * H_in)): (B,1,H,W) -> (B,N,1)
+        V = H_in.reshape(B, C, H * W)  # F_r2(H_in): (B,C,H,W) -> (B,C,N)
+        A_g = torch.bmm(V, k).view(B, C)  # Eq. (8): (B,C,N) @ (B,N,1) -> (B,C,1) -> (B,C)
+        z = F.gelu(self.ln(self.c1_int(A_g)))  # GELU(LN(c1 * A_g)): (B,C/4)
+        W_g = torch.sigmoid(self.c2(z))  # (B,C)
+        return W_g[:, :, None, None] * H_in  # Eq. (9): (B,C,1,1) * (B,C,H,W)

@@ -6,7 +6,7 @@ and four prediction heads summed into y (Eq. 12).
 
 Offers: `danie(size, num_classes, img_size, pretrained, pretrained_file, **switches)`, `DANIE`, `DANIEConfig`,
 `make_config`, `PRESETS`, `gmac`; the checkpoint layout of train.py, evaluate.py and predict.py (`checkpoint`,
-`save_checkpoint`, `load_checkpoint`, `from_checkpoint`); `AMP_DTYPES` and `autocast`, `MEMORY_FORMAT`.
+`save_checkpoint`, `load_checkpoint`, `from_checkpoint`); `AMP_DTYPES` and `autocast`.
 
 Why this architecture: the text alone (a patch embedding to H/4, one HAP block per stage) gives about 8.4 / 18.1
 GMAC for S / L at 224x224, 9 classes, far below Table 1's 13.29 / 26.55 (multiply-accumulates: MaxViT-T is 5.6 G
@@ -36,14 +36,13 @@ PRESETS = {
     'S': dict(size='S', backbone='maxvit_tiny_tf_224', dims=(64, 128, 256, 512), depths=(2, 2, 5, 2)),
     'L': dict(size='L', backbone='maxvit_small_tf_224', dims=(96, 192, 384, 768), depths=(2, 2, 5, 2)),
 }
-MEMORY_FORMAT = torch.channels_last  # NOTE(impl): weights and inputs: cuDNN's native NHWC convolutions and BN
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}  # --amp of every script
 PAPER_GMAC = {'S': 13.29, 'L': 26.55}  # Table 1, 224x224, 9 classes ("GFLOPs" there are multiply-accumulates)
-FUSIONS = ('jp', 'add', 'concat_res', 'eh_add', 'es_add')
+FUSION_PARTS = {'jp': (True, True), 'add': (False, False), 'concat_res': (False, False), 'eh_add': (False, True),
+                'es_add': (True, False)}  # Table 7 row -> (ES on the SAP stream, EH on the HAP stream)
+FUSIONS = tuple(FUSION_PARTS)
 ORDERS = ('channel_first', 'spatial_first')
 SWITCHES = ('hap', 'sap', 'spatial_att', 'channel_att', 'order', 'calibration', 'fusion')
-FUSION_PARTS = {'jp': (True, True), 'add': (False, False), 'eh_add': (False, True), 'es_add': (True, False),
-                'concat_res': (False, False)}  # Table 7 row -> (ES on the SAP stream, EH on the HAP stream)
 FORMAT = 'danie-ckpt-v2'  # the checkpoint layout below
 CKPT_KEYS = ('config', 'model', 'data', 'args', 'init', 'epoch', 'step', 'metric')  # best.pth; last.pth + 'train'
 
@@ -106,18 +105,13 @@ class CheckpointError(Exception):
 
 
 def read_state_dict(path):
-    """Tensors of a .pth/.bin/.safetensors file, unwrapping the usual {'state_dict'|'model': ...} containers."""
+    """Tensors of a .pth/.bin/.safetensors file, unwrapped from the usual containers by timm's own reader."""
     if not os.path.isfile(path):
         raise PretrainedError(f'pretrained file {path!r} does not exist')
     try:
-        if path.endswith('.safetensors'):
-            from safetensors.torch import load_file
-            sd = load_file(path, device='cpu')
-        else:
-            sd = torch.load(path, map_location='cpu', weights_only=True)
+        sd = timm.models.load_state_dict(path)
     except Exception as e:
         raise PretrainedError(f'cannot read pretrained file {path!r} ({_load_error(path, e)})') from None
-    sd = next((sd[k] for k in ('state_dict', 'model', 'state_dict_ema') if isinstance(sd, dict) and k in sd), sd)
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise PretrainedError(f'pretrained file {path!r} holds no state dict of tensors')
     return sd
@@ -305,7 +299,9 @@ class JointPreservation(nn.Module):
         use_es, use_eh = FUSION_PARTS[fusion]
         self.es = ES() if (use_es and sap) else None
         self.eh = EH(C) if (use_eh and hap) else None
-        self.cat_res = conv_bn_gelu(2 * C, C) if fusion == 'concat_res' else None  # Table 7 C.1 only
+        # NOTE(impl): Table 7's C.1 "Concat + Res" is read as a 3x3 conv + BN + GELU on Cat[s, h] back to C
+        # channels, plus the residual s + h: the paper names the row only.
+        self.cat_res = conv_bn_gelu(2 * C, C) if fusion == 'concat_res' else None
         if C_deeper is None:  # the deepest stage has no j_{i+1}
             self.up, self.block = None, ConvBlock(C, C)
         else:
@@ -364,9 +360,7 @@ class DANIE(nn.Module):
         p = [F.interpolate(head(j), size=size, mode='bilinear', align_corners=False)
              for head, j in zip(self.heads, js)]  # p_i: (B,K,H,W)
         a = self.config.alphas
-        y = p[0] if a[0] == 1 else p[0] * a[0]  # the paper's alpha_1 = 1 needs no multiply
-        for a_i, p_i in zip(a[1:], p[1:]):
-            y = y.add(p_i, alpha=a_i)  # Eq. (12): one fused multiply-add per head
+        y = a[0] * p[0] + a[1] * p[1] + a[2] * p[2] + a[3] * p[3]  # Eq. (12)
         return y, p
 
     def compile_blocks(self, **kw):

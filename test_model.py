@@ -1,8 +1,6 @@
 """Tests of the DANIE network (attention.py, model.py): shapes, equations, ablations, GMAC, weight loading.
 CPU, offline; full-size shape and GMAC checks run on the meta device, which needs no memory or time."""
 
-import copy
-
 import pytest
 import timm
 import torch
@@ -10,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import EH, ES, HAP, ChannelAttention, ConvBlock, SpatialAttention
-from model import FUSIONS, PAPER_GMAC, DANIE, PretrainedError, danie, gmac, make_config
+from model import FUSIONS, PAPER_GMAC, DANIE, JointPreservation, PretrainedError, danie, gmac, make_config
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # tiny tensors: more threads only add overhead, and stall badly on a loaded machine
@@ -114,32 +112,11 @@ def test_conv_block_definition():
     assert all(m.kernel_size == (3, 3) for m in block.modules() if isinstance(m, nn.Conv2d))
 
 
-def test_es_is_identity_at_init_and_matches_eq6_eq7():
-    es = ES()
-    x = torch.randn(2, 8, 5, 6)
-    torch.testing.assert_close(es(x), x)
-    with torch.no_grad():
-        es.lam.fill_(0.7)
-    S = x.reshape(2, 8, 30)
-    energy = torch.einsum('bin,bjn->bij', S, S)
-    w = torch.softmax(energy, dim=1)  # Eq. 6: normalised over i
-    expected = 0.7 * torch.einsum('bij,bin->bjn', w, S) + S  # Eq. 7: es_j = lam sum_i w_ij S3_i + S_in,j
-    torch.testing.assert_close(es(x), expected.reshape_as(x))
-
-
-def test_eh_matches_eq8_eq9():
-    eh = EH(8).eval()
-    x = torch.randn(2, 8, 4, 4)
-    k = torch.softmax(eh.c1(x).flatten(1), dim=1)  # (B,N)
-    A_g = torch.einsum('bcn,bn->bc', x.flatten(2), k)
-    W_g = torch.sigmoid(eh.c2(nn.functional.gelu(eh.ln(eh.c1_int(A_g)))))
-    torch.testing.assert_close(eh(x), W_g[:, :, None, None] * x)
-
-
 def test_attention_maps_have_the_papers_shapes():
     x = torch.randn(2, 32, 7, 7)
-    assert ChannelAttention(32)(x.amax(dim=(2, 3))).shape == (2, 32)  # A^c in R^{C x 1 x 1}, one per image
-    assert SpatialAttention()(x.mean(dim=1, keepdim=True)).shape == (2, 1, 7, 7)  # A^s in R^{1 x H x W}
+    for pool in ('max', 'avg'):
+        assert ChannelAttention(32)(x, pool).shape == (2, 32, 1, 1)  # A^c in R^{C x 1 x 1}, one per image
+        assert SpatialAttention()(x, pool).shape == (2, 1, 7, 7)  # A^s in R^{1 x H x W}
     for block in (HAP(32), HAP(32, order='spatial_first', calibration=False), ES(), EH(32)):
         assert block.eval()(x).shape == x.shape
 
@@ -250,248 +227,6 @@ def test_data_normalisation_matches_the_backbones_pretrained_config():
         assert tuple(cfg['mean']) == data.MEAN and tuple(cfg['std']) == data.STD
 
 
-# ---- the batched blocks compute the functions of the per-branch code they replaced (same weights, same keys)
-
-
-class RefChannelAttention(nn.Module):
-    """The per-branch Eq. 2 before the two branches were batched."""
-
-    def __init__(self, C, reduction=16):
-        super().__init__()
-        hidden = max(C // reduction, 1)
-        self.mlp = nn.Sequential(nn.Linear(C, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, C))
-
-    def forward(self, x, pool):
-        p = x.amax(dim=(2, 3)) if pool == 'max' else x.mean(dim=(2, 3))
-        return torch.sigmoid(self.mlp(p))[:, :, None, None]
-
-
-class RefSpatialAttention(nn.Module):
-    """The per-branch Eq. 3."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 1, 1)
-
-    def forward(self, x, pool):
-        p = x.amax(dim=1, keepdim=True) if pool == 'max' else x.mean(dim=1, keepdim=True)
-        return torch.sigmoid(self.conv(p))
-
-
-class RefHAP(nn.Module):
-    """HAP as first written: both branches at full size, one after the other, O_d formed, then pooled."""
-
-    def __init__(self, C, order='channel_first', calibration=True, spatial_att=True, channel_att=True):
-        super().__init__()
-        self.order = order
-        self.channel = RefChannelAttention(C) if channel_att else None
-        self.spatial = RefSpatialAttention() if spatial_att else None
-        self.calibration = nn.Module()
-        if calibration:
-            self.calibration.w = nn.Parameter(torch.full((2,), 0.5))
-        else:
-            self.calibration.register_buffer('w', torch.full((2,), 0.5))
-        self.c = nn.Linear(C, C)
-        self.block = ConvBlock(C, C)
-
-    def branch(self, h, pool):
-        stages = [self.channel, self.spatial] if self.order == 'channel_first' else [self.spatial, self.channel]
-        x = h
-        for att in stages:
-            if att is not None:
-                x = att(x, pool) * x
-        return x
-
-    def forward(self, h):
-        O_d = self.calibration.w[0] * self.branch(h, 'max') + self.calibration.w[1] * self.branch(h, 'avg')
-        A_d = torch.sigmoid(self.c(O_d.mean(dim=(2, 3))))[:, :, None, None]
-        return self.block(A_d * h)
-
-
-class RefES(nn.Module):
-    """ES through matmul, lambda applied after the product."""
-
-    def __init__(self):
-        super().__init__()
-        self.lam = nn.Parameter(torch.zeros(1))
-
-    def forward(self, S):
-        B, C, H, W = S.shape
-        S1 = S.reshape(B, C, H * W)
-        W_c = torch.softmax(S1 @ S1.transpose(1, 2), dim=1)
-        return self.lam * (W_c.transpose(1, 2) @ S1).reshape(B, C, H, W) + S
-
-
-class RefEH(EH):
-    """EH through matmul and reshape."""
-
-    def forward(self, H_in):
-        B, C, H, W = H_in.shape
-        k = torch.softmax(self.c1(H_in).reshape(B, 1, H * W), dim=-1)
-        A_g = H_in.reshape(B, C, H * W) @ k.transpose(1, 2)
-        W_g = torch.sigmoid(self.c2(F.gelu(self.ln(self.c1_int(A_g.squeeze(-1))))))
-        return W_g[:, :, None, None] * H_in
-
-
-def ref_forward_heads(model, js, size):
-    """Eq. 12 as first written: alpha_i * p_i summed from 0."""
-    p = [F.interpolate(head(j), size=size, mode='bilinear', align_corners=False) for head, j in zip(model.heads, js)]
-    return sum(a * p_i for a, p_i in zip(torch.tensor(model.config.alphas, dtype=p[0].dtype), p)), p
-
-
-def reference_of(model):
-    """A copy of model whose HAP, ES, EH and heads run the reference code, loaded with strict state dicts."""
-    ref = copy.deepcopy(model)
-    for name, m in list(ref.named_modules()):
-        if isinstance(m, (HAP, ES, EH)):
-            if isinstance(m, HAP):
-                new = RefHAP(m.c.in_features, m.order, isinstance(m.calibration.w, nn.Parameter),
-                             m.spatial is not None, m.channel is not None)
-            else:
-                new = RefES() if isinstance(m, ES) else RefEH(m.c1.in_channels)
-            new = new.to(next(m.parameters()).dtype).train(m.training)  # the tested block's mode (BN in HAP)
-            new.load_state_dict(m.state_dict(), strict=True)
-            parent, _, leaf = name.rpartition('.')
-            setattr(ref.get_submodule(parent), leaf, new)
-    ref.forward_heads = lambda js, size: ref_forward_heads(ref, js, size)
-    return ref
-
-
-def randomise(model):
-    """Non-trivial weights: lambda != 0, uneven calibration, every parameter moved off its initial value."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def grads_of(model, x, seed=0):
-    """Outputs, input gradient and parameter gradients of one loss that weighs every output differently."""
-    x = x.clone().requires_grad_()
-    y, heads = model(x)
-    g = torch.Generator().manual_seed(seed)
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in (y, *heads))
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    return [y, *heads, x.grad] + [p.grad for p in model.parameters()]
-
-
-HAP_VARIANTS = [dict(order=o, calibration=c) for o in ('channel_first', 'spatial_first') for c in (True, False)] + [
-    dict(spatial_att=False), dict(channel_att=False), dict(spatial_att=False, order='spatial_first', calibration=False),
-    dict(channel_att=False, order='spatial_first', calibration=False)]
-
-
-@pytest.mark.parametrize('channels_last', [False, True])
-@pytest.mark.parametrize('variant', HAP_VARIANTS, ids=str)
-def test_batched_hap_equals_the_per_branch_hap(variant, channels_last):
-    ref = RefHAP(16, **variant).double().train()
-    randomise(ref)
-    hap = HAP(16, **variant).double().train()
-    hap.load_state_dict(ref.state_dict(), strict=True)
-    x = torch.randn(2, 16, 6, 7, dtype=torch.float64)
-    if channels_last:
-        hap, x = hap.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    outs = []
-    for block in (hap, ref):
-        xi = x.clone().requires_grad_()
-        y = block(xi)
-        (y * torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape).sin()).sum().backward()
-        outs.append([y, xi.grad] + [p.grad for p in block.parameters()])
-    assert len(outs[0]) == len(outs[1]) == 2 + len(list(ref.parameters()))
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    assert not channels_last or outs[0][0].is_contiguous(memory_format=torch.channels_last)
-
-
-@pytest.mark.parametrize('channels_last', [False, True])
-def test_es_eh_equal_the_reference(channels_last):
-    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    es, eh = randomise(ES().double()), randomise(EH(8).double())
-    ref_es, ref_eh = RefES().double(), RefEH(8).double()
-    ref_es.load_state_dict(es.state_dict(), strict=True)
-    ref_eh.load_state_dict(eh.state_dict(), strict=True)
-    for new, ref in ((es, ref_es), (eh, ref_eh)):
-        out = new(x)
-        torch.testing.assert_close(out, ref(x), rtol=1e-10, atol=1e-12)
-        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-def test_danie_s_equals_the_reference_model():
-    # 64x64, not 32: at 32 the deepest BN sees 2 values per channel and amplifies rounding without bound
-    torch.manual_seed(0)
-    model = randomise(danie('S', num_classes=3, img_size=64).double().train())
-    ref = reference_of(model)
-    assert sum(isinstance(m, RefHAP) for m in ref.modules()) == sum(model.config.depths)
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    new_out, ref_out = grads_of(model, x), grads_of(ref, x)  # train mode: BN uses batch statistics in both
-    assert len(new_out) == len(ref_out) == 6 + len(list(model.parameters()))
-    for a, b in zip(new_out[:5], ref_out[:5]):  # y and the four heads
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    scale = max(g.abs().max() for g in ref_out[5:])  # biases before BN have gradients of pure rounding noise
-    for a, b in zip(new_out[5:], ref_out[5:]):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12 * scale)
-    model.eval()  # and in eval mode (BN's running statistics), the reference built in that mode too
-    ref = reference_of(model)
-    assert not any(m.training for m in ref.modules())
-    with torch.no_grad():
-        for a, b in zip(model(x)[1], ref(x)[1]):  # float64 values up to ~1e4: rounding at 1e-10 relative
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * b.abs().max().item())
-
-
-def test_channels_last_model_computes_the_same_and_stays_channels_last():
-    torch.manual_seed(0)
-    model = tiny(img_size=64).eval()  # eval: batch statistics of tiny maps would amplify rounding
-    with torch.no_grad():
-        for jp in model.jp:
-            jp.es.lam.fill_(0.1)  # let ES act
-    x = torch.randn(2, 3, 64, 64)
-    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    layouts = []
-    hooks = [m.register_forward_hook(lambda m, i, o: layouts.append(o.is_contiguous(memory_format=torch.channels_last)))
-             for m in cl_model.modules() if isinstance(m, (HAP, ES, EH, ConvBlock))]
-    y_cl, heads_cl = cl_model(x.contiguous(memory_format=torch.channels_last))
-    for h in hooks:
-        h.remove()
-    y, heads = model(x)
-    assert layouts and all(layouts)
-    torch.testing.assert_close(y_cl, y, rtol=1e-4, atol=1e-4 * y.abs().max().item())
-
-
-def test_eq12_with_other_alphas_equals_the_reference():
-    torch.manual_seed(0)
-    model = tiny(img_size=64).eval()
-    model.config = make_config('S', num_classes=3, img_size=64, alphas=(0.5, 1.0, 2.0, 0.25), **TINY)
-    js = [torch.randn(2, c, 64 // r, 64 // r) for c, r in zip(model.config.dims, (4, 8, 16, 32))]
-    y, p = model.forward_heads(js, (64, 64))
-    y_ref, p_ref = ref_forward_heads(model, js, (64, 64))
-    torch.testing.assert_close(y, y_ref)
-    assert all(torch.equal(a, b) for a, b in zip(p, p_ref))
-
-
-@pytest.mark.parametrize('channels_last', [False, True])
-def test_es_gradients_equal_the_reference_where_the_softmax_is_soft(channels_last):
-    # small features: energies of order 0.1, so W_c is far from one-hot and every weight carries gradient
-    x = 0.05 * torch.randn(2, 8, 5, 6, dtype=torch.float64)
-    S = x.flatten(2)
-    assert torch.softmax(S @ S.transpose(1, 2), dim=1).max() < 0.5  # not saturated
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    es = randomise(ES().double())
-    ref = RefES().double()
-    ref.load_state_dict(es.state_dict(), strict=True)
-    grads = []
-    for block in (es, ref):
-        xi = x.clone().requires_grad_()
-        y = block(xi)
-        (y * torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape).cos()).sum().backward()
-        grads.append((y, xi.grad, block.lam.grad))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    assert grads[0][2].abs().item() > 1e-3  # lambda learns
-
-
 def test_unreadable_weight_files_are_named_without_torchs_advice(tmp_path):
     import types
     import model
@@ -517,3 +252,300 @@ def test_unreadable_weight_files_are_named_without_torchs_advice(tmp_path):
     (tmp_path / 'empty.pth').write_bytes(b'')
     with pytest.raises(model.CheckpointError, match=r'empty.pth: not a readable PyTorch checkpoint \(an empty file\)'):
         model.load_checkpoint(tmp_path / 'empty.pth')
+
+# ---- the state-dict layout: checkpoints written by any version of these blocks keep loading
+
+# one HAP block and one EH at C = 64, key by key; the whole model by count, prefix and a hash of 'key:shape' lines
+BN_64 = ('1.weight:(64,)', '1.bias:(64,)', '1.running_mean:(64,)', '1.running_var:(64,)', '1.num_batches_tracked:()')
+HAP_KEYS_64 = ['channel.mlp.0.weight:(4, 64)', 'channel.mlp.0.bias:(4,)', 'channel.mlp.2.weight:(64, 4)',
+               'channel.mlp.2.bias:(64,)', 'spatial.conv.weight:(1, 1, 1, 1)', 'spatial.conv.bias:(1,)',
+               'calibration.w:(2,)', 'c.weight:(64, 64)', 'c.bias:(64,)'] + [
+    f'block.{i}.{k}' for i in (0, 1) for k in ('0.weight:(64, 64, 3, 3)', *BN_64)]
+EH_KEYS_64 = ['c1.weight:(1, 64, 1, 1)', 'c1.bias:(1,)', 'c1_int.weight:(16, 64)', 'c1_int.bias:(16,)',
+              'ln.weight:(16,)', 'ln.bias:(16,)', 'c2.weight:(64, 16)', 'c2.bias:(64,)']
+OURS = {'hap.embed': 24, 'hap.stages': 249, 'jp.0': 27, 'jp.1': 27, 'jp.2': 27, 'jp.3': 21, 'heads.0': 2,
+        'heads.1': 2, 'heads.2': 2, 'heads.3': 2, 'sap.stem': 9, 'sap.stages_1': 100, 'sap.stages_2': 247,
+        'sap.stages_3': 100}
+STATE_DICTS = {'S': (937, dict(OURS, **{'sap.stages_0': 98}), '26983f242b24c4dc'),
+               'L': (939, dict(OURS, **{'sap.stages_0': 100}), '69a44b3e16713a84')}
+
+
+def key_lines(module):
+    return [f'{k}:{tuple(v.shape)}' for k, v in module.state_dict().items()]
+
+
+@pytest.mark.parametrize('size', ['S', 'L'])
+def test_state_dict_keys_and_shapes_are_pinned(size):
+    import collections
+    import hashlib
+    assert key_lines(HAP(64)) == HAP_KEYS_64 and key_lines(EH(64)) == EH_KEYS_64 and key_lines(ES()) == ['lam:(1,)']
+    lines = sorted(key_lines(meta_danie(size)))
+    prefixes = dict(collections.Counter('.'.join(line.split(':')[0].split('.')[:2]) for line in lines))
+    count, want_prefixes, digest = STATE_DICTS[size]
+    diff = {k: (prefixes.get(k), want_prefixes.get(k)) for k in {*prefixes, *want_prefixes}
+            if prefixes.get(k) != want_prefixes.get(k)}
+    assert not diff, f'keys per prefix (now, pinned): {diff}'
+    assert len(lines) == count
+    assert hashlib.sha256('\n'.join(lines).encode()).hexdigest()[:16] == digest, 'same counts, other names or shapes'
+
+
+# ---- the paper's equations, one test each: the module against float64 formulas written from the text
+# Each reference reads only the module's weights; its steps are plain torch ops, in the paper's symbols.
+
+
+def randomise(module):
+    """Non-trivial float64 weights: every parameter moved off its initial value (lambda != 0, w_max != w_avg)."""
+    module.double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return module
+
+
+def check_with_grads(got, want, inputs, params, rtol=1e-10, atol=1e-12):
+    """got == want, and so are their gradients of one loss that weighs every element differently."""
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    weight = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=got.dtype)
+    wrt = [*inputs, *params]
+    for a, b in zip(torch.autograd.grad((got * weight).sum(), wrt, retain_graph=True, allow_unused=True),
+                    torch.autograd.grad((want * weight).sum(), wrt, retain_graph=True, allow_unused=True)):
+        assert b is not None
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def x64(*shape, seed=0, scale=1.0):
+    return (scale * torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            ).requires_grad_()
+
+
+def captured(module, fn):
+    """(the inputs of module's first call, its output) while fn() runs."""
+    seen = []
+    hook = module.register_forward_hook(lambda m, i, o: seen.append((i, o)))
+    try:
+        fn()
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def ref_A_c(hap, x, pool):
+    """sigma(MLP(P^s(x))): P^s max or mean over H x W, MLP = W_1 ReLU(W_0 p + b_0) + b_1 (Eq. 2)."""
+    p = x.amax(dim=(2, 3)) if pool == 'max' else x.mean(dim=(2, 3))  # (B,C)
+    l0, l1 = hap.channel.mlp[0], hap.channel.mlp[2]
+    z = torch.relu(p @ l0.weight.T + l0.bias) @ l1.weight.T + l1.bias
+    return torch.sigmoid(z)[:, :, None, None]  # (B,C,1,1)
+
+
+def ref_A_s(hap, x, pool):
+    """sigma(Conv(P^c(x))): P^c max or mean over channels, Conv a 1x1 conv of one channel (Eq. 3)."""
+    p = x.amax(dim=1, keepdim=True) if pool == 'max' else x.mean(dim=1, keepdim=True)  # (B,1,H,W)
+    return torch.sigmoid(hap.spatial.conv.weight.view(()) * p + hap.spatial.conv.bias)
+
+
+def ref_O(hap, h, pool):
+    """m = A^c * h (Eq. 2), O = A^s * m (Eq. 3); spatial first swaps them; a switched-off attention is skipped."""
+    steps = [(hap.channel, ref_A_c), (hap.spatial, ref_A_s)]
+    x = h
+    for module, A in (steps if hap.order == 'channel_first' else steps[::-1]):
+        if module is not None:
+            x = A(hap, x, pool) * x
+    return x
+
+
+def ref_conv_bn_gelu(unit, x):
+    """3x3 conv, batch normalisation with the batch's statistics (train mode), GELU."""
+    conv, bn = unit[0], unit[1]
+    z = F.conv2d(x, conv.weight, stride=conv.stride, padding=1)
+    mean, var = z.mean(dim=(0, 2, 3), keepdim=True), z.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    z = (z - mean) / torch.sqrt(var + bn.eps) * bn.weight[:, None, None] + bn.bias[:, None, None]
+    return 0.5 * z * (1 + torch.erf(z / 2 ** 0.5))
+
+
+def ref_conv_block(block, x):
+    """ConvBlock: two 3x3 conv + BN + GELU (below Eq. 11)."""
+    return ref_conv_bn_gelu(block[1], ref_conv_bn_gelu(block[0], x))
+
+
+def ref_es(es, S_in):
+    """es_j = lambda sum_i w_ij S_3,i + S_in,j, w_ij = exp(S_1,i . S_2,j) / sum_i exp(S_1,i . S_2,j) (Eq. 6-7)."""
+    B, C, H, W = S_in.shape
+    S1 = S_in.reshape(B, C, H * W)
+    energy = torch.einsum('bin,bjn->bij', S1, S1)  # S_1,i . S_2,j
+    e = torch.exp(energy - energy.amax(dim=1, keepdim=True))  # the same ratio, without overflow
+    w = e / e.sum(dim=1, keepdim=True)  # Eq. 6: normalised over i
+    out = es.lam * torch.einsum('bij,bin->bjn', w, S1) + S1  # Eq. 7, DANet's reading (S_3,i)
+    return out.reshape(B, C, H, W)
+
+
+def ref_A_g(eh, H_in):
+    """A_g = psi(F_r1(c1 * H_in)) x F_r2(H_in): softmax over the H x W positions, then a weighted sum (Eq. 8)."""
+    B, C = H_in.shape[:2]
+    logits = torch.einsum('bchw,c->bhw', H_in, eh.c1.weight.view(C)) + eh.c1.bias  # c1 *: (B,H,W)
+    k = torch.exp(logits.flatten(1)) / torch.exp(logits.flatten(1)).sum(dim=1, keepdim=True)  # psi over N
+    return torch.einsum('bcn,bn->bc', H_in.flatten(2), k)  # (B,C)
+
+
+def ref_eh(eh, H_in):
+    """eh = sigma(c2 * GELU(LN(c1 * A_g))) * H_in (Eq. 9); LN over the C/4 bottleneck with its affine."""
+    z = ref_A_g(eh, H_in) @ eh.c1_int.weight.T + eh.c1_int.bias
+    z = (z - z.mean(dim=1, keepdim=True)) / torch.sqrt(z.var(dim=1, unbiased=False, keepdim=True) + eh.ln.eps)
+    z = z * eh.ln.weight + eh.ln.bias
+    z = 0.5 * z * (1 + torch.erf(z / 2 ** 0.5))
+    W_g = torch.sigmoid(z @ eh.c2.weight.T + eh.c2.bias)
+    return W_g[:, :, None, None] * H_in
+
+
+@pytest.mark.parametrize('order', ['channel_first', 'spatial_first'])
+def test_eq2_channel_attention(order):
+    hap = randomise(HAP(16, order=order, spatial_att=False))  # Table 5 A.3: the branches end at m of Eq. 2
+    h = x64(2, 16, 5, 6)
+    (m_max, m_avg), _ = captured(hap.calibration, lambda: hap(h))
+    params = list(hap.channel.parameters())
+    check_with_grads(m_max, ref_A_c(hap, h, 'max') * h, [h], params)
+    check_with_grads(m_avg, ref_A_c(hap, h, 'avg') * h, [h], params)
+
+
+@pytest.mark.parametrize('order', ['channel_first', 'spatial_first'])
+@pytest.mark.parametrize('channel_att', [True, False])
+def test_eq3_spatial_attention_on_m(order, channel_att):
+    hap = randomise(HAP(16, order=order, channel_att=channel_att))
+    h = x64(2, 16, 5, 6)
+    (O_max, O_avg), _ = captured(hap.calibration, lambda: hap(h))
+    if channel_att:  # O = A^s(m) * m, m from Eq. 2 (or the other order)
+        want_max, want_avg = ref_O(hap, h, 'max'), ref_O(hap, h, 'avg')
+    else:  # Table 5 A.4: O = A^s(h) * h
+        want_max, want_avg = ref_A_s(hap, h, 'max') * h, ref_A_s(hap, h, 'avg') * h
+    params = [p for m in (hap.channel, hap.spatial) if m is not None for p in m.parameters()]
+    check_with_grads(O_max, want_max, [h], params)
+    check_with_grads(O_avg, want_avg, [h], params)
+
+
+@pytest.mark.parametrize('calibration', [True, False])
+def test_eq4_dynamic_calibration(calibration):
+    hap = randomise(HAP(16, calibration=calibration))
+    if not calibration:  # Table 6 'Dcal off': the fixed average
+        assert hap.calibration.w.tolist() == [0.5, 0.5] and not hap.calibration.w.requires_grad
+    h = x64(2, 16, 5, 6)
+    _, O_d = captured(hap.calibration, lambda: hap(h))
+    w_max, w_avg = hap.calibration.w
+    params = [*hap.channel.parameters(), *hap.spatial.parameters(), *([hap.calibration.w] if calibration else [])]
+    check_with_grads(O_d, w_max * ref_O(hap, h, 'max') + w_avg * ref_O(hap, h, 'avg'), [h], params)
+
+
+@pytest.mark.parametrize('variant', [dict(), dict(order='spatial_first', calibration=False)], ids=str)
+def test_eq5_hap_output(variant):
+    hap = randomise(HAP(16, **variant)).train()
+    h = x64(2, 16, 5, 6)
+    w_max, w_avg = hap.calibration.w
+    O_d = w_max * ref_O(hap, h, 'max') + w_avg * ref_O(hap, h, 'avg')
+    A_d = torch.sigmoid(O_d.mean(dim=(2, 3)) @ hap.c.weight.T + hap.c.bias)  # sigma(c* O_d), O_d pooled to C x 1 x 1
+    want = ref_conv_block(hap.block, A_d[:, :, None, None] * h)  # Eq. 5
+    check_with_grads(hap(h), want, [h], [p for p in hap.parameters() if p.requires_grad], rtol=1e-9, atol=1e-10)
+
+
+def test_eq6_softmax_over_i():
+    # small features: energies of order 0.1, so the weights are far from one-hot and the axis of Eq. 6 shows
+    es = ES().double()
+    with torch.no_grad():
+        es.lam.fill_(1.0)
+    S_in = x64(2, 8, 5, 6, scale=0.05)
+    S = S_in.detach().flatten(2)
+    w = torch.softmax(S @ S.transpose(1, 2), dim=1)
+    assert w.max() < 0.5 and not torch.allclose(w, w.transpose(1, 2).softmax(dim=1))  # soft, and not symmetric
+    check_with_grads(es(S_in), ref_es(es, S_in), [S_in], [])
+
+
+def test_eq7_lambda_and_residual():
+    es = ES().double()
+    S_in = x64(2, 8, 5, 6)
+    torch.testing.assert_close(es(S_in), S_in)  # lambda learns from 0: ES starts as the identity
+    with torch.no_grad():
+        es.lam.fill_(0.7)
+    check_with_grads(es(S_in), ref_es(es, S_in), [S_in], [es.lam])
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # the fp32 guard: energies beyond bf16's precision
+        assert es.float()(S_in.detach().float()).dtype == torch.float32
+
+
+def test_eq8_context_modelling():
+    eh = randomise(EH(16))
+    H_in = x64(2, 16, 5, 6)
+    (A_g,), _ = captured(eh.c1_int, lambda: eh(H_in))  # c1_int reads A_g, C x 1 x 1 per image
+    check_with_grads(A_g, ref_A_g(eh, H_in), [H_in], list(eh.c1.parameters()))
+
+
+def test_eq9_context_integration():
+    eh = randomise(EH(16))
+    H_in = x64(2, 16, 5, 6)
+    check_with_grads(eh(H_in), ref_eh(eh, H_in), [H_in], list(eh.parameters()))
+
+
+def test_eq10_aggregation():
+    jp = randomise(JointPreservation(16, None))
+    s, h = x64(2, 16, 4, 4, seed=1), x64(2, 16, 4, 4, seed=2)
+    check_with_grads(jp.fuse(s, h), ref_es(jp.es, s) + ref_eh(jp.eh, h), [s, h],
+                     [*jp.es.parameters(), *jp.eh.parameters()])
+
+
+@pytest.mark.parametrize('deepest', [True, False])
+def test_eq11_decoding_stage(deepest):
+    jp = randomise(JointPreservation(16, None if deepest else 32)).train()
+    s, h, j = x64(2, 16, 4, 4, seed=1), x64(2, 16, 4, 4, seed=2), x64(2, 32, 2, 2, seed=3)
+    e = ref_es(jp.es, s) + ref_eh(jp.eh, h)  # Eq. 10
+    if deepest:  # j_4 = ConvBlock(e_4)
+        got, want, inputs = jp(s, h), ref_conv_block(jp.block, e), [s, h]
+    else:  # j_i = ConvBlock(Cat[e_i, up(j_{i+1})]), up = bilinear x2 then 3x3 conv + BN + GELU
+        u = ref_conv_bn_gelu(jp.up, F.interpolate(j, scale_factor=2, mode='bilinear', align_corners=False))
+        got, want, inputs = jp(s, h, j), ref_conv_block(jp.block, torch.cat([e, u], dim=1)), [s, h, j]
+    check_with_grads(got, want, inputs, list(jp.parameters()), rtol=1e-9, atol=1e-10)
+
+
+def test_eq12_weighted_sum_of_the_heads():
+    model = tiny(img_size=64).double()
+    model.config = make_config('S', num_classes=3, img_size=64, alphas=(0.5, 1.0, 2.0, 0.25), **TINY)
+    js = [x64(2, c, 64 // r, 64 // r, seed=r) for c, r in zip(model.config.dims, (4, 8, 16, 32))]
+    y, p = model.forward_heads(js, (64, 64))
+    want_p = [F.interpolate(F.conv2d(j, head.weight, head.bias), size=(64, 64), mode='bilinear',
+                            align_corners=False) for head, j in zip(model.heads, js)]
+    for got, want in zip(p, want_p):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    want_y = 0.5 * want_p[0] + 1.0 * want_p[1] + 2.0 * want_p[2] + 0.25 * want_p[3]  # Eq. 12
+    check_with_grads(y, want_y, js, list(model.heads.parameters()))
+
+
+def ref_dice(logits, target, k, smooth=1e-5):
+    """TransUNet's utils.DiceLoss, written out: softmax, one-hot, and per class (2 I + s) / (Z + Y + s) over the
+    batch, squared terms, averaged over the k classes with background."""
+    prob = torch.softmax(logits, dim=1)
+    loss = 0
+    for i in range(k):
+        p, t = prob[:, i], (target == i).to(prob.dtype)
+        loss = loss + 1 - (2 * (p * t).sum() + smooth) / ((p * p).sum() + (t * t).sum() + smooth)
+    return loss / k
+
+
+def ref_criterion(y, heads, target, mode, k):
+    eq13 = lambda z: 0.7 * ref_dice(z, target, k) + 0.3 * F.cross_entropy(z, target)  # noqa: E731
+    if mode == 'final':
+        return eq13(y)
+    if mode == 'deep':
+        return sum(eq13(p) for p in heads) + eq13(y)
+    subsets = [[p for m, p in enumerate(heads) if s >> m & 1] for s in range(1, 16)]  # bit m of s: head m is in
+    return sum(eq13(sum(ps)) for ps in subsets)
+
+
+@pytest.mark.parametrize('mode', ['final', 'deep', 'mutation'])
+def test_eq13_loss(mode):
+    import train
+    g = torch.Generator().manual_seed(0)
+    heads = [torch.randn(2, 3, 6, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    y = torch.randn(2, 3, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 3, (2, 6, 5), generator=g)
+    ours, ref = train.criterion(y, heads, target, mode, 3), ref_criterion(y, heads, target, mode, 3)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    got, want = (torch.autograd.grad(v, [y, *heads], allow_unused=True) for v in (ours, ref))
+    for a, b in zip(got, want):
+        if b is None:  # y takes no part in 'mutation'
+            assert a is None or not a.abs().any()
+        else:
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-7)

@@ -425,7 +425,7 @@ def run(args):
         save = args.save_pred and data.output_dir(args.save_pred, '--save-pred', roots=roots)
         if info.get('selected_on') == 'test' and args.split == 'test':
             print(f'WARNING: {SELECTED_ON_TEST}', file=sys.stderr)
-        net = danie.from_checkpoint(ckpt, args.ckpt).to(args.device, memory_format=danie.MEMORY_FORMAT)
+        net = danie.from_checkpoint(ckpt, args.ckpt).to(args.device)
         opts = {k: info[k] for k in ('val_cases', 'label_map') if info.get(k) is not None}
         try:
             data.get_spec(info['name'], root, spec.num_classes, given=f'{args.ckpt} (the classes it learnt)')

@@ -76,7 +76,7 @@ def segment(model, x, device, batch_size=BATCH, amp='none', tta=False):
     labels = []
     with torch.inference_mode():
         for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size].to(device, non_blocking=True, memory_format=danie.MEMORY_FORMAT)  # (n,3,S,S)
+            xb = x[i:i + batch_size].to(device, non_blocking=True)  # (n,3,S,S)
             with danie.autocast(device, amp):
                 y = _forward(model, xb, tta)
             # NOTE(impl): argmax over the K logits; for K = 2 (ISIC, GlaS) the lineage's softmax threshold of 0.5
@@ -251,7 +251,7 @@ def run(args):
         names = output_names(files)
         out = data.output_dir(args.out, '--out', inputs=[f.parent for f in files],
                               roots={args.input: '--input'} if Path(args.input).is_dir() else None)
-        net = danie.from_checkpoint(ckpt, args.ckpt).to(args.device, memory_format=danie.MEMORY_FORMAT).eval()
+        net = danie.from_checkpoint(ckpt, args.ckpt).to(args.device).eval()
     except (danie.CheckpointError, data.DataError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ import csv
 import datetime
 import fcntl
 import io
+import itertools
 import json
 import math
 import os
@@ -158,39 +159,37 @@ def all_ranks(world):
 
 
 def dice_loss(logits, target, num_classes=None, smooth=1e-5, reduce=None):
-    """Soft Dice loss of logits (B,K,H,W), or of M stacked outputs (M,B,K,H,W) -> (M,), for target (B,H,W)."""
+    """Soft Dice loss of logits (B,K,H,W) for target (B,H,W), averaged over the classes."""
     # NOTE(impl): TransUNet/CASCADE's DiceLoss, whence 0.7/0.3: all classes, a Dice per class over the batch,
     # squared terms, smooth 1e-5.
-    B, K, H, W = logits.shape[-4:]
-    prob = logits.float().view(-1, B, K, H, W).softmax(dim=2)  # (M,B,K,H,W)
-    classes = torch.arange(num_classes or K, device=target.device).view(-1, 1, 1)  # (K,1,1)
-    onehot = (target.unsqueeze(1) == classes).to(prob.dtype)  # (B,K,H,W); unlike F.one_hot, no host sync
-    inter, p2 = torch.stack([prob * onehot, prob * prob]).sum((2, 4, 5))  # (2,M,B,K,H,W) -> (2,M,K)
-    g = onehot.sum((0, 2, 3))  # (K,); onehot * onehot == onehot
+    prob = logits.float().softmax(dim=1)  # (B,K,H,W)
+    classes = torch.arange(num_classes or logits.shape[1], device=target.device)  # (K,)
+    onehot = (target[:, None] == classes[:, None, None]).to(prob.dtype)  # (B,1,H,W) == (K,1,1) -> (B,K,H,W)
+    inter = (prob * onehot).sum((0, 2, 3))  # (K,)
+    p2 = (prob * prob).sum((0, 2, 3))  # (K,)
+    g2 = onehot.sum((0, 2, 3))  # (K,); onehot * onehot == onehot
     if reduce is not None:  # DDP: the Dice of the global batch
-        inter, p2, g = reduce(torch.cat([inter, p2, g[None]])).split([len(inter), len(p2), 1])
-    return (1 - (2 * inter + smooth) / (p2 + g + smooth)).mean(dim=-1).view(logits.shape[:-4])  # (M,K) -> (M,)
+        inter, p2, g2 = reduce(torch.stack([inter, p2, g2]))  # (3,K)
+    return (1 - (2 * inter + smooth) / (p2 + g2 + smooth)).mean()
 
 
 def seg_loss(logits, target, num_classes=None, reduce=None):
-    """Eq. 13 in float32, of logits (B,K,H,W) or summed over (M,B,K,H,W)."""
-    B, K, H, W = logits.shape[-4:]
-    M = logits.numel() // (B * K * H * W)  # 1 for a single output
-    ce = F.cross_entropy(logits.float().view(M * B, K, H, W), target.repeat(M, 1, 1))  # (M*B,K,H,W)
-    return LAMBDA_DICE * dice_loss(logits, target, num_classes, reduce=reduce).sum() + (1 - LAMBDA_DICE) * M * ce
+    """Eq. 13 on one output, in float32: lambda_1 Dice + lambda_2 CE."""
+    dice = dice_loss(logits, target, num_classes, reduce=reduce)
+    ce = F.cross_entropy(logits.float(), target)
+    return LAMBDA_DICE * dice + (1 - LAMBDA_DICE) * ce  # Eq. (13)
 
 
 def criterion(y, heads, target, mode='deep', num_classes=None, reduce=None):
-    """Eq. 13 on DANIE's outputs (y, [p1..p4]) under a supervision mode."""
-    if mode == 'final':  # on y = sum_i alpha_i p_i (Eq. 12) only
-        outputs = y
-    elif mode == 'deep':  # CASCADE: on every head, and here on y
-        outputs = torch.stack([*heads, y])  # (5,B,K,H,W)
-    else:  # 'mutation', MERIT: on the summed logits of each non-empty subset of heads (15 for 4)
-        bit = torch.arange(len(heads), device=y.device)
-        member = (torch.arange(1, 2 ** len(heads), device=y.device)[:, None] >> bit) & 1  # (15,1) >> (4,) -> (15,4)
-        outputs = torch.einsum('sm,mbkhw->sbkhw', member.to(y.dtype), torch.stack(heads))  # (15,4) @ (4,B,K,H,W)
-    return seg_loss(outputs, target, num_classes or y.shape[1], reduce)
+    """Eq. 13 on DANIE's outputs (y, [p1..p4]), summed over the outputs the supervision mode names."""
+    if mode == 'final':  # y = sum_i alpha_i p_i (Eq. 12) only
+        outputs = [y]
+    elif mode == 'deep':  # CASCADE: every head, and here y
+        outputs = [*heads, y]
+    else:  # 'mutation', MERIT: the summed logits of each non-empty subset of heads (15 for 4)
+        subsets = [s for r in range(1, len(heads) + 1) for s in itertools.combinations(heads, r)]
+        outputs = [sum(s) for s in subsets]
+    return sum(seg_loss(o, target, num_classes or y.shape[1], reduce) for o in outputs)
 
 
 def train_step(net, optimiser, scaler, x, target, amp, supervision, num_classes=None, reduce=None):
@@ -211,7 +210,7 @@ def train_one_epoch(net, optimiser, scaler, loader, device, amp, supervision, ru
     reduce = all_reduce if world > 1 else None  # its backward sums the gradients too
     num_classes, losses = loader.dataset.spec.num_classes, []
     for x, target in tqdm(loader, desc=f'epoch {run.epoch + 1}', leave=False, disable=rank > 0):
-        x = x.to(device, non_blocking=True, memory_format=model.MEMORY_FORMAT)
+        x = x.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         losses.append(train_step(net, optimiser, scaler, x, target, amp, supervision, num_classes, reduce))
         if max_steps is not None and run.step + len(losses) >= max_steps:
@@ -313,7 +312,7 @@ def setup(args, ckpt, rank, world, device):
     if world > 1 and device.type == 'cuda':
         # NOTE(impl): SyncBatchNorm on GPUs: BN sees the global batch (gloo on CPUs has none).
         net = timm.layers.convert_sync_batchnorm(net)
-    net = net.to(device, memory_format=model.MEMORY_FORMAT)
+    net = net.to(device)
     optimiser = make_optimizer(net, args.lr, args.weight_decay, device)
     scaler = torch.amp.GradScaler('cuda', enabled=args.amp == 'fp16')
     if ckpt is not None:

@@ -543,45 +543,6 @@ def test_your_own_data_trains_two_steps_and_evaluates(tmp_path, layout):
     assert set(names) <= set(result['per_class']) and result['n_cases'] >= 1
 
 
-# ---- Eq. 13 against an independent float64 reference: TransUNet's DiceLoss + CE, outputs and gradients
-
-def ref_dice(logits, target, num_classes, smooth=1e-5):
-    """TransUNet's utils.DiceLoss, written out: softmax, one-hot, and per class (2 I + s) / (Z + Y + s) over the
-    batch, squared terms, averaged over the classes with background."""
-    prob = torch.softmax(logits, dim=1)
-    loss = 0
-    for i in range(num_classes):
-        p, t = prob[:, i], (target == i).to(prob.dtype)
-        loss = loss + 1 - (2 * (p * t).sum() + smooth) / ((p * p).sum() + (t * t).sum() + smooth)
-    return loss / num_classes
-
-
-def ref_criterion(y, heads, target, mode, num_classes):
-    eq13 = lambda z: 0.7 * ref_dice(z, target, num_classes) + 0.3 * F.cross_entropy(z, target)  # noqa: E731
-    if mode == 'final':
-        return eq13(y)
-    if mode == 'deep':
-        return sum(eq13(p) for p in heads) + eq13(y)
-    subsets = [[p for m, p in enumerate(heads) if s >> m & 1] for s in range(1, 16)]
-    return sum(eq13(sum(ps)) for ps in subsets)
-
-
-@pytest.mark.parametrize('mode', ['final', 'deep', 'mutation'])
-def test_eq13_equals_the_float64_reference_with_gradients(mode):
-    g = torch.Generator().manual_seed(0)
-    heads = [torch.randn(2, 3, 6, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(4)]
-    y = torch.randn(2, 3, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    target = torch.randint(0, 3, (2, 6, 5), generator=g)
-    ours, ref = train.criterion(y, heads, target, mode, 3), ref_criterion(y, heads, target, mode, 3)
-    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
-    got, want = (torch.autograd.grad(v, [y, *heads], allow_unused=True) for v in (ours, ref))
-    for a, b in zip(got, want):
-        if b is None:  # y takes no part in 'mutation'
-            assert a is None or not a.abs().any()
-        else:
-            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-7)
-
-
 def test_folder_and_nnunet_take_their_own_recipe(tmp_path):
     import test_data
     folder, nnunet = test_data.write_folder(tmp_path / 'f'), test_data.write_nnunet(tmp_path / 'n')

@@ -4,7 +4,7 @@ data.train_set and its loader), never a copy of it. Ratios are measured within o
 absolute times are worth quoting from a GPU only, with its name.
 
     python bench.py model            # parameters and GMAC beside Table 1, CPU latency against the bare backbone
-    python bench.py train            # train_step: S and L, fp32 and bf16, eager and compiled, batches 24 and 8
+    python bench.py train            # train_step eager and compiled (GPU: S and L, fp32/bf16, batches 24/8)
     python bench.py eval             # metrics against medpy; evaluation of volumes and ISIC-sized images
     python bench.py data --data isic2017 --root PATH   # training samples/s through the DataLoader
     python bench.py predict          # a 512x512x150 CT volume (NIfTI, Hounsfield units) predicted by predict.py
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch._inductor.utils import fresh_inductor_cache
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
@@ -34,6 +35,7 @@ import train
 # dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets), for the share of the chip a step uses
 BF16_PEAK_TFLOPS = {'H100 80GB HBM3': 989.0, 'H100 PCIe': 756.0, 'H100 NVL': 835.0, 'H200': 989.0,
                     'A100': 312.0, 'RTX 3090': 71.0, 'RTX 4090': 165.0, 'L40S': 362.0}
+COMPILE_MODES = ('eager', 'blocks', 'whole')  # train: none, each repeated block (train.py --compile), the model
 
 # ---- helpers
 
@@ -102,61 +104,100 @@ def bench_model(args, device):
     return rows
 
 
-def train_row(size, amp, batch, graph, args, device):
-    """One configuration: a fresh DANIE timed with train.train_step on random data."""
+def train_setup(size, amp, batch, mode, args, device):
+    """A fresh DANIE (seed 0), its AdamW and one train.train_step on fixed random data; mode 'blocks' compiles each
+    repeated block (train.py --compile, model.compile_blocks), 'whole' the whole model (torch.compile)."""
     torch.manual_seed(0)
-    net = danie.danie(size, num_classes=9, img_size=args.img_size).to(device, memory_format=danie.MEMORY_FORMAT)
+    net = danie.danie(size, num_classes=9, img_size=args.img_size).to(device)
     spec, supervision = data.SPECS['synapse'], train.build_parser().get_default('supervision')  # Sec. 4.2's recipe
     opt = train.make_optimizer(net, spec.lr, spec.weight_decay, device)
     scaler = torch.amp.GradScaler('cuda', enabled=amp == 'fp16')
-    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=danie.MEMORY_FORMAT)
+    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
     t = torch.randint(0, 9, (batch, args.img_size, args.img_size), device=device)
-    step = lambda: train.train_step(net, opt, scaler, x, t, amp, supervision, 9)  # noqa: E731
-    t0 = time.perf_counter()
-    if graph:
-        torch._dynamo.reset()  # compiled from scratch: ready_s includes this row's compilation
+    if mode == 'blocks':
         net.compile_blocks()
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
-    ready, cuda = time.perf_counter() - t0, device.type == 'cuda'
-    torch.cuda.reset_peak_memory_stats(device) if cuda else None
-    t0 = time.perf_counter()
+    fn = torch.compile(net) if mode == 'whole' else net
+    return lambda: train.train_step(fn, opt, scaler, x, t, amp, supervision, 9)  # the loss
+
+
+def graph_breaks(size, args):
+    """(graph breaks of the whole model's forward under dynamo, those inside DANIE's own files) and the latter's
+    reasons, from torch._dynamo.explain."""
+    net = danie.danie(size, num_classes=9, img_size=args.img_size)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(net)(torch.randn(2, 3, args.img_size, args.img_size))
+    ours = [r for r in explained.break_reasons if r.user_stack and Path(r.user_stack[-1].filename).name in
+            ('attention.py', 'model.py')]
+    return explained.graph_break_count, len(ours), [f'{r.user_stack[-1].filename}:{r.user_stack[-1].lineno} '
+                                                    f'{r.reason}' for r in ours]
+
+
+def train_rows(size, amp, batch, modes, args, device):
+    """One configuration in each mode, the same weights and data: ready_s is the time from building the step to the
+    end of its first step (compilation included, from empty caches); then the modes take turns, step by step."""
+    cuda, steps, rows = device.type == 'cuda', {}, []
+    torch._dynamo.reset()
+    for mode in modes:
+        with fresh_inductor_cache():  # no kernel compiled for an earlier mode or run is reused
+            t0 = time.perf_counter()
+            steps[mode] = train_setup(size, amp, batch, mode, args, device)
+            steps[mode]()
+            _sync(device)
+            ready = time.perf_counter() - t0
+            for _ in range(args.warmup):
+                steps[mode]()
+        rows.append(dict(model=f'DANIE-{size}', amp=amp, batch=batch, mode=mode, ready_s=ready, times=[], peak_gib=0))
     for _ in range(args.steps):
-        loss = step()
-    loss.item()
-    dt = (time.perf_counter() - t0) / args.steps
-    row = dict(model=f'DANIE-{size}', amp=amp, batch=batch, mode='graph' if graph else 'eager', img_s=batch / dt,
-               ms=1e3 * dt, ready_s=ready, peak_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None)
-    if not graph:  # counted on the eager step: dispatch modes and compiled regions do not mix
-        row['kernels' if cuda else 'operators'] = count_kernels(step) if cuda else count_ops(step)
-        peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(device)), None)
-        with FlopCounterMode(display=False) as flops:
-            step()
-        row['peak_share'] = flops.get_total_flops() / dt / 1e12 / peak if peak else None
-    return row
+        for row in rows:
+            torch.cuda.reset_peak_memory_stats(device) if cuda else None
+            t0 = time.perf_counter()
+            steps[row['mode']]().item()  # the step's end
+            row['times'].append(time.perf_counter() - t0)
+            row['peak_gib'] = max(row['peak_gib'], torch.cuda.max_memory_allocated(device) / 2 ** 30) if cuda else None
+    for row in rows:
+        dt = statistics.median(row.pop('times'))
+        row.update(img_s=batch / dt, ms=1e3 * dt)
+        row['vs_eager'] = rows[0]['ms'] / row['ms'] if modes[0] == 'eager' else None  # the speed-up on eager
+        if row['mode'] == 'eager':  # counted on the eager step: dispatch modes and compiled regions do not mix
+            step = steps['eager']
+            row['kernels' if cuda else 'operators'] = count_kernels(step) if cuda else count_ops(step)
+            peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(device)),
+                        None)
+            with FlopCounterMode(display=False) as flops:
+                step()
+            row['peak_share'] = flops.get_total_flops() / dt / 1e12 / peak if peak else None
+    return rows
 
 
 def bench_train(args, device):
-    """The training-step table; on a CPU also the operators DANIE adds to its backbone."""
+    """The training-step table, eager and compiled; graph breaks; on a CPU also the operators DANIE adds to its
+    backbone."""
     cuda = device.type == 'cuda'
     torch.backends.cudnn.benchmark = True
-    grid = [(s, a, b, g) for s in ('S', 'L') if cuda or s == 'S' for a in (('none', 'bf16') if cuda else ('none',))
-            for b in ((24, 8) if cuda else (2,)) for g in ((False, True) if cuda else (False,))]
+    grid = [(s, a, b) for s in ('S', 'L') if cuda or s == 'S' for a in (('none', 'bf16') if cuda else ('none',))
+            for b in ((24, 8) if cuda else (2,))]
+    modes = tuple(m for m in COMPILE_MODES if m in args.modes)
     print(f"train_step on {torch.cuda.get_device_name(device) if cuda else 'CPU'}: {args.img_size}x{args.img_size}, "
-          f'9 classes, AdamW, deep supervision; {args.warmup} warm-up + {args.steps} timed steps')
+          f'9 classes, AdamW, deep supervision; {torch.get_num_threads()} threads; {args.warmup} warm-up + '
+          f'{args.steps} timed steps per mode, the modes taking turns; ms: the median step')
     rows = []
-    for size, amp, batch, graph in grid:
+    for size, amp, batch in grid:
         try:
-            rows.append(train_row(size, amp, batch, graph, args, device))
+            rows += train_rows(size, amp, batch, modes, args, device)
         except torch.cuda.OutOfMemoryError:
             rows.append(dict(model=f'DANIE-{size}', amp=amp, batch=batch, mode='out of memory'))
         torch.cuda.empty_cache() if cuda else None
-    table(rows, [('model', 8, ''), ('amp', 5, ''), ('batch', 5, 'd'), ('mode', 6, ''), ('img_s', 8, '.1f'),
-                 ('ms', 8, '.1f'), ('ready_s', 7, '.1f'), ('peak_gib', 8, '.2f'),
-                 ('kernels' if cuda else 'operators', 9, 'd'), ('peak_share', 10, '.1%')])
+    breaks, ours, reasons = graph_breaks('S', args)
+    for row in rows:
+        row.update(breaks=breaks, breaks_danie=ours) if row.get('mode') in ('blocks', 'whole') else None
+    table(rows, [('model', 8, ''), ('amp', 5, ''), ('batch', 5, 'd'), ('mode', 6, ''), ('img_s', 8, '.2f'),
+                 ('ms', 8, '.0f'), ('vs_eager', 8, '.2f'), ('ready_s', 7, '.0f'), ('peak_gib', 8, '.2f'),
+                 ('kernels' if cuda else 'operators', 9, 'd'), ('peak_share', 10, '.1%'), ('breaks', 6, 'd'),
+                 ('breaks_danie', 12, 'd')])
+    print(f"graph breaks (torch._dynamo.explain, DANIE-S forward): {breaks} in all, {ours} in attention.py/model.py"
+          + ''.join(f'\n  {r}' for r in reasons))
     if not cuda:  # forward + loss + backward of DANIE-S against its bare MaxViT-T backbone
-        net = danie.danie('S', num_classes=9, img_size=args.img_size).to(memory_format=danie.MEMORY_FORMAT)
+        net = danie.danie('S', num_classes=9, img_size=args.img_size)
         x, t = torch.randn(2, 3, args.img_size, args.img_size), torch.randint(0, 9, (2, args.img_size, args.img_size))
         ops = {k: count_ops(lambda: (net.zero_grad(set_to_none=True), fn().backward())) for k, fn in (
             ('danie', lambda: train.criterion(*net(x), t)), ('backbone', lambda: sum(f.mean() for f in net.sap(x))))}
@@ -189,8 +230,7 @@ def bench_eval(args, device):
               for i, hw in zip(range(args.images), [(767, 1022), (1129, 1504), (2016, 3024)] * args.images)]
     for what, cases, s in (('evaluate, a volume', [volume], spec), ('evaluate, ISIC images', images,
                                                                      data.SPECS['isic2017'])):
-        net = danie.danie('S', num_classes=s.num_classes, img_size=args.img_size).to(device, memory_format=
-                                                                                     danie.MEMORY_FORMAT)
+        net = danie.danie('S', num_classes=s.num_classes, img_size=args.img_size).to(device)
         evaluate.evaluate(net, cases[:1], s, args.img_size, device=device, progress=False)  # warm-up
         t0 = time.perf_counter()
         evaluate.evaluate(net, cases, s, args.img_size, device=device, progress=False, distances=False,
@@ -250,6 +290,8 @@ def main(argv=None):
     p.add_argument('--img-size', type=int, default=224, help='model input size (default 224)')
     p.add_argument('--warmup', type=int, default=3, help='untimed steps or rounds')
     p.add_argument('--steps', type=int, default=10, help='timed steps or rounds')
+    p.add_argument('--modes', nargs='+', choices=COMPILE_MODES, default=COMPILE_MODES,
+                   help='train: eager, compiled per repeated block, compiled whole (default: all three)')
     p.add_argument('--slices', type=int, default=16, help='eval: slices in the timed volume')
     p.add_argument('--images', type=int, default=6, help='eval: ISIC-sized images; data: batches per pass')
     p.add_argument('--data', default='demo', choices=data.DATASETS, help='data: the dataset')

@@ -1,5 +1,6 @@
 """Tests of bench.py: its tables run the real code and report what they claim. CPU, tiny sizes."""
 
+import argparse
 import json
 
 import torch
@@ -11,13 +12,20 @@ torch.set_num_threads(1)
 
 
 def test_train_table_times_the_real_step_and_counts_operators(tmp_path):
-    rows = bench.main(['train', '--img-size', '32', '--warmup', '1', '--steps', '1', '--out', str(tmp_path)])['train']
+    rows = bench.main(['train', '--img-size', '32', '--warmup', '1', '--steps', '1', '--modes', 'eager', '--out',
+                       str(tmp_path)])['train']
     step, added = rows
-    assert step['model'] == 'DANIE-S' and step['img_s'] > 0 and step['mode'] == 'eager'
+    assert step['model'] == 'DANIE-S' and step['img_s'] > 0 and step['mode'] == 'eager' and step['ready_s'] > 0
     # what DANIE adds to its backbone is counted, and is far more than nothing
     assert added['added'] == added['danie'] - added['backbone'] and added['backbone'] > 1000
     assert step['operators'] > added['danie'] > added['added'] > 500  # train_step also holds the AdamW step
     assert json.loads((tmp_path / 'bench-train.json').read_text()) == rows
+
+
+def test_dynamo_traces_danie_without_a_graph_break_in_its_own_files():
+    breaks, ours, reasons = bench.graph_breaks('S', argparse.Namespace(img_size=32))
+    assert ours == 0, reasons
+    assert breaks >= ours
 
 
 def test_model_and_data_tables(tmp_path, capsys):

@@ -144,6 +144,7 @@ def train_rows(size, amp, batch, modes, args, device):
             steps[mode]()
             _sync(device)
             ready = time.perf_counter() - t0
+            print(f'DANIE-{size} {amp} batch {batch}, {mode}: ready after {ready:.0f} s', flush=True)
             for _ in range(args.warmup):
                 steps[mode]()
         rows.append(dict(model=f'DANIE-{size}', amp=amp, batch=batch, mode=mode, ready_s=ready, times=[], peak_gib=0))

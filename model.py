@@ -110,8 +110,8 @@ def read_state_dict(path):
         raise PretrainedError(f'pretrained file {path!r} does not exist')
     try:
         sd = timm.models.load_state_dict(path)
-    except Exception as e:
-        raise PretrainedError(f'cannot read pretrained file {path!r} ({_load_error(path, e)})') from None
+    except Exception as e:  # timm re-raises torch.load's errors with advice of its own: the cause is the reason
+        raise PretrainedError(f'cannot read pretrained file {path!r} ({_load_error(path, e.__cause__ or e)})') from None
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise PretrainedError(f'pretrained file {path!r} holds no state dict of tensors')
     return sd

@@ -8,14 +8,9 @@ Synapse, ACDC (Tables 1-2): volume by volume, per class on the 3-D label map, in
 Dice, IoU, HD95, ASD; the mean over cases per class, then over classes. ISIC 2017/2018 (Table 3): Dice, SE, SP,
 ACC of one confusion matrix pooled over the test images after Azad et al.'s resize of every mask to 256x256
 ('pooled_256', the table's figures), beside the same pooled at native resolution and per-image means. GlaS
-(Table 4): per-image Dice and IoU. Surface = mask XOR its erosion (connectivity 1); HD95 = the 95th percentile of
-both directed distance sets; ASD = one mean over both surfaces' distances (medpy >= 0.5's assd). The values equal
-medpy's dc, jc, hd95, assd whenever both masks are non-empty; RULES states what happens when one is empty. Each
-mean figure has a 95% percentile-bootstrap interval over the test cases; the paper's own row (PAPER) is printed
-under ours for the checkpoint's size on the five benchmarks.
-
-Offers: evaluate() (train.py validates with it), binary_metrics(), confusion_counts(), table_resize(), case_rows(),
-summarize(), bootstrap_ci(), format_table(), paper_row(), write_results(), RULES, PAPER. Predictions: predict.py.
+(Table 4): per-image Dice and IoU. The values equal medpy's dc, jc, hd95, assd (>= 0.5) whenever both masks are
+non-empty; RULES states what happens when one is empty. Each mean has a 95% percentile-bootstrap interval over the
+cases, and the paper's row (PAPER) for the checkpoint's size is printed under ours. Predictions: predict.py.
 """
 
 import argparse
@@ -84,17 +79,6 @@ def _mean(v, w):
     return np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)
 
 
-def _json_safe(obj):
-    """NaN -> null, numpy scalars -> Python: summary.json stays strict JSON."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return None if not math.isfinite(obj) else float(obj)
-    return int(obj) if isinstance(obj, np.integer) else str(obj) if isinstance(obj, Path) else obj
-
-
 def _bbox(mask, margin=1):
     """Slices of the bounding box of a non-empty boolean mask, grown by `margin` and clipped to the array."""
     box = ndimage.find_objects(mask.view(np.uint8))[0]  # the box of label 1
@@ -124,9 +108,8 @@ def _overlap(n_pred, n_gt, inter, legacy=False):
 
 
 def binary_metrics(pred, gt, legacy=False, distances=True):
-    """Dice, IoU, HD95, ASD (symmetric, in voxels) of two boolean masks of any dimension, under RULES.
-
-    distances=False skips HD95/ASD (NaN), for image sets whose tables report overlap only."""
+    """Dice, IoU, HD95, ASD (symmetric, in voxels) of two boolean masks of any dimension, under RULES;
+    distances=False: HD95 = ASD = NaN, for image sets whose tables report overlap only."""
     pred, gt = (np.atleast_1d(np.asarray(m, dtype=bool)) for m in (pred, gt))
     if pred.shape != gt.shape:
         raise ValueError(f'binary_metrics: pred {pred.shape} and gt {gt.shape} differ in shape')
@@ -149,12 +132,10 @@ def binary_metrics(pred, gt, legacy=False, distances=True):
 
 def confusion_counts(pred, gt, classes):
     """(len(classes), 4) int64 tensor of tp, fp, fn, tn of pred == c against gt == c, on pred's device."""
-    rows = []
-    for c in classes:
-        p, g = pred == c, gt == c
-        tp, n_p, n_g = (p & g).sum(), p.sum(), g.sum()
-        rows.append(torch.stack((tp, n_p - tp, n_g - tp, p.numel() - n_p - n_g + tp)))
-    return torch.stack(rows)
+    c = torch.as_tensor(classes, device=pred.device).view(-1, *[1] * pred.ndim)  # (K,1,..,1)
+    p, g = (pred == c).flatten(1), (gt == c).flatten(1)  # (K,...) -> (K,P)
+    tp, n_p, n_g = (p & g).sum(1), p.sum(1), g.sum(1)  # (K,)
+    return torch.stack((tp, n_p - tp, n_g - tp, pred.numel() - n_p - n_g + tp), 1)  # (K,4)
 
 
 def confusion_scores(tp, fp, fn, tn):
@@ -273,7 +254,6 @@ def summarize(rows, spec, legacy=False):
 def evaluate(model, cases, spec, img_size, *, device=None, batch_size=predict.BATCH, amp='none', legacy=False,
              save_pred=None, progress=True, distances=None, workers=0):
     """The Sec. 4.3 protocol over `cases` (a Sequence of data.Item); the summary, with its per-case 'cases' rows.
-
     Prints nothing and restores the model's training mode: train.py validates with it."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     # NOTE(impl): HD95/ASD for volumes only by default: Tables 3-4 report none, and full-size ISIC images are slow
@@ -334,11 +314,11 @@ def format_table(summary, spec):
     lines += [cells(n, s['per_class'][n], METRICS) + str(s['per_class'][n]['n']) for n in s['classes']]
     if spec.kind == 'volume':  # the mean, then the row as Tables 1-2 print it: ours and, for a benchmark, the paper's
         lines.append(cells('mean', s, [f'mean_{k}' for k in METRICS]))
-        keys = ['dice', 'iou', 'asd', 'hd95'] + s['classes']
+        keys, cols = ['dice', 'iou', 'asd', 'hd95'] + s['classes'], ['DICE', 'mIoU', 'ASD', 'HD95'] + s['classes']
         ours = {**{k: s[f'mean_{k}'] for k in METRICS}, **{n: s['per_class'][n]['dice'] for n in s['classes']}}
-        width = [max(len(k), 6) + 1 for k in ['DICE', 'mIoU', 'ASD', 'HD95'] + s['classes']]
+        width = [max(len(k), 6) + 1 for k in cols]
         row = lambda label, vals: f'{label:<14}' + ''.join(f'{v:>{w}}' for v, w in zip(vals, width))  # noqa: E731
-        lines += [row('paper row', ['DICE', 'mIoU', 'ASD', 'HD95'] + s['classes'])]
+        lines.append(row('paper row', cols))
         lines += [row(label, [num(d.get(k), k) for k in keys]) for label, d in (('ours', ours), (ref, paper)) if d]
         return '\n'.join(line.rstrip() for line in lines)
     lines.append(head('', ('Dice', 'SE', 'SP', 'ACC', 'IoU')))
@@ -358,23 +338,22 @@ def write_results(summary, out_dir, extra=None):
     w = csv.writer(text := io.StringIO(newline=''))
     w.writerow(cols)
     w.writerows([r[k] if k in ('case', 'class') else f'{r[k]:.6f}' for k in cols] for r in rows)
-    js = {**{k: v for k, v in summary.items() if k != 'cases'}, **(extra or {})}
+    js = json.dumps({**{k: v for k, v in summary.items() if k != 'cases'}, **(extra or {})},
+                    default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+    js = json.dumps(json.loads(js, parse_constant=lambda nan: None), indent=2)  # NaN -> null: strict JSON
     return (data.write_atomic(out_dir / 'per_case.csv', text.getvalue()),
-            data.write_atomic(out_dir / 'summary.json', json.dumps(_json_safe(js), indent=2)))
-
+            data.write_atomic(out_dir / 'summary.json', js))
 
 # ---- CLI
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description='Score a DANIE checkpoint with the protocol of Sec. 4.3 '
-                                            '(own files: predict.py).')
+    p = argparse.ArgumentParser(description="Score a DANIE checkpoint by Sec. 4.3's protocol (own files: predict.py)")
     p.add_argument('--ckpt', required=True, help='a checkpoint of train.py (best.pth or last.pth)')
     p.add_argument('--root', help="the dataset folder (default: the checkpoint's)")
     p.add_argument('--split', choices=('val', 'test'), default='test', help='the split to score (Sec. 4.1)')
     p.add_argument('--limit', type=int, help='score only the first N cases')
-    p.add_argument('--legacy', action='store_true', help="TransUNet's empty-mask rule and medpy < 0.5's ASD, as the "
-                                                         'published tables (evaluate.RULES)')
+    p.add_argument('--legacy', action='store_true', help="RULES' legacy rule, as the published tables")
     p.add_argument('--batch-size', type=int, default=predict.BATCH, help='slices per forward pass')
     p.add_argument('--amp', choices=tuple(danie.AMP_DTYPES), default='none', help='autocast dtype')
     p.add_argument('--device', type=predict.device_arg, help='cuda, cuda:N, mps or cpu (default: the best there is)')
@@ -383,9 +362,9 @@ def parse_args(argv=None):
     p.add_argument('--save-pred', help='also write the predictions here: NIfTI volumes or PNG masks, with overlays')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     args = p.parse_args(argv)
-    for flag in ('batch_size', 'limit', 'workers'):
-        if getattr(args, flag) is not None and getattr(args, flag) < (0 if flag == 'workers' else 1):
-            p.error(f"--{flag.replace('_', '-')} must be >= {0 if flag == 'workers' else 1}")
+    for flag, low in (('batch_size', 1), ('limit', 1), ('workers', 0)):
+        if getattr(args, flag) is not None and getattr(args, flag) < low:
+            p.error(f"--{flag.replace('_', '-')} must be >= {low}")
     args.device = args.device or predict.device_arg(None)
     args.workers = (4 if args.device.type == 'cuda' else 0) if args.workers is None else args.workers
     return args

@@ -155,8 +155,8 @@ def table_resize(masks, size=TABLE3_SIZE):
 
 
 def load_case(item, spec, img_size, keep_image=False):
-    """DataLoader collate of evaluate(): a case read and prepared for the model in a worker while the device
-    runs. The label travels as a uint8 tensor where the ids fit, the image only when it is written out."""
+    """DataLoader collate of evaluate(): a case read and prepared in a worker while the device runs. The label travels
+    as a uint8 tensor where the ids fit, the image only when it is written out."""
     case = item.load()
     x = predict.model_input(case, spec.kind, img_size)
     label = torch.from_numpy(case.label.astype(np.uint8 if spec.num_classes <= 256 else np.int64))
@@ -177,14 +177,13 @@ def case_rows(case_id, pred, gt, spec, legacy=False, distances=True):
     counts = confusion_counts(pred, gt, spec.report_order).tolist()
     rows = []
     for c, n in zip(spec.report_order, counts):
-        # NOTE(impl): 'pooled_256': prediction and mask (at native size) both get Azad et al.'s mask resize
-        p256, g256 = table_resize(torch.stack((pred == c, gt == c)))
         row = {'case': case_id, 'class': spec.class_names[c], **_overlap(n[0] + n[1], n[0] + n[2], n[0], legacy),
                'hd95': float('nan'), 'asd': float('nan')}
         if distances:
             row.update(binary_metrics(*(np.asarray((a == c).cpu()) for a in (pred, gt)), legacy=legacy))
         row.update({k: v for k, v in confusion_scores(*n).items() if k != 'dice'}, **dict(zip(COUNTS, n)))
-        n256 = confusion_counts(p256, g256, (True,))[0].tolist()
+        # NOTE(impl): 'pooled_256': prediction and mask (at native size) both get Azad et al.'s mask resize
+        n256 = confusion_counts(*table_resize(torch.stack((pred == c, gt == c))), (True,))[0].tolist()
         rows.append({**row, **{f'{k}_256': v for k, v in zip(COUNTS, n256)}})
     return rows
 
@@ -218,8 +217,7 @@ def bootstrap_ci(statistic, n):
     if n < 2:
         return np.full((len(statistic(np.ones((1, n)))), 2), np.nan)
     with warnings.catch_warnings():  # scipy's and numpy's warnings on NaN replicates, which are handled here
-        for category in (stats.DegenerateDataWarning, RuntimeWarning):
-            warnings.simplefilter('ignore', category)
+        warnings.simplefilter('ignore')
         res = stats.bootstrap((np.arange(n),), drawn, n_resamples=CI_RESAMPLES, method='percentile',
                               vectorized=True, random_state=np.random.default_rng(CI_SEED))
         return np.nanquantile(res.bootstrap_distribution, ((1 - CI_LEVEL) / 2, (1 + CI_LEVEL) / 2), axis=-1).T
@@ -258,7 +256,6 @@ def evaluate(model, cases, spec, img_size, *, device=None, batch_size=predict.BA
     device = torch.device(device) if device is not None else next(model.parameters()).device
     # NOTE(impl): HD95/ASD for volumes only by default: Tables 3-4 report none, and full-size ISIC images are slow
     distances = spec.kind == 'volume' if distances is None else distances
-    # cases are read and resized ahead, in `workers` processes, while the device predicts
     items = getattr(cases, 'items', cases)
     loader = DataLoader(items, batch_size=None, num_workers=workers, pin_memory=device.type == 'cuda',
                         collate_fn=partial(load_case, spec=spec, img_size=img_size, keep_image=save_pred is not None))
@@ -278,10 +275,8 @@ def evaluate(model, cases, spec, img_size, *, device=None, batch_size=predict.BA
                                          label=case.label.numpy())
     finally:
         model.train(was_training)
-    n = max(len(items), 1)
     return dict(summarize(rows, spec, legacy), dataset=spec.name, img_size=img_size, amp=amp, device=str(device),
-                cases=rows, timing=dict(predict_s=t_pred, metrics_s=t_metric, predict_s_per_case=t_pred / n,
-                                        metrics_s_per_case=t_metric / n))
+                cases=rows, timing=dict(predict_s=t_pred, metrics_s=t_metric))
 
 # ---- top level: outputs: the table, per_case.csv and summary.json
 
@@ -298,19 +293,19 @@ def format_table(summary, spec):
     figure has its interval beside it; summary['paper'] (paper_row()), where given, is printed under ours."""
     def num(v, k):  # Dice and the other ratios in %, distances as they are
         return '-' if v is None or math.isnan(v) else f"{v * (1 if k.endswith(('hd95', 'asd')) else 100):.2f}"
-    head = lambda label, names: f'{label:<14}' + ''.join(f'{k:>6}'.ljust(22) for k in names)  # noqa: E731
 
-    def cells(label, d, keys):  # figures and their intervals, if any, under the columns' names: ' 86.40 [83.10, 89.00]'
+    def cells(label, d, keys):  # figures and their intervals under the columns' names: ' 86.40 [83.10, 89.00]'
         line = f'{label:<14}'
-        for k in keys:
-            lo, hi = d.get(f'{k}_ci') or (math.nan, math.nan)
+        for k in keys:  # d None: the names themselves
+            lo, hi = (d or {}).get(f'{k}_ci') or (math.nan, math.nan)
             ci = '' if math.isnan(lo) else f' [{num(lo, k)}, {num(hi, k)}]'
-            line += f'{num(d.get(k), k):>6}{ci}'.ljust(21) + ' '
+            line += f'{k if d is None else num(d.get(k), k):>6}{ci}'.ljust(21) + ' '
         return line
     s, paper = summary, summary.get('paper')
     ref = paper and f"{paper['model']} (T{paper['table']})"
     lines = [f"{spec.name} | {s['n_cases']} cases | rule: {s['rule']} | Dice/IoU in %, HD95/ASD in voxels | "
-             f"[{CI_LEVEL:.0%} CI] over the cases, seed {CI_SEED}", head('class', ('Dice', 'IoU', 'HD95', 'ASD')) + 'n']
+             f"[{CI_LEVEL:.0%} CI] over the cases, seed {CI_SEED}", cells('class', None, ('Dice', 'IoU', 'HD95', 'ASD'))
+             + 'n']
     lines += [cells(n, s['per_class'][n], METRICS) + str(s['per_class'][n]['n']) for n in s['classes']]
     if spec.kind == 'volume':  # the mean, then the row as Tables 1-2 print it: ours and, for a benchmark, the paper's
         lines.append(cells('mean', s, [f'mean_{k}' for k in METRICS]))
@@ -321,7 +316,7 @@ def format_table(summary, spec):
         lines.append(row('paper row', cols))
         lines += [row(label, [num(d.get(k), k) for k in keys]) for label, d in (('ours', ours), (ref, paper)) if d]
         return '\n'.join(line.rstrip() for line in lines)
-    lines.append(head('', ('Dice', 'SE', 'SP', 'ACC', 'IoU')))
+    lines.append(cells('', None, ('Dice', 'SE', 'SP', 'ACC', 'IoU')))
     for label, key in (('pooled 256', 'pooled_256'), ('pooled native', 'pooled_native'), ('per-image', 'per_image')):
         lines.append(cells(label, s[key], [k for k in ('dice', 'se', 'sp', 'acc', 'iou') if k in s[key]]))
         if paper and key == ('pooled_256' if spec.figure == 'pooled_256' else 'per_image'):  # the table's figures
@@ -335,9 +330,8 @@ def write_results(summary, out_dir, extra=None):
     """per_case.csv (case, class, metrics) and summary.json (the aggregates, NaN as null) into out_dir."""
     out_dir, rows = Path(out_dir), summary['cases']
     cols = ['case', 'class'] + list(METRICS) + [k for k in ISIC_METRICS if rows and k in rows[0]]
-    w = csv.writer(text := io.StringIO(newline=''))
-    w.writerow(cols)
-    w.writerows([r[k] if k in ('case', 'class') else f'{r[k]:.6f}' for k in cols] for r in rows)
+    table = [cols] + [[r[k] if k in ('case', 'class') else f'{r[k]:.6f}' for k in cols] for r in rows]
+    csv.writer(text := io.StringIO(newline='')).writerows(table)
     js = json.dumps({**{k: v for k, v in summary.items() if k != 'cases'}, **(extra or {})},
                     default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
     js = json.dumps(json.loads(js, parse_constant=lambda nan: None), indent=2)  # NaN -> null: strict JSON

@@ -39,11 +39,11 @@ import model
 
 LAMBDA_DICE = 0.7  # Eq. 13: lambda_1; lambda_2 = 1 - lambda_1 weighs the CE
 SUPERVISION = ('final', 'deep', 'mutation')
-PER_CALL = ('resume', 'max_steps', 'workers', 'compile')  # not taken from last.pth
+# flags a continued run may change (PER_CALL: not even taken from last.pth); the others define the run
+PER_CALL = ('resume', 'max_steps', 'workers', 'compile')
 MAY_CHANGE = PER_CALL + ('root', 'out', 'epochs', 'val_every', 'amp', 'pretrained', 'pretrained_file')
 LOCK = 'train.lock'  # in --out: held (flock) by the run that writes there
 _held = {}           # lock file -> its open file, while this process holds it
-# the other flags define a run: a continued run must keep them
 
 # ---- helpers
 
@@ -220,11 +220,10 @@ def train_one_epoch(net, optimiser, scaler, loader, device, amp, supervision, ru
     if world > 1:  # a sum: a NaN on any rank reaches every rank, and all stop together
         dist.all_reduce(stats)
     *losses, norm = stats.tolist()  # the epoch's one host read
-    bad = [(i, f'loss is {v}') for i, v in enumerate(losses) if not math.isfinite(v)]
-    if not math.isfinite(norm):
-        bad.append((len(losses) - 1, 'the weights are not finite'))
-    if bad:
-        raise FloatingPointError(f'{bad[0][1]} at step {run.step + bad[0][0] + 1} (epoch {run.epoch + 1})')
+    i = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+    if i is not None or not math.isfinite(norm):
+        what, i = ('the weights are not finite', len(losses) - 1) if i is None else (f'loss is {losses[i]}', i)
+        raise FloatingPointError(f'{what} at step {run.step + i + 1} (epoch {run.epoch + 1})')
     return sum(losses) / max(len(losses), 1), len(losses)
 
 
@@ -422,7 +421,8 @@ def parse(argv):
     """The arguments (unset: the dataset's recipe) and the checkpoint the run continues or --out holds."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    path = Path(args.resume or Path(args.out or f"runs/{args.data}-{args.size or 'S'}") / 'last.pth')
+    args.out = args.out or os.path.join('runs', f"{args.data}-{args.size or 'S'}")
+    path = Path(args.resume or Path(args.out) / 'last.pth')
     if args.resume and not path.is_file():
         parser.error(f'--resume: no checkpoint at {path}')
     lock_out(path.parent, hold=False)  # a running run's checkpoint is no stopped run
@@ -442,7 +442,6 @@ def parse(argv):
     for k in ('epochs', 'batch_size', 'img_size', 'lr', 'weight_decay'):  # unset: the dataset's recipe
         setattr(args, k, getattr(spec, k) if getattr(args, k) is None else getattr(args, k))
     args.workers = (8 if torch.cuda.is_available() else 0) if args.workers is None else args.workers
-    args.out = args.out or os.path.join('runs', f'{args.data}-{args.size}')
     # NOTE(impl): the demo trains from scratch (no download on a CPU); the rest from ImageNet (Sec. 4.2).
     if args.pretrained is None:
         args.pretrained = args.data != 'demo' or bool(args.pretrained_file)
@@ -475,16 +474,13 @@ def main(argv=None):
                          f'next: python evaluate.py --ckpt {best}')
         rank, world, device = setup_distributed()
         return train(args, ckpt, rank, world, device)
-    except (data.DataError, model.CheckpointError, model.PretrainedError, TrainError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        raise SystemExit(1 if isinstance(e, TrainError) else 2)
+    except (data.DataError, model.CheckpointError, model.PretrainedError, TrainError, OSError) as e:
+        print(f"error: {f'{e.filename}: {e.strerror}' if isinstance(e, OSError) else e}", file=sys.stderr)
+        raise SystemExit(1 if isinstance(e, (TrainError, OSError)) else 2)  # 1: the run failed; 2: bad input
     except FloatingPointError as e:  # train_one_epoch: a non-finite loss or weights
         last = Path(args.out) / 'last.pth'
         kept = f'the last good checkpoint is {last}' if last.exists() else 'no checkpoint was written'
         print(f'error: {e}; stopped, {kept}; try a lower --lr', file=sys.stderr)
-        raise SystemExit(1)
-    except OSError as e:  # a write that failed after the checks
-        print(f'error: {e.filename}: {e.strerror}', file=sys.stderr)
         raise SystemExit(1)
     except KeyboardInterrupt:
         last = args and Path(args.out) / 'last.pth'

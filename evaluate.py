@@ -346,19 +346,16 @@ def parse_args(argv=None):
     p.add_argument('--ckpt', required=True, help='a checkpoint of train.py (best.pth or last.pth)')
     p.add_argument('--root', help="the dataset folder (default: the checkpoint's)")
     p.add_argument('--split', choices=('val', 'test'), default='test', help='the split to score (Sec. 4.1)')
-    p.add_argument('--limit', type=int, help='score only the first N cases')
+    p.add_argument('--limit', type=predict.number(int, 1), help='score only the first N cases')
     p.add_argument('--legacy', action='store_true', help="RULES' legacy rule, as the published tables")
-    p.add_argument('--batch-size', type=int, default=predict.BATCH, help='slices per forward pass')
+    p.add_argument('--batch-size', type=predict.number(int, 1), default=predict.BATCH, help='slices per forward pass')
     p.add_argument('--amp', choices=tuple(danie.AMP_DTYPES), default='none', help='autocast dtype')
     p.add_argument('--device', type=predict.device_arg, help='cuda, cuda:N, mps or cpu (default: the best there is)')
-    p.add_argument('--workers', type=int, help='processes reading cases ahead (default: 4 on a GPU, else 0)')
+    p.add_argument('--workers', type=predict.number(int, 0), help='case readers (default: 4 on a GPU, else 0)')
     p.add_argument('--out', help='results folder (default: <ckpt folder>/eval_<split>)')
     p.add_argument('--save-pred', help='also write the predictions here: NIfTI volumes or PNG masks, with overlays')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     args = p.parse_args(argv)
-    for flag, low in (('batch_size', 1), ('limit', 1), ('workers', 0)):
-        if getattr(args, flag) is not None and getattr(args, flag) < low:
-            p.error(f"--{flag.replace('_', '-')} must be >= {low}")
     args.device = args.device or predict.device_arg(None)
     args.workers = (4 if args.device.type == 'cuda' else 0) if args.workers is None else args.workers
     return args

@@ -11,13 +11,15 @@ Inputs: PNG/JPG/BMP/TIFF images (RGB or grayscale, 8 or 16 bits), NIfTI volumes,
 CASE_0000.nii.gz gives CASE.nii.gz, as nnU-Net's predictor names it; other inputs <name>_pred.nii.gz) and PNG
 overlays; labels.json.
 
-Offers: device_arg(), model_input(), segment(), predict_case(), read_input(), output_names(), write_prediction().
+Offers: device_arg(), number() (argparse types), model_input(), segment(), predict_case(), read_input(),
+output_names(), write_prediction().
 """
 
 import argparse
 import gzip
 import io
 import json
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -55,6 +57,19 @@ def device_arg(text):
     if d is None or d.type not in have or (d.type == 'cuda' and (d.index or 0) >= torch.cuda.device_count()):
         raise argparse.ArgumentTypeError(f"{text!r} is not a device of this machine (it has: {', '.join(have)})")
     return d
+
+
+def number(kind, low, strict=False):
+    """argparse type: a finite int or float above (strict) or at least `low`."""
+    def check(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected {kind.__name__}, got {text!r}') from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"expected a finite number {'>' if strict else '>='} {low}, got {text!r}")
+        return int(value) if kind is float and value >= 1 and value.is_integer() else value
+    return check
 
 # ---- blocks: inference: a batched forward, the argmax and the resize back, on the model's device
 
@@ -231,13 +246,11 @@ def parse_args(argv=None):
     p.add_argument('--tta', action='store_true', help='flip test-time augmentation (mean softmax of 4 flips)')
     p.add_argument('--intensity', choices=data.INTENSITIES,
                    help="the normalisation of raw volumes (default: the checkpoint's data's)")
-    p.add_argument('--batch-size', type=int, default=BATCH, help='slices per forward pass')
+    p.add_argument('--batch-size', type=number(int, 1), default=BATCH, help='slices per forward pass')
     p.add_argument('--amp', choices=tuple(danie.AMP_DTYPES), default='none', help='autocast dtype')
     p.add_argument('--device', type=device_arg, help='cuda, cuda:N, mps or cpu (default: the best there is)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error('--batch-size must be >= 1')
     args.device = args.device or device_arg(None)
     return args
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 import data
 import evaluate
 import model
+from predict import number
 
 # ---- constants
 
@@ -50,19 +51,6 @@ _held = {}           # lock file -> its open file, while this process holds it
 
 class TrainError(Exception):
     """A run that cannot go on: a file that cannot be written."""
-
-
-def number(kind, low, strict=False):
-    """argparse type: a finite int or float above (strict) or at least `low`."""
-    def check(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'expected {kind.__name__}, got {text!r}') from None
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"expected a finite number {'>' if strict else '>='} {low}, got {text!r}")
-        return int(value) if kind is float and value >= 1 and value.is_integer() else value
-    return check
 
 
 def cases_arg(text):
@@ -360,8 +348,8 @@ def train(args, ckpt, rank, world, device):
                     metric = float(evaluate.evaluate(net, val, spec, args.img_size, device=device, amp=args.amp,
                                                      progress=False, distances=False,
                                                      workers=min(args.workers, 4))['mean_dice'])
-                best = metric is not None and metric > (-math.inf if run.best_metric is None else run.best_metric)
-                run.best_metric, run.best_epoch = (metric, epoch) if best else (run.best_metric, run.best_epoch)
+                if best := metric is not None and (run.best_metric is None or metric > run.best_metric):
+                    run.best_metric, run.best_epoch = metric, epoch
                 run.elapsed += time.perf_counter() - t0
                 run.log.append(dict(epoch=epoch, step=run.step, loss=f'{loss:.6f}', val_dice='' if metric is None else
                                     f'{metric:.6f}', best_dice='' if run.best_metric is None else
@@ -443,8 +431,7 @@ def parse(argv):
         setattr(args, k, getattr(spec, k) if getattr(args, k) is None else getattr(args, k))
     args.workers = (8 if torch.cuda.is_available() else 0) if args.workers is None else args.workers
     # NOTE(impl): the demo trains from scratch (no download on a CPU); the rest from ImageNet (Sec. 4.2).
-    if args.pretrained is None:
-        args.pretrained = args.data != 'demo' or bool(args.pretrained_file)
+    args.pretrained = args.data != 'demo' or bool(args.pretrained_file) if args.pretrained is None else args.pretrained
     world = int(os.environ.get('WORLD_SIZE', 1))
     for bad, why in ((args.batch_size % world, f'--batch-size {args.batch_size}: not divisible by {world} GPUs'),
                      (args.amp == 'fp16' and not torch.cuda.is_available(), '--amp fp16 needs CUDA'),

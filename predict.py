@@ -60,7 +60,7 @@ def device_arg(text):
 
 
 def number(kind, low, strict=False):
-    """argparse type: a finite int or float above (strict) or at least `low`."""
+    """argparse type: a finite int or float above (strict) or at least `low`; a whole float >= 1 as an int."""
     def check(text):
         try:
             value = kind(text)

@@ -50,7 +50,7 @@ _held = {}           # lock file -> its open file, while this process holds it
 
 
 class TrainError(Exception):
-    """A run that cannot go on: a file that cannot be written."""
+    """A run that cannot go on: its --out in use by another run, a checkpoint that cannot be written."""
 
 
 def cases_arg(text):

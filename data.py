@@ -9,10 +9,12 @@ synthetic demo set.
 import argparse
 import io
 import itertools
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import warnings
@@ -824,6 +826,46 @@ def output_dir(path, flag, inputs=(), roots=None):
     except OSError as e:
         raise DataError(f'{path} ({flag}): cannot write there ({e.strerror or e})') from None
     return path
+
+
+LOCK = 'train.lock'  # in a run's --out: held (flock) by the training that writes there
+_held = {}  # lock file -> its open file, while this process holds it
+
+
+def lock_output(folder, hold=True):
+    """Hold FOLDER/train.lock (flock) while this run writes there: a second run into the folder is refused. The OS
+    frees the lock when the process ends, killed or not. hold=False: only check that no other run holds it."""
+    path = Path(folder) / LOCK
+    while str(path.resolve()) not in _held and (hold or path.is_file()):
+        try:
+            f = open(path, 'a+' if hold else 'r')
+        except FileNotFoundError:  # removed by a run that just ended
+            return
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB if hold else fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            who = f.read().strip() or 'another process'
+            f.close()
+            raise DataError(f'{folder} is in use by a running training ({who}); let it finish, or choose another '
+                             '--out') from None
+        if not hold:
+            return f.close()
+        if path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:  # not a file removed meanwhile
+            f.truncate(0)
+            f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+            f.flush()
+            _held[str(path.resolve())] = f
+            return
+        f.close()
+
+
+def unlock_outputs():
+    """Release the locks this process holds; their files go first, while still held."""
+    while _held:
+        path, f = _held.popitem()
+        Path(path).unlink(missing_ok=True)
+        f.close()
 
 
 def write_atomic(path, content):

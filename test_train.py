@@ -685,7 +685,7 @@ def test_a_folder_in_use_by_a_running_training_is_refused_and_a_killed_run_frees
     for out in (tmp_path / 'a', tmp_path / 'b'):
         out.mkdir(exist_ok=True)
         (out / 'last.pth.tmp').write_bytes(b'the running run is writing this')
-        holder = subprocess.Popen([sys.executable, '-c', f'import train, time; train.lock_out({str(out)!r}); '
+        holder = subprocess.Popen([sys.executable, '-c', f'import data, time; data.lock_output({str(out)!r}); '
                                    'print("held", flush=True); time.sleep(120)'], cwd=HERE, stdout=subprocess.PIPE,
                                   text=True)
         try:
@@ -694,7 +694,7 @@ def test_a_folder_in_use_by_a_running_training_is_refused_and_a_killed_run_frees
             with pytest.raises(SystemExit) as e:
                 run(out, demo_root, *flags[:2])
             err = capsys.readouterr().err
-            assert e.value.code == 1 and f'error: {out} is in use by a running training (pid {holder.pid} on ' in err
+            assert e.value.code == 2 and f'error: {out} is in use by a running training (pid {holder.pid} on ' in err
             assert len(err.strip().splitlines()) == 1 and (out / 'last.pth.tmp').is_file()  # nothing touched
         finally:
             holder.kill()  # SIGKILL: no clean-up of its own

@@ -11,13 +11,11 @@ import argparse
 import contextlib
 import csv
 import datetime
-import fcntl
 import io
 import itertools
 import json
 import math
 import os
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,14 +41,12 @@ SUPERVISION = ('final', 'deep', 'mutation')
 # flags a continued run may change (PER_CALL: not even taken from last.pth); the others define the run
 PER_CALL = ('resume', 'max_steps', 'workers', 'compile')
 MAY_CHANGE = PER_CALL + ('root', 'out', 'epochs', 'val_every', 'amp', 'pretrained', 'pretrained_file')
-LOCK = 'train.lock'  # in --out: held (flock) by the run that writes there
-_held = {}           # lock file -> its open file, while this process holds it
 
 # ---- helpers
 
 
 class TrainError(Exception):
-    """A run that cannot go on: its --out in use by another run, a checkpoint that cannot be written."""
+    """A run that cannot go on: a checkpoint that cannot be written."""
 
 
 def cases_arg(text):
@@ -59,42 +55,6 @@ def cases_arg(text):
     if value >= 1 and not isinstance(value, int):
         raise argparse.ArgumentTypeError(f'expected a whole number of cases or a fraction below 1, got {text!r}')
     return value
-
-
-def lock_out(folder, hold=True):
-    """Hold FOLDER/train.lock (flock) while this run writes there: a second run into the folder is refused. The OS
-    frees the lock when the process ends, killed or not. hold=False: only check that no other run holds it."""
-    path = Path(folder) / LOCK
-    while str(path.resolve()) not in _held and (hold or path.is_file()):
-        try:
-            f = open(path, 'a+' if hold else 'r')
-        except FileNotFoundError:  # removed by a run that just ended
-            return
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB if hold else fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            who = f.read().strip() or 'another process'
-            f.close()
-            raise TrainError(f'{folder} is in use by a running training ({who}); let it finish, or choose another '
-                             '--out') from None
-        if not hold:
-            return f.close()
-        if path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:  # not a file removed meanwhile
-            f.truncate(0)
-            f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
-            f.flush()
-            _held[str(path.resolve())] = f
-            return
-        f.close()
-
-
-def unlock_out():
-    """Release the locks this process holds; their files go first, while still held."""
-    while _held:
-        path, f = _held.popitem()
-        Path(path).unlink(missing_ok=True)
-        f.close()
 
 
 def switches(args):
@@ -271,7 +231,7 @@ def prepare(args, rank):
     """Rank 0 first: --out checked, a killed write's .tmp removed, the demo made."""
     if rank == 0:
         data.output_dir(args.out, '--out', roots={args.root: 'the dataset root'})
-        lock_out(args.out)
+        data.lock_output(args.out)
         for tmp in Path(args.out).glob('*.tmp'):
             tmp.unlink()
         if args.data == 'demo':
@@ -413,7 +373,7 @@ def parse(argv):
     path = Path(args.resume or Path(args.out) / 'last.pth')
     if args.resume and not path.is_file():
         parser.error(f'--resume: no checkpoint at {path}')
-    lock_out(path.parent, hold=False)  # a running run's checkpoint is no stopped run
+    data.lock_output(path.parent, hold=False)  # a running run's checkpoint is no stopped run
     ckpt = model.load_checkpoint(path, resume=True) if (args.resume or args.data) and path.is_file() else None
     if ckpt is not None:  # the checkpoint's flags stand in for the defaults
         saved = {k: v for k, v in ckpt['args'].items() if k not in PER_CALL}
@@ -475,7 +435,7 @@ def main(argv=None):
               '\ninterrupted before the first checkpoint', file=sys.stderr)
         raise SystemExit(130)
     finally:
-        unlock_out()
+        data.unlock_outputs()
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 

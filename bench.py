@@ -35,7 +35,7 @@ import train
 # dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets), for the share of the chip a step uses
 BF16_PEAK_TFLOPS = {'H100 80GB HBM3': 989.0, 'H100 PCIe': 756.0, 'H100 NVL': 835.0, 'H200': 989.0,
                     'A100': 312.0, 'RTX 3090': 71.0, 'RTX 4090': 165.0, 'L40S': 362.0}
-COMPILE_MODES = ('eager', 'blocks', 'whole')  # train: none, each repeated block (train.py --compile), the model
+COMPILE_MODES = ('eager', 'whole')  # train: none, or the whole model compiled (train.py --compile)
 
 # ---- helpers
 
@@ -105,8 +105,8 @@ def bench_model(args, device):
 
 
 def train_setup(size, amp, batch, mode, args, device):
-    """A fresh DANIE (seed 0), its AdamW and one train.train_step on fixed random data; mode 'blocks' compiles each
-    repeated block (train.py --compile, model.compile_blocks), 'whole' the whole model (torch.compile)."""
+    """A fresh DANIE (seed 0), its AdamW and one train.train_step on fixed random data; mode 'whole' compiles the
+    whole model in place, as train.py --compile does."""
     torch.manual_seed(0)
     net = danie.danie(size, num_classes=9, img_size=args.img_size).to(device)
     spec, supervision = data.SPECS['synapse'], train.build_parser().get_default('supervision')  # Sec. 4.2's recipe
@@ -114,10 +114,9 @@ def train_setup(size, amp, batch, mode, args, device):
     scaler = torch.amp.GradScaler('cuda', enabled=amp == 'fp16')
     x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
     t = torch.randint(0, 9, (batch, args.img_size, args.img_size), device=device)
-    if mode == 'blocks':
-        net.compile_blocks()
-    fn = torch.compile(net) if mode == 'whole' else net
-    return lambda: train.train_step(fn, opt, scaler, x, t, amp, supervision, 9)  # the loss
+    if mode == 'whole':
+        net.compile()
+    return lambda: train.train_step(net, opt, scaler, x, t, amp, supervision, 9)  # the loss
 
 
 def graph_breaks(size, args):
@@ -190,7 +189,7 @@ def bench_train(args, device):
         torch.cuda.empty_cache() if cuda else None
     breaks, ours, reasons = graph_breaks('S', args)
     for row in rows:
-        row.update(breaks=breaks, breaks_danie=ours) if row.get('mode') in ('blocks', 'whole') else None
+        row.update(breaks=breaks, breaks_danie=ours) if row.get('mode') == 'whole' else None
     table(rows, [('model', 8, ''), ('amp', 5, ''), ('batch', 5, 'd'), ('mode', 6, ''), ('img_s', 8, '.2f'),
                  ('ms', 8, '.0f'), ('vs_eager', 8, '.2f'), ('ready_s', 7, '.0f'), ('peak_gib', 8, '.2f'),
                  ('kernels' if cuda else 'operators', 9, 'd'), ('peak_share', 10, '.1%'), ('breaks', 6, 'd'),
@@ -292,7 +291,7 @@ def main(argv=None):
     p.add_argument('--warmup', type=int, default=3, help='untimed steps or rounds')
     p.add_argument('--steps', type=int, default=10, help='timed steps or rounds')
     p.add_argument('--modes', nargs='+', choices=COMPILE_MODES, default=COMPILE_MODES,
-                   help='train: eager, compiled per repeated block, compiled whole (default: all three)')
+                   help='train: eager, compiled (the whole model, as train.py --compile) (default: both)')
     p.add_argument('--slices', type=int, default=16, help='eval: slices in the timed volume')
     p.add_argument('--images', type=int, default=6, help='eval: ISIC-sized images; data: batches per pass')
     p.add_argument('--data', default='demo', choices=data.DATASETS, help='data: the dataset')

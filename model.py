@@ -363,15 +363,6 @@ class DANIE(nn.Module):
         y = a[0] * p[0] + a[1] * p[1] + a[2] * p[2] + a[3] * p[3]  # Eq. (12)
         return y, p
 
-    def compile_blocks(self, **kw):
-        """Regional torch.compile: each repeated block (HAP, Joint Preservation, MaxViT's) compiled in place, so
-        dynamo builds one graph per block kind, stage and mode rather than one for the whole model."""
-        cfg = torch._dynamo.config  # 4 stages x first/other block x train/eval: more graphs than dynamo's 8
-        limit = 'recompile_limit' if hasattr(cfg, 'recompile_limit') else 'cache_size_limit'  # torch < 2.6
-        setattr(cfg, limit, max(getattr(cfg, limit), 64))
-        kinds = (HAP, JointPreservation, timm.models.maxxvit.MaxxVitBlock)
-        return [m.compile(**kw) for m in self.modules() if isinstance(m, kinds)]
-
     def forward(self, x):
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f'DANIE expects (B,3,H,W) or (B,1,H,W) input, got {tuple(x.shape)}')

@@ -286,8 +286,8 @@ def train(args, ckpt, rank, world, device):
     loader = data.make_loader(train_set, per_rank, shuffle=False, workers=args.workers, sampler=sampler,
                               drop_last=True)
     ddp = DistributedDataParallel(net, [device.index] if device.type == 'cuda' else None) if world > 1 else net
-    if args.compile:
-        net.compile_blocks()
+    if args.compile:  # the whole model, in place (the state-dict keys stay): see BENCHMARKS.md
+        net.compile()
     state = {k: v for k, v in (ckpt or {}).get('train', {}).items() if k in Run.__annotations__}
     run = Run(ckpt['epoch'], ckpt['step'], **state) if ckpt else Run()
     out, spec, meta = Path(args.out), train_set.spec, dict(data=record, args=vars(args), init=init_name(args))
@@ -357,7 +357,7 @@ def build_parser():
     a('--supervision', choices=SUPERVISION, default='deep', help='where Eq. 13 applies')
     a('--max-steps', type=number(int, 1), help='stop after this many steps')
     a('--amp', choices=tuple(model.AMP_DTYPES), help='autocast dtype (default: none, fp32)')
-    a('--compile', action='store_true', help='torch.compile the blocks')
+    a('--compile', action='store_true', help='torch.compile the model')
     a('--seed', type=number(int, 0), default=0, help='initialisation, sampling, augmentation (not the held-out cases)')
     a('--out', help='output folder (default: runs/<data>-<size>)')
     a('--resume', metavar='PATH', help='continue the run of PATH (a last.pth)')

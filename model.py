@@ -109,7 +109,9 @@ def read_state_dict(path):
     if not os.path.isfile(path):
         raise PretrainedError(f'pretrained file {path!r} does not exist')
     try:
-        sd = timm.models.load_state_dict(path)
+        sd = timm.models.load_state_dict(path, use_ema=False)  # 'state_dict' before 'state_dict_ema'
+    except AttributeError:  # timm's reader takes .items() of what the file holds
+        raise PretrainedError(f'pretrained file {path!r} holds no state dict of tensors') from None
     except Exception as e:  # timm re-raises torch.load's errors with advice of its own: the cause is the reason
         raise PretrainedError(f'cannot read pretrained file {path!r} ({_load_error(path, e.__cause__ or e)})') from None
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):

@@ -252,6 +252,12 @@ def test_unreadable_weight_files_are_named_without_torchs_advice(tmp_path):
     (tmp_path / 'empty.pth').write_bytes(b'')
     with pytest.raises(model.CheckpointError, match=r'empty.pth: not a readable PyTorch checkpoint \(an empty file\)'):
         model.load_checkpoint(tmp_path / 'empty.pth')
+    for name, content in (('tensor.pth', torch.zeros(3)), ('list.pth', [torch.zeros(3)])):  # readable, no dict
+        torch.save(content, tmp_path / name)
+        with pytest.raises(PretrainedError, match=f"'{tmp_path / name}' holds no state dict of tensors$"):
+            model.read_state_dict(str(tmp_path / name))
+    torch.save({'state_dict': {'w': torch.zeros(1)}, 'state_dict_ema': {'w': torch.ones(1)}}, tmp_path / 'ema.pth')
+    assert model.read_state_dict(str(tmp_path / 'ema.pth'))['w'].item() == 0  # the trained weights, not the EMA
 
 # ---- the state-dict layout: checkpoints written by any version of these blocks keep loading
 

@@ -357,12 +357,14 @@ def test_val_every_validates_every_nth_epoch_and_the_last(tmp_path, demo_root, t
 
 
 def test_best_pth_is_the_highest_validation_dice_not_the_latest(tmp_path, demo_root, tiny, monkeypatch):
-    dice = iter([0.6, 0.8, 0.8, 0.7])  # a tie after the best, then a drop: 'latest' and '>=' pick other epochs
+    # a NaN first (no class counted), a tie after the best, then a drop: 'latest', '>=' and a NaN kept as the best
+    # would each pick another epoch
+    dice = iter([math.nan, 0.6, 0.8, 0.8, 0.7])
     monkeypatch.setattr(evaluate, 'evaluate', lambda *a, **kw: {'mean_dice': next(dice)})
-    summary = run(tmp_path, demo_root, '--batch-size', '64', '--epochs', '4')
-    assert (summary['best_epoch'], summary['best_val_dice']) == (2, 0.8)
-    assert torch.load(tmp_path / 'best.pth', weights_only=True)['epoch'] == 2
-    assert [r['best_dice'] for r in log_rows(tmp_path)] == ['0.600000', '0.800000', '0.800000', '0.800000']
+    summary = run(tmp_path, demo_root, '--batch-size', '64', '--epochs', '5')
+    assert (summary['best_epoch'], summary['best_val_dice']) == (3, 0.8)
+    assert torch.load(tmp_path / 'best.pth', weights_only=True)['epoch'] == 3
+    assert [r['best_dice'] for r in log_rows(tmp_path)] == ['', '0.600000', '0.800000', '0.800000', '0.800000']
 
 
 def test_val_cases_sets_how_many_training_cases_are_held_out(tmp_path, demo_root, tiny):

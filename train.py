@@ -308,7 +308,8 @@ def train(args, ckpt, rank, world, device):
                     metric = float(evaluate.evaluate(net, val, spec, args.img_size, device=device, amp=args.amp,
                                                      progress=False, distances=False,
                                                      workers=min(args.workers, 4))['mean_dice'])
-                if best := metric is not None and (run.best_metric is None or metric > run.best_metric):
+                if best := metric is not None and math.isfinite(metric) and (run.best_metric is None or
+                                                                            metric > run.best_metric):
                     run.best_metric, run.best_epoch = metric, epoch
                 run.elapsed += time.perf_counter() - t0
                 run.log.append(dict(epoch=epoch, step=run.step, loss=f'{loss:.6f}', val_dice='' if metric is None else

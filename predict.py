@@ -116,8 +116,9 @@ def predict_case(model, case, spec, img_size, device, batch_size=BATCH, amp='non
 # ---- blocks: the user's files in, label maps and overlays out
 
 
-def read_input(path):
-    """An image, a raw NIfTI volume (its geometry kept, sliced as in training) or a preprocessed .npz/.h5 file."""
+def read_input(path, num_classes=None):
+    """An image, a raw NIfTI volume (its geometry kept, sliced as in training) or a preprocessed .npz/.h5 file, whose
+    label, if any, is checked against num_classes."""
     path = Path(path)
     suffix = next((x for x in INPUT_SUFFIXES if path.name.lower().endswith(x)), None)
     if suffix is None:
@@ -133,7 +134,8 @@ def read_input(path):
     if key is None:
         raise data.DataError(f'{path}: expected a 2-D or 3-D array image (or img), found {list(arrays)}')
     image, label = np.asarray(arrays[key], np.float32), arrays.get('label')
-    label = data.class_ids(label, path) if label is not None and np.shape(label) == image.shape else None
+    label = data.class_ids(label, path, num_classes) if label is not None and np.shape(label) == image.shape \
+        else None
     if image.ndim == 2:  # one slice: a volume of depth 1
         image, label = image[None], None if label is None else label[None]
     return replace(item, image=image, label=label)
@@ -211,9 +213,7 @@ def write_prediction(out, name, image, labels, spec, geometry=None, label=None, 
 
 def predict_file(model, path, spec, img_size, args):
     """Read one file, segment it (a raw volume normalised as the checkpoint's data), return (item, label map)."""
-    item = read_input(path)
-    if item.label is not None:  # a preprocessed file's labels, written beside the prediction
-        item = replace(item, label=data.class_ids(item.label, path, spec.num_classes))
+    item = read_input(path, spec.num_classes)  # a preprocessed file's labels are written beside the prediction
     kind = 'image' if item.image.dtype == np.uint8 else 'volume'
     if item.geometry is not None:  # a raw NIfTI volume; RGB images are normalised by data.prepare_input
         rule = args.intensity or spec.intensity

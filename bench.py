@@ -5,6 +5,7 @@ absolute times are worth quoting from a GPU only, with its name.
 
     python bench.py model            # parameters and GMAC beside Table 1, CPU latency against the bare backbone
     python bench.py train            # train_step eager and compiled (GPU: S and L, fp32/bf16, batches 24/8)
+    python bench.py profile          # one eager DANIE-S train_step: the top kernels (operators) by time and by count
     python bench.py eval             # metrics against medpy; evaluation of volumes and ISIC-sized images
     python bench.py data --data isic2017 --root PATH   # training samples/s through the DataLoader
     python bench.py predict          # a 512x512x150 CT volume (NIfTI, Hounsfield units) predicted by predict.py
@@ -174,8 +175,8 @@ def bench_train(args, device):
     backbone."""
     cuda = device.type == 'cuda'
     torch.backends.cudnn.benchmark = True
-    grid = [(s, a, b) for s in ('S', 'L') if cuda or s == 'S' for a in (('none', 'bf16') if cuda else ('none',))
-            for b in ((24, 8) if cuda else (2,))]
+    grid = args.grid or [(s, a, b) for s in ('S', 'L') if cuda or s == 'S'
+                         for a in (('none', 'bf16') if cuda else ('none',)) for b in ((24, 8) if cuda else (2,))]
     modes = tuple(m for m in COMPILE_MODES if m in args.modes)
     print(f"train_step on {torch.cuda.get_device_name(device) if cuda else 'CPU'}: {args.img_size}x{args.img_size}, "
           f'9 classes, AdamW, deep supervision; {torch.get_num_threads()} threads; {args.warmup} warm-up + '
@@ -187,15 +188,16 @@ def bench_train(args, device):
         except torch.cuda.OutOfMemoryError:
             rows.append(dict(model=f'DANIE-{size}', amp=amp, batch=batch, mode='out of memory'))
         torch.cuda.empty_cache() if cuda else None
-    breaks, ours, reasons = graph_breaks('S', args)
+    breaks, ours, reasons = graph_breaks('S', args) if 'whole' in modes else (None, None, [])
     for row in rows:
         row.update(breaks=breaks, breaks_danie=ours) if row.get('mode') == 'whole' else None
     table(rows, [('model', 8, ''), ('amp', 5, ''), ('batch', 5, 'd'), ('mode', 6, ''), ('img_s', 8, '.2f'),
                  ('ms', 8, '.0f'), ('vs_eager', 8, '.2f'), ('ready_s', 7, '.0f'), ('peak_gib', 8, '.2f'),
                  ('kernels' if cuda else 'operators', 9, 'd'), ('peak_share', 10, '.1%'), ('breaks', 6, 'd'),
                  ('breaks_danie', 12, 'd')])
-    print(f"graph breaks (torch._dynamo.explain, DANIE-S forward): {breaks} in all, {ours} in attention.py/model.py"
-          + ''.join(f'\n  {r}' for r in reasons))
+    if 'whole' in modes:
+        print(f"graph breaks (torch._dynamo.explain, DANIE-S forward): {breaks} in all, {ours} in attention.py/model.py"
+              + ''.join(f'\n  {r}' for r in reasons))
     if not cuda:  # forward + loss + backward of DANIE-S against its bare MaxViT-T backbone
         net = danie.danie('S', num_classes=9, img_size=args.img_size)
         x, t = torch.randn(2, 3, args.img_size, args.img_size), torch.randint(0, 9, (2, args.img_size, args.img_size))
@@ -204,6 +206,28 @@ def bench_train(args, device):
         rows.append(dict(model='DANIE-S beyond MaxViT-T', **ops, added=ops['danie'] - ops['backbone']))
         print(f"operators of forward + loss + backward, batch 2: DANIE-S {ops['danie']}, its MaxViT-T backbone "
               f"{ops['backbone']}, added by DANIE {rows[-1]['added']}")
+    return rows
+
+
+def bench_profile(args, device):
+    """One eager DANIE-S train_step (bf16 on a GPU, batch 24; CPU: fp32, batch 2) under torch.profiler: the
+    kernels (CPU: operators) that take the most time, and those launched most often."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == 'cuda'
+    amp, batch = ('bf16', 24) if cuda else ('none', 2)
+    step = train_setup('S', amp, batch, 'eager', args, device)
+    for _ in range(args.warmup):
+        step()
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        step().item()
+    events = [e for e in prof.key_averages() if (e.device_type.name == 'CUDA') == cuda]
+    us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(us(e) for e in events)
+    rows = [dict(by=by, name=e.key[:60], calls=e.count, ms=us(e) / 1e3, share=us(e) / total) for by, key in
+            (('time', us), ('count', lambda e: e.count)) for e in sorted(events, key=key, reverse=True)[:args.top]]
+    print(f"DANIE-S train_step, {amp}, batch {batch}, {args.img_size}x{args.img_size}: {sum(e.count for e in events)} "
+          f"{'kernels' if cuda else 'operators'}, {total / 1e3:.1f} ms of {'GPU' if cuda else 'CPU'} time")
+    table(rows, [('by', 5, ''), ('name', 60, ''), ('calls', 6, 'd'), ('ms', 8, '.2f'), ('share', 6, '.1%')])
     return rows
 
 
@@ -284,14 +308,26 @@ def bench_predict(args, device):
 # ---- CLI
 
 
+def grid_arg(text):
+    """--grid's SIZE:AMP:BATCH, e.g. S:bf16:24."""
+    size, amp, batch = (text.split(':') + ['', '', ''])[:3]
+    if size not in ('S', 'L') or amp not in danie.AMP_DTYPES or not batch.isdigit() or int(batch) < 1:
+        raise argparse.ArgumentTypeError(f"expected SIZE:AMP:BATCH (S or L, one of {', '.join(danie.AMP_DTYPES)}, "
+                                         f'a batch size), got {text!r}')
+    return size, amp, int(batch)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description='The speed tables of DANIE, on the real code.')
-    p.add_argument('what', nargs='+', choices=('model', 'train', 'eval', 'data', 'predict'))
+    p.add_argument('what', nargs='+', choices=('model', 'train', 'profile', 'eval', 'data', 'predict'))
     p.add_argument('--img-size', type=int, default=224, help='model input size (default 224)')
     p.add_argument('--warmup', type=int, default=3, help='untimed steps or rounds')
     p.add_argument('--steps', type=int, default=10, help='timed steps or rounds')
     p.add_argument('--modes', nargs='+', choices=COMPILE_MODES, default=COMPILE_MODES,
                    help='train: eager, compiled (the whole model, as train.py --compile) (default: both)')
+    p.add_argument('--grid', nargs='+', type=grid_arg, metavar='SIZE:AMP:BATCH',
+                   help='train: the configurations, e.g. S:bf16:24 (default: S and L, none and bf16, 24 and 8)')
+    p.add_argument('--top', type=int, default=15, help='profile: rows per table')
     p.add_argument('--slices', type=int, default=16, help='eval: slices in the timed volume')
     p.add_argument('--images', type=int, default=6, help='eval: ISIC-sized images; data: batches per pass')
     p.add_argument('--data', default='demo', choices=data.DATASETS, help='data: the dataset')

@@ -3,6 +3,7 @@
 import argparse
 import json
 
+import pytest
 import torch
 
 import bench
@@ -37,3 +38,23 @@ def test_model_and_data_tables(tmp_path, capsys):
     first, second = rows['data']
     assert first['samples'] == second['samples'] == 16 and second['samples_s'] > 0
     assert (tmp_path / 'demo' / data.DEMO_MARK).is_file() and 'DANIE-S' in capsys.readouterr().out
+
+
+def test_profile_ranks_the_step_by_time_and_by_count(capsys):
+    rows = bench.main(['profile', '--img-size', '32', '--warmup', '0', '--top', '3'])['profile']
+    by_time, by_count = [r for r in rows if r['by'] == 'time'], [r for r in rows if r['by'] == 'count']
+    assert len(by_time) == len(by_count) == 3
+    assert [r['ms'] for r in by_time] == sorted((r['ms'] for r in by_time), reverse=True) and by_time[0]['ms'] > 0
+    assert [r['calls'] for r in by_count] == sorted((r['calls'] for r in by_count), reverse=True)
+    assert by_count[0]['calls'] > by_time[0]['calls']  # the most frequent are not the costliest (convolutions)
+    assert 0 < sum(r['share'] for r in by_time) <= 1 and 'operators' in capsys.readouterr().out
+
+
+def test_train_grid_picks_the_configurations(capsys):
+    rows = bench.main(['train', '--img-size', '32', '--warmup', '0', '--steps', '1', '--modes', 'eager', '--grid',
+                       'S:bf16:3'])['train']
+    assert (rows[0]['model'], rows[0]['amp'], rows[0]['batch']) == ('DANIE-S', 'bf16', 3)
+    assert bench.grid_arg('L:none:24') == ('L', 'none', 24)
+    for bad in ('X:none:2', 'S:fp8:2', 'S:bf16', 'S:bf16:0'):
+        with pytest.raises(argparse.ArgumentTypeError, match='SIZE:AMP:BATCH'):
+            bench.grid_arg(bad)

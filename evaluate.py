@@ -158,6 +158,8 @@ def load_case(item, spec, img_size, keep_image=False):
     """DataLoader collate of evaluate(): a case read and prepared in a worker while the device runs. The label travels
     as a uint8 tensor where the ids fit, the image only when it is written out."""
     case = item.load()
+    if keep_image and case.files and str(case.files[0]).endswith(data.NIFTI_SUFFIXES):  # written in its geometry
+        case = replace(case, geometry=data.read_nifti(case.files[0], voxels=False)[1])
     x = predict.model_input(case, spec.kind, img_size)
     label = torch.from_numpy(case.label.astype(np.uint8 if spec.num_classes <= 256 else np.int64))
     return replace(case, image=case.image if keep_image else None, label=label), x
@@ -271,7 +273,7 @@ def evaluate(model, cases, spec, img_size, *, device=None, batch_size=predict.BA
             rows += case_rows(case.id, pred, case.label, spec, legacy=legacy, distances=distances)
             t_pred, t_metric = t_pred + t1 - t0, t_metric + time.perf_counter() - t1
             if save_pred is not None:
-                predict.write_prediction(save_pred, case.id, case.image, pred.cpu().numpy(), spec,
+                predict.write_prediction(save_pred, case.id, case.image, pred.cpu().numpy(), spec, case.geometry,
                                          label=case.label.numpy())
     finally:
         model.train(was_training)

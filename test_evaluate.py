@@ -18,6 +18,7 @@ import torch
 import data
 import evaluate as E
 import model as M
+import predict
 
 torch.set_num_threads(1)  # tiny tensors: more threads only add overhead, and stall badly on a loaded machine
 
@@ -760,6 +761,22 @@ def test_a_split_that_shares_cases_with_training_is_never_scored(tmp_path, capsy
     how = ', '.join(f'{len(v)} {k} on' for k, v in seen.items() if v)
     assert f"error: the test split shares 2 of its 2 cases with those {ckpt} saw ({how}: {', '.join(carved)})" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / 'ev' / 'summary.json').exists()
+
+
+def test_saved_nifti_predictions_keep_the_geometry_of_their_image(tmp_path):
+    import nibabel as nib
+    from test_data import AFFINE
+    root, ckpt, _ = nnunet_run(tmp_path, n=4)
+    assert E.main(['--ckpt', str(ckpt), '--out', str(tmp_path / 'ev'), '--save-pred', str(tmp_path / 'sp'),
+                   '--no-progress']) == 0
+    image = root / 'imagesTs' / 'case_004_0000.nii.gz'
+    assert predict.main(['--ckpt', str(ckpt), '--input', str(image), '--out', str(tmp_path / 'pp'),
+                         '--no-progress']) == 0
+    saved, by_predict = (nib.load(d / n) for d, n in ((tmp_path / 'sp', 'case_004_pred.nii.gz'),
+                                                      (tmp_path / 'pp', 'case_004.nii.gz')))
+    assert np.allclose(saved.affine, AFFINE) and saved.shape == nib.load(image).shape == (16, 16, 2)
+    assert np.array_equal(saved.get_fdata(), by_predict.get_fdata())  # as predict.py writes the same file
+    assert not (tmp_path / 'sp' / 'case_004_img.nii.gz').exists()  # the image is the user's own file
 
 
 def test_outputs_inside_the_dataset_root_are_refused_naming_the_flag(tmp_path, capsys):

@@ -296,8 +296,8 @@ def _cached_slice(cache, key, read, k):
     return np.array(img[k]), lab[k].astype(np.int64)
 
 
-# ---- blocks: a dataset's files as Items: a build function per dataset names its parts on disk ('train', 'val',
-# 'test': each a function that lists its Items); _split makes the splits from them
+# ---- blocks: a dataset's files as Items: a build function per dataset names its folders and files, and returns its
+# parts on disk ('train', 'val', 'test': each a function that lists its Items); _split makes the splits from them
 
 
 @dataclass
@@ -358,48 +358,53 @@ def _natural(path):  # 'train_2' before 'train_10'
     return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', path.name)]
 
 
-def _files(spec, folder, suffixes, listing=None, name='.+'):
-    """The files a listing names, in its order; without one, those whose stems match name, in natural order."""
+def _files(spec, folder, suffixes, listing=None, keep=bool):
+    """[(stem, file)]: the files a listing names, in its order; without one, those whose stem (the name less one of
+    suffixes) keep(stem) accepts, in natural order."""
     _folder(spec, folder)
     if listing is None or not listing.is_file():
-        files = sorted((p for p in folder.iterdir() if re.fullmatch(name, _stem(p, suffixes))), key=_natural)
+        files = sorted((p for p in folder.iterdir() if keep(_stem(p, suffixes))), key=_natural)
         if not files:
             raise DataError(f'no samples found: {folder} has no *{"|*".join(suffixes)} files of its layout '
                             f'(it holds {", ".join(sorted(os.listdir(folder))[:3]) or "nothing"})')
-        return files
+        return [(_stem(p, suffixes), p) for p in files]
     files = []
     for n in listing.read_text().split():  # a name with its suffix or without
-        found = [p for p in [folder / n] + [folder / (n + x) for x in suffixes] if p.is_file()]
+        found = [p for p in [folder / n] + [folder / (n + x) for x in suffixes] if p.is_file() and _stem(p, suffixes)]
         if not found:
             raise DataError(f'list {listing} names {n}, but {folder / (n + suffixes[0])} does not exist')
-        files.append(found[0])
+        files.append((_stem(found[0], suffixes), found[0]))
     return files
 
 
-def _arrays(spec, read, folder, suffix, listing, name='(?P<case>.+)', volume='{case}'):
-    """An Item per .npz/.h5 file: name's groups give its case (the patient) and, for a slice, its index; volume
-    the id of its volume."""
+def _numbered(stem, *prefixes):
+    """Whether stem is <prefix>_<number> for one of prefixes ('ISIC_0000000', 'testA_12'; not 'train_3_anno')."""
+    prefix, _, number = stem.rpartition('_')
+    return prefix in prefixes and number.isdigit()
+
+
+def _arrays(spec, read, folder, suffix, listing, slice_of=None):
+    """An Item per .npz/.h5 file: slice_of(stem) -> (volume, case, slice number) for a slice; else the file is a
+    volume (and a case) of its own."""
     items = []
-    for f in _files(spec, folder, (suffix,), listing, name):
-        m = re.fullmatch(name, _stem(f, (suffix,)))
-        if m is None:
-            raise DataError(f'{f}: a name that {spec.name} does not use; expected {_layout(spec.name)}')
-        index = int(m['index']) if 'index' in m.groupdict() else None
-        items.append(Item(volume.format(**m.groupdict()), read=partial(read, f), case=m['case'], index=index,
-                          files=(f,)))
+    for stem, f in _files(spec, folder, (suffix,), listing):
+        try:
+            volume, case, k = slice_of(stem) if slice_of else (stem, stem, None)
+        except ValueError:  # the name does not split as the layout's names do
+            raise DataError(f'{f}: a name that {spec.name} does not use; expected {_layout(spec.name)}') from None
+        items.append(Item(volume, read=partial(read, f), case=case, index=k, files=(f,)))
     return items
 
 
-def _pairs(spec, read, images, suffixes, masks, mask_names, listing=None, name='.+'):
-    """An Item per image and its mask: the first of masks/<mask_names with the image's stem> that exists."""
+def _pairs(spec, read, images, suffixes, masks, endings, listing=None, keep=bool):
+    """An Item per image and its mask: the first of masks/<the image's stem><ending> that exists."""
     for folder in (images, masks):
         _folder(spec, folder)
     items = []
-    for f in _files(spec, images, suffixes, listing, name):
-        stem = _stem(f, suffixes)
-        mask = next((masks / n.format(stem) for n in mask_names if (masks / n.format(stem)).is_file()), None)
+    for stem, f in _files(spec, images, suffixes, listing, keep):
+        mask = next((masks / (stem + x) for x in endings if (masks / (stem + x)).is_file()), None)
         if mask is None:
-            raise DataError(f'{f}: no mask {masks / mask_names[0].format(stem)} (image without mask)')
+            raise DataError(f'{f}: no mask {masks / (stem + endings[0])} (image without mask)')
         items.append(Item(stem, read=partial(read, f, mask), case=stem, files=(f, mask)))
     return items
 
@@ -444,9 +449,14 @@ def build_synapse(root, spec, lut):
     ROOT/test_vol_h5/<case>.npy.h5, each in the order of ROOT/lists_Synapse/{train,test_vol}.txt, else by name."""
     root = _found(root, spec, 'train_npz', 'test_vol_h5')
     read = partial(_arrays_pair, keys=('image', 'label'), num_classes=spec.num_classes, lut=lut)
-    return {'train': partial(_arrays, spec, read, root / 'train_npz', '.npz', root / 'lists_Synapse/train.txt',
-                             r'(?P<case>.+)_slice(?P<index>\d+)'),
-            'test': partial(_arrays, spec, read, root / 'test_vol_h5', '.npy.h5', root / 'lists_Synapse/test_vol.txt')}
+
+    lists = root / 'lists_Synapse'
+
+    def slice_of(stem):  # case0005_slice012: slice 12 of case0005
+        case, k = stem.rsplit('_slice', 1)
+        return case, case, int(k)
+    return {'train': partial(_arrays, spec, read, root / 'train_npz', '.npz', lists / 'train.txt', slice_of),
+            'test': partial(_arrays, spec, read, root / 'test_vol_h5', '.npy.h5', lists / 'test_vol.txt')}
 
 
 def build_acdc(root, spec, lut):
@@ -458,16 +468,23 @@ def build_acdc(root, spec, lut):
     root = _found(root, spec, 'data', 'train', 'test')
     if (root / 'data').is_dir():  # SSL4MIS
         read = partial(_arrays_pair, keys=('image', 'label'), num_classes=spec.num_classes)
+
+        def ssl4mis_slice(stem):  # patient001_frame01_slice_3: slice 3 of patient001_frame01, patient patient001
+            volume, k = stem.rsplit('_slice_', 1)
+            return volume, volume.split('_')[0], int(k)
         lists = {k: root / f'{k}.list' for k in ('val', 'test') if (root / f'{k}.list').is_file()}
         return {'train': partial(_arrays, spec, read, root / 'data/slices', '.h5', root / 'train_slices.list',
-                                 r'(?P<case>patient\d+)_(?P<frame>frame\d+)_slice_(?P<index>\d+)', '{case}_{frame}'),
+                                 ssl4mis_slice),
                 **{k: partial(_arrays, spec, read, root / 'data', '.h5', f) for k, f in lists.items()}}
-    read = partial(_arrays_pair, keys=('img', 'label'), num_classes=spec.num_classes)
-    slices = partial(_arrays, spec, read, name=r'(?P<case>case_\d+)_slice(?P<phase>ED|ES)_(?P<index>\d+)',
-                     volume='{case}_volume_{phase}')
-    return {'train': partial(slices, root / 'train', '.npz', root / 'lists_ACDC/train.txt'),
-            'val': partial(slices, root / 'valid', '.npz', root / 'lists_ACDC/valid.txt'),
-            'test': partial(_arrays, spec, read, root / 'test', '.npz', root / 'lists_ACDC/test.txt')}
+    read, lists = partial(_arrays_pair, keys=('img', 'label'), num_classes=spec.num_classes), root / 'lists_ACDC'
+
+    def mtunet_slice(stem):  # case_001_sliceED_3: slice 3 of case_001_volume_ED, patient case_001
+        case, phase_k = stem.rsplit('_slice', 1)
+        phase, k = phase_k.split('_')
+        return f'{case}_volume_{phase}', case, int(k)
+    return {'train': partial(_arrays, spec, read, root / 'train', '.npz', lists / 'train.txt', mtunet_slice),
+            'val': partial(_arrays, spec, read, root / 'valid', '.npz', lists / 'valid.txt', mtunet_slice),
+            'test': partial(_arrays, spec, read, root / 'test', '.npz', lists / 'test.txt')}
 
 
 def build_isic2017(root, spec, lut):
@@ -478,7 +495,8 @@ def build_isic2017(root, spec, lut):
 
     def part(k):
         return _pairs(spec, read, root / f'ISIC-2017_{k}_Data', ('.jpg', '.jpeg', '.png'),
-                      root / f'ISIC-2017_{k}_Part1_GroundTruth', ('{}_segmentation.png',), name=r'ISIC_\d+')
+                      root / f'ISIC-2017_{k}_Part1_GroundTruth', ('_segmentation.png',),
+                      keep=lambda stem: _numbered(stem, 'ISIC'))
     return {'train': partial(part, 'Training'), 'val': partial(part, 'Validation'), 'test': partial(part, 'Test_v2')}
 
 
@@ -490,9 +508,10 @@ def build_isic2018(root, spec, lut):
 
     def part(k):  # 0 train, 1 val, 2 test
         items = _pairs(spec, read, root / 'ISIC2018_Task1-2_Training_Input', ('.jpg', '.jpeg'),
-                       root / 'ISIC2018_Task1_Training_GroundTruth', ('{}_segmentation.png',), name=r'ISIC_\d+')
-        keep = set(isic2018_split([it.id for it in items])[k])
-        return [it for it in items if it.id in keep]
+                       root / 'ISIC2018_Task1_Training_GroundTruth', ('_segmentation.png',),
+                       keep=lambda stem: _numbered(stem, 'ISIC'))
+        ids = set(isic2018_split([it.id for it in items])[k])
+        return [it for it in items if it.id in ids]
     return {'train': partial(part, 0), 'val': partial(part, 1), 'test': partial(part, 2)}
 
 
@@ -502,8 +521,9 @@ def build_glas(root, spec, lut):
     # NOTE(impl): validation images are held out one by one (GlaS names no patients).
     root = _found(root, spec, 'train_1.bmp', 'testA_1.bmp')
     read = partial(_image_pair, fg=1, num_classes=spec.num_classes, aspect=True)
-    part = partial(_pairs, spec, read, root, ('.bmp',), root, ('{}_anno.bmp',))
-    return {'train': partial(part, name=r'train_\d+'), 'test': partial(part, name=r'test[AB]_\d+')}
+    part = partial(_pairs, spec, read, root, ('.bmp',), root, ('_anno.bmp',))
+    return {'train': partial(part, keep=lambda stem: _numbered(stem, 'train')),
+            'test': partial(part, keep=lambda stem: _numbered(stem, 'testA', 'testB'))}
 
 
 def build_folder(root, spec, lut):
@@ -511,8 +531,8 @@ def build_folder(root, spec, lut):
     lists ROOT/train.txt, val.txt, test.txt (optional) of stems pick each split's images."""
     root = _found(root, spec, 'images')
     read = partial(_image_pair, fg=0, num_classes=spec.num_classes, aspect=True)
-    mask_names = tuple('{}' + x for x in IMAGE_SUFFIXES + tuple(map(str.upper, IMAGE_SUFFIXES)))
-    part = partial(_pairs, spec, read, root / 'images', IMAGE_SUFFIXES, root / 'masks', mask_names)
+    endings = IMAGE_SUFFIXES + tuple(map(str.upper, IMAGE_SUFFIXES))
+    part = partial(_pairs, spec, read, root / 'images', IMAGE_SUFFIXES, root / 'masks', endings)
     lists = {k: root / f'{k}.txt' for k in ('train', 'val', 'test')}
     return _user_splits(root, {k: partial(part, f) for k, f in lists.items() if k == 'train' or f.is_file()})
 
@@ -547,7 +567,7 @@ def build_nnunet(root, spec, lut):
             else partial(_image_pair, fg=0, num_classes=spec.num_classes, aspect=True))
 
     def part(k):  # 'Tr' or 'Ts'
-        return _pairs(spec, read, root / f'images{k}', ('_0000' + ending,), root / f'labels{k}', ('{}' + ending,))
+        return _pairs(spec, read, root / f'images{k}', ('_0000' + ending,), root / f'labels{k}', (ending,))
     test = (root / 'imagesTs').is_dir() and (root / 'labelsTs').is_dir()
     return _user_splits(root, {'train': partial(part, 'Tr')} | ({'test': partial(part, 'Ts')} if test else {}))
 
@@ -571,9 +591,14 @@ def _volumes(items):
     return stacked if any(it.index is not None for it in items) else items
 
 
-def _split(parts, split, val_cases):
-    """A split's Items (None: not on disk): 'test' as stored; 'val' as stored, or val_cases training cases held
-    out (default: VAL_FRACTION where none are stored); 'train' the training cases less those held out."""
+def _split(spec, root, split, val_cases, label_map):
+    """A split's Items as the build function finds them (None: not on disk): 'test' as stored; 'val' as stored, or
+    val_cases training cases held out (default: VAL_FRACTION where none are stored); 'train' the training cases less
+    those held out."""
+    if label_map not in LABEL_MAPS or label_map == 'cascade' and spec.name != 'synapse':
+        raise DataError(f"--label-map {label_map}: expected {' or '.join(LABEL_MAPS)}; label_map='cascade' is for "
+                        "Synapse's 13-label files")
+    parts = BUILDS[spec.name](root, spec, CASCADE_LUT if label_map == 'cascade' else None)
     if split == 'test':
         return parts['test']() if 'test' in parts else None
     if split == 'val' and val_cases is None and 'val' in parts:
@@ -766,19 +791,11 @@ def spec_from_dict(d):
     return DatasetSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k != 'layout'})
 
 
-def _parts(spec, root, label_map):
-    """The dataset's splits as its build function finds them: {'train', 'val', 'test'} -> () -> Items."""
-    if label_map not in LABEL_MAPS or label_map == 'cascade' and spec.name != 'synapse':
-        raise DataError(f"--label-map {label_map}: expected {' or '.join(LABEL_MAPS)}; label_map='cascade' is for "
-                        "Synapse's 13-label files")
-    return BUILDS[spec.name](root, spec, CASCADE_LUT if label_map == 'cascade' else None)
-
-
 def train_set(name, root, img_size, *, val_cases=None, seed=0, augment=True, label_map='transunet',
               num_classes=None, cache=True):
     """The training samples, less the cases held out for validation (val_cases=0: none); seed: augmentation's."""
     spec = get_spec(name, root, num_classes)
-    items = _split(_parts(spec, root, label_map), 'train', val_cases)
+    items = _split(spec, root, 'train', val_cases, label_map)
     if label_map == 'cascade':  # a whole training case's raw labels tell the maps apart
         first = [f for it in items if it.case == items[0].case for f in it.files]
         maxima = [read_arrays(f, ('label',))[0].max() for f in first]
@@ -797,7 +814,7 @@ def train_set(name, root, img_size, *, val_cases=None, seed=0, augment=True, lab
 def eval_cases(name, root, split, *, val_cases=None, label_map='transunet', num_classes=None):
     """Whole cases as stored, of split 'val' (stored, or held out as train_set holds them) or 'test'."""
     spec = get_spec(name, root, num_classes)
-    items = _split(_parts(spec, root, label_map), split, val_cases)
+    items = _split(spec, root, split, val_cases, label_map)
     if items is None:
         raise DataError(f'{root}: {spec.name} has no {split} split here; expected {_layout(spec.name)}')
     return Cases(_volumes(items))

@@ -440,6 +440,11 @@ def test_list_naming_a_missing_file(tmp_path):
         f.write('case0099_slice000\n')
     with pytest.raises(DataError, match=r'train.txt names case0099_slice000, but .*case0099_slice000.npz does not'):
         data.train_set('synapse', tmp_path, 16)
+    np.savez(tmp_path / 'train_npz' / 'case0099_slice0x.npz', image=np.zeros((4, 4)), label=np.zeros((4, 4)))
+    (tmp_path / 'lists_Synapse' / 'train.txt').write_text('case0001_slice000\ncase0099_slice0x\n')
+    with pytest.raises(DataError, match=r'case0099_slice0x.npz: a name that synapse does not use; expected .*'
+                                        r'train_npz/<case>_slice<k>.npz'):
+        data.train_set('synapse', tmp_path, 16)
 
 
 @pytest.mark.parametrize('kind', ['npz', 'h5', 'jpg'])

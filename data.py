@@ -449,7 +449,6 @@ def build_synapse(root, spec, lut):
     ROOT/test_vol_h5/<case>.npy.h5, each in the order of ROOT/lists_Synapse/{train,test_vol}.txt, else by name."""
     root = _found(root, spec, 'train_npz', 'test_vol_h5')
     read = partial(_arrays_pair, keys=('image', 'label'), num_classes=spec.num_classes, lut=lut)
-
     lists = root / 'lists_Synapse'
 
     def slice_of(stem):  # case0005_slice012: slice 12 of case0005

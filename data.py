@@ -377,10 +377,17 @@ def _files(spec, folder, suffixes, listing=None, keep=bool):
     return files
 
 
-def _numbered(stem, *prefixes):
-    """Whether stem is <prefix>_<number> for one of prefixes ('ISIC_0000000', 'testA_12'; not 'train_3_anno')."""
-    prefix, _, number = stem.rpartition('_')
-    return prefix in prefixes and number.isdigit()
+def _numbered(text, *prefixes):
+    """Whether text is one of prefixes followed by a plain number ('ISIC_0000000' for 'ISIC_', 'patient001' for
+    'patient'; not 'train_3_anno', '+3' or '1_2')."""
+    return any(text.startswith(p) and text[len(p):].isascii() and text[len(p):].isdigit() for p in prefixes)
+
+
+def _number(text):
+    """A slice number as file names write it ('012'); anything else is a name the layout does not use."""
+    if not _numbered(text, ''):
+        raise ValueError(f'not a slice number: {text!r}')
+    return int(text)
 
 
 def _arrays(spec, read, folder, suffix, listing, slice_of=None):
@@ -453,7 +460,9 @@ def build_synapse(root, spec, lut):
 
     def slice_of(stem):  # case0005_slice012: slice 12 of case0005
         case, k = stem.rsplit('_slice', 1)
-        return case, case, int(k)
+        if not case:
+            raise ValueError(stem)
+        return case, case, _number(k)
     return {'train': partial(_arrays, spec, read, root / 'train_npz', '.npz', lists / 'train.txt', slice_of),
             'test': partial(_arrays, spec, read, root / 'test_vol_h5', '.npy.h5', lists / 'test_vol.txt')}
 
@@ -470,7 +479,10 @@ def build_acdc(root, spec, lut):
 
         def ssl4mis_slice(stem):  # patient001_frame01_slice_3: slice 3 of patient001_frame01, patient patient001
             volume, k = stem.rsplit('_slice_', 1)
-            return volume, volume.split('_')[0], int(k)
+            patient, frame = volume.split('_')
+            if not (_numbered(patient, 'patient') and _numbered(frame, 'frame')):
+                raise ValueError(stem)
+            return volume, patient, _number(k)
         lists = {k: root / f'{k}.list' for k in ('val', 'test') if (root / f'{k}.list').is_file()}
         return {'train': partial(_arrays, spec, read, root / 'data/slices', '.h5', root / 'train_slices.list',
                                  ssl4mis_slice),
@@ -480,7 +492,9 @@ def build_acdc(root, spec, lut):
     def mtunet_slice(stem):  # case_001_sliceED_3: slice 3 of case_001_volume_ED, patient case_001
         case, phase_k = stem.rsplit('_slice', 1)
         phase, k = phase_k.split('_')
-        return f'{case}_volume_{phase}', case, int(k)
+        if phase not in ('ED', 'ES') or not _numbered(case, 'case_'):
+            raise ValueError(stem)
+        return f'{case}_volume_{phase}', case, _number(k)
     return {'train': partial(_arrays, spec, read, root / 'train', '.npz', lists / 'train.txt', mtunet_slice),
             'val': partial(_arrays, spec, read, root / 'valid', '.npz', lists / 'valid.txt', mtunet_slice),
             'test': partial(_arrays, spec, read, root / 'test', '.npz', lists / 'test.txt')}
@@ -495,7 +509,7 @@ def build_isic2017(root, spec, lut):
     def part(k):
         return _pairs(spec, read, root / f'ISIC-2017_{k}_Data', ('.jpg', '.jpeg', '.png'),
                       root / f'ISIC-2017_{k}_Part1_GroundTruth', ('_segmentation.png',),
-                      keep=lambda stem: _numbered(stem, 'ISIC'))
+                      keep=lambda stem: _numbered(stem, 'ISIC_'))
     return {'train': partial(part, 'Training'), 'val': partial(part, 'Validation'), 'test': partial(part, 'Test_v2')}
 
 
@@ -508,7 +522,7 @@ def build_isic2018(root, spec, lut):
     def part(k):  # 0 train, 1 val, 2 test
         items = _pairs(spec, read, root / 'ISIC2018_Task1-2_Training_Input', ('.jpg', '.jpeg'),
                        root / 'ISIC2018_Task1_Training_GroundTruth', ('_segmentation.png',),
-                       keep=lambda stem: _numbered(stem, 'ISIC'))
+                       keep=lambda stem: _numbered(stem, 'ISIC_'))
         ids = set(isic2018_split([it.id for it in items])[k])
         return [it for it in items if it.id in ids]
     return {'train': partial(part, 0), 'val': partial(part, 1), 'test': partial(part, 2)}
@@ -521,8 +535,8 @@ def build_glas(root, spec, lut):
     root = _found(root, spec, 'train_1.bmp', 'testA_1.bmp')
     read = partial(_image_pair, fg=1, num_classes=spec.num_classes, aspect=True)
     part = partial(_pairs, spec, read, root, ('.bmp',), root, ('_anno.bmp',))
-    return {'train': partial(part, keep=lambda stem: _numbered(stem, 'train')),
-            'test': partial(part, keep=lambda stem: _numbered(stem, 'testA', 'testB'))}
+    return {'train': partial(part, keep=lambda stem: _numbered(stem, 'train_')),
+            'test': partial(part, keep=lambda stem: _numbered(stem, 'testA_', 'testB_'))}
 
 
 def build_folder(root, spec, lut):

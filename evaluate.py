@@ -158,7 +158,7 @@ def load_case(item, spec, img_size, keep_image=False):
     """DataLoader collate of evaluate(): a case read and prepared in a worker while the device runs. The label travels
     as a uint8 tensor where the ids fit, the image only when it is written out."""
     case = item.load()
-    if keep_image and case.files and str(case.files[0]).endswith(data.NIFTI_SUFFIXES):  # written in its geometry
+    if keep_image and case.files and str(case.files[0]).lower().endswith(data.NIFTI_SUFFIXES):  # kept for --save-pred
         case = replace(case, geometry=data.read_nifti(case.files[0], voxels=False)[1])
     x = predict.model_input(case, spec.kind, img_size)
     label = torch.from_numpy(case.label.astype(np.uint8 if spec.num_classes <= 256 else np.int64))

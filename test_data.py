@@ -3,6 +3,7 @@ the demo set. CPU only, offline; `python -m pytest -q test_data.py`."""
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -445,6 +446,39 @@ def test_list_naming_a_missing_file(tmp_path):
     with pytest.raises(DataError, match=r'case0099_slice0x.npz: a name that synapse does not use; expected .*'
                                         r'train_npz/<case>_slice<k>.npz'):
         data.train_set('synapse', tmp_path, 16)
+
+
+def slice_file(path):
+    np.savez(path, image=np.zeros((4, 4)), label=np.zeros((4, 4)))
+    return path
+
+
+@pytest.mark.parametrize('name', ['case0006.npz', 'case0005_slice001_1.npz', 'case0005_slice-1.npz',
+                                  'case0005_slice+3.npz', '_slice003.npz'])
+def test_a_slice_file_of_another_name_is_refused_listed_or_not(tmp_path, name):
+    write_synapse(tmp_path, lists=False)  # a stray copy would be stacked into a volume as slice 121, or -1
+    slice_file(tmp_path / 'train_npz' / name)
+    with pytest.raises(DataError, match=rf'{re.escape(name)}: a name that synapse does not use'):
+        data.eval_cases('synapse', tmp_path, 'val', val_cases=3)
+
+
+@pytest.mark.parametrize('layout, name', [
+    ('mtunet', 'case_001_sliceXX_3'), ('mtunet', 'case_001_sliceed_3'), ('mtunet', 'case1_sliceED_3'),
+    ('ssl4mis', 'patient_001_frame01_slice_2'), ('ssl4mis', 'patient001_slice_2'),
+    ('ssl4mis', '._patient001_frame01_slice_2'), ('ssl4mis', 'patient001_frame01_slice_1_2')])
+def test_acdc_slice_names_give_patient_phase_and_number_or_are_refused(tmp_path, layout, name):
+    folder, suffix = (tmp_path / 'train', '.npz') if layout == 'mtunet' else (tmp_path / 'data' / 'slices', '.h5')
+    folder.mkdir(parents=True)
+    (tmp_path / 'test').mkdir()
+    good = 'case_001_sliceED_3' if layout == 'mtunet' else 'patient001_frame01_slice_3'
+    for stem in (good, name):
+        if layout == 'mtunet':
+            np.savez(folder / f'{stem}.npz', img=np.zeros((4, 4)), label=np.zeros((4, 4)))
+        else:
+            with h5py.File(folder / f'{stem}.h5', 'w') as f:
+                f['image'], f['label'] = np.zeros((4, 4)), np.zeros((4, 4))
+    with pytest.raises(DataError, match=rf'{re.escape(name + suffix)}: a name that acdc does not use'):
+        data.train_set('acdc', tmp_path, 16, val_cases=0)
 
 
 @pytest.mark.parametrize('kind', ['npz', 'h5', 'jpg'])

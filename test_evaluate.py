@@ -777,6 +777,10 @@ def test_saved_nifti_predictions_keep_the_geometry_of_their_image(tmp_path):
     assert np.allclose(saved.affine, AFFINE) and saved.shape == nib.load(image).shape == (16, 16, 2)
     assert np.array_equal(saved.get_fdata(), by_predict.get_fdata())  # as predict.py writes the same file
     assert not (tmp_path / 'sp' / 'case_004_img.nii.gz').exists()  # the image is the user's own file
+    image.rename(image.with_name('case_004_0000.NII.GZ'))  # suffixes in any case, as the layout reads them
+    assert E.main(['--ckpt', str(ckpt), '--out', str(tmp_path / 'ev2'), '--save-pred', str(tmp_path / 'sp2'),
+                   '--no-progress']) == 0
+    assert np.allclose(nib.load(tmp_path / 'sp2' / 'case_004_pred.nii.gz').affine, AFFINE)
 
 
 def test_outputs_inside_the_dataset_root_are_refused_naming_the_flag(tmp_path, capsys):

@@ -327,7 +327,7 @@ def main(argv=None):
                    help='train: eager, compiled (the whole model, as train.py --compile) (default: both)')
     p.add_argument('--grid', nargs='+', type=grid_arg, metavar='SIZE:AMP:BATCH',
                    help='train: the configurations, e.g. S:bf16:24 (default: S and L, none and bf16, 24 and 8)')
-    p.add_argument('--top', type=int, default=15, help='profile: rows per table')
+    p.add_argument('--top', type=predict.number(int, 1), default=15, help='profile: rows per table')
     p.add_argument('--slices', type=int, default=16, help='eval: slices in the timed volume')
     p.add_argument('--images', type=int, default=6, help='eval: ISIC-sized images; data: batches per pass')
     p.add_argument('--data', default='demo', choices=data.DATASETS, help='data: the dataset')

@@ -5,37 +5,47 @@
 # for the minutes left, and the evaluation of its 100 held-out images. Logs and JSON/CSV go to $OUT.
 #   ISIC=/path/to/isic2017 OUT=bench-out bash bench.sh
 # ISIC: a folder with ISIC-2017_Training_Data/ and ISIC-2017_Training_Part1_GroundTruth/ (the official layout).
-# A stage that fails is logged and the next one runs; the time limits keep the whole run under TOTAL_S.
+# A stage that fails or reaches its time limit is logged and the next one runs; the run ends within TOTAL_S.
 set -uo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-bench-out}
 ISIC=${ISIC:-data/isic2017}
-TOTAL_S=${TOTAL_S:-570}      # the whole run
-COMPILE_S=${COMPILE_S:-150}  # the compiled DANIE-S may take this long to be ready (the target is 120 s)
-EVAL_S=${EVAL_S:-45}         # kept for the evaluation after the real run, which gets the rest
+# Seconds per stage: each stage is stopped at its limit; the real ISIC run gets TOTAL_S less the stages before it and
+# less EVAL_S, and is skipped below MIN_TRAIN_S. The limits of the other stages sum to 540, under TOTAL_S.
+TOTAL_S=${TOTAL_S:-570}
+EAGER_S=${EAGER_S:-150} PROFILE_S=${PROFILE_S:-60} COMPILE_S=${COMPILE_S:-180} PREDICT_S=${PREDICT_S:-90}
+DATA_S=${DATA_S:-60} EVAL_S=${EVAL_S:-60} MIN_TRAIN_S=${MIN_TRAIN_S:-90}
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1  # no progress bars in the logs
+if [[ -e $OUT/isic ]]; then
+    echo "error: $OUT/isic exists (an earlier run's results); give bench.sh a fresh OUT" >&2
+    exit 2
+fi
 mkdir -p "$OUT"
 log() { echo "== $* ($(date +%T), ${SECONDS} s)" | tee -a "$OUT/bench.log"; }
-run() {
-    local t0=$SECONDS
-    "$@" 2>&1 | tee -a "$OUT/bench.log"
-    echo "$((SECONDS - t0)) s wall, exit ${PIPESTATUS[0]}" | tee -a "$OUT/bench.log"
+run() {  # run LIMIT_S COMMAND...: the command, stopped (SIGINT) after LIMIT_S seconds; its output in the log
+    local t0=$SECONDS limit=$1
+    shift
+    timeout -s INT -k 10 "$limit" "$@" 2>&1 | tee -a "$OUT/bench.log"
+    local rc=${PIPESTATUS[0]}
+    echo "$((SECONDS - t0)) s wall, exit $rc$( ((rc == 124)) && echo ", stopped at its $limit s limit")" |
+        tee -a "$OUT/bench.log"
 }
 
 python -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__,
            torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/bench.log"
 log "1. train_step eager: S and L, fp32 and bf16, batch 24"
-run python bench.py train --modes eager --grid S:none:24 S:bf16:24 L:none:24 L:bf16:24 --out "$OUT/eager"
+run "$EAGER_S" python bench.py train --modes eager --grid S:none:24 S:bf16:24 L:none:24 L:bf16:24 --out "$OUT/eager"
 log "2. the eager DANIE-S bf16 step profiled"
-run python bench.py profile --out "$OUT"
-log "3. DANIE-S bf16 batch 24 compiled (train.py --compile) against eager, at most $COMPILE_S s"
-run timeout "$COMPILE_S" python bench.py train --grid S:bf16:24 --out "$OUT/compiled"
+run "$PROFILE_S" python bench.py profile --out "$OUT"
+log "3. DANIE-S bf16 batch 24 compiled (train.py --compile) against eager; the compiled step should be ready in 120 s"
+run "$COMPILE_S" python bench.py train --grid S:bf16:24 --out "$OUT/compiled"
 log "4. a 512x512x150 CT volume predicted (bf16); data loading of the real ISIC 2017 training set"
-run python bench.py predict --amp bf16 --out "$OUT"
-run python bench.py data --data isic2017 --root "$ISIC" --workers 8 --images 60 --out "$OUT"
+run "$PREDICT_S" python bench.py predict --amp bf16 --out "$OUT"
+run "$DATA_S" python bench.py data --data isic2017 --root "$ISIC" --workers 8 --images 60 --out "$OUT"
 LEFT=$((TOTAL_S - EVAL_S - SECONDS))
-log "5. the ISIC recipe (batch 8, bf16, from scratch) for $LEFT s on 1900 training images, 100 held out"
-python -c "
+if ((LEFT >= MIN_TRAIN_S)); then
+    log "5. the ISIC recipe (batch 8, bf16, from scratch) for $LEFT s on 1900 training images, 100 held out"
+    python -c "
 import os, sys, time
 path, seen = sys.argv[1], None
 while True:  # each log.csv write, the end of an epoch's checkpoint: epoch walls for the validation share
@@ -45,10 +55,19 @@ while True:  # each log.csv write, the end of an epoch's checkpoint: epoch walls
     seen = m
     time.sleep(0.02)
 " "$OUT/isic/log.csv" > "$OUT/isic-log-times.txt" &
-WATCH=$!
-run timeout -s INT "$LEFT" python train.py --data isic2017 --root "$ISIC" --val-cases 100 --epochs 200 \
-    --amp bf16 --no-pretrained --out "$OUT/isic"
-kill $WATCH
-log "6. the 100 held-out images evaluated at 256x256 and at full mask resolution (bf16)"
-run python evaluate.py --ckpt "$OUT/isic/best.pth" --split val --amp bf16 --no-progress --out "$OUT/isic/eval_val"
-log "done: $OUT/bench.log; $OUT/*/bench-*.json, $OUT/isic/log.csv, $OUT/isic-log-times.txt, $OUT/isic/eval_val"
+    WATCH=$!
+    trap 'kill $WATCH 2>/dev/null' EXIT
+    run "$LEFT" python train.py --data isic2017 --root "$ISIC" --val-cases 100 --epochs 200 --amp bf16 \
+        --no-pretrained --out "$OUT/isic"
+else
+    log "5. skipped: $LEFT s left for the ISIC run, under MIN_TRAIN_S=$MIN_TRAIN_S"
+fi
+if [[ -f $OUT/isic/best.pth ]]; then
+    log "6. the 100 held-out images evaluated at 256x256 and at full mask resolution (bf16)"
+    run "$EVAL_S" python evaluate.py --ckpt "$OUT/isic/best.pth" --split val --amp bf16 --no-progress \
+        --out "$OUT/isic/eval_val"
+else
+    log "6. skipped: no $OUT/isic/best.pth"
+fi
+log "done: $OUT/bench.log; $OUT/bench-*.json, $OUT/{eager,compiled}/bench-train.json, $OUT/isic/log.csv,
+$OUT/isic-log-times.txt, $OUT/isic/eval_val/summary.json"
